@@ -1,0 +1,62 @@
+"""Column names of the rows that flow between stages (constants, never scattered strings).
+
+Listing -> decode -> cache rows -> training batches -> report rows all use these names.
+"""
+
+# Identity of the source object.
+PATH = "path"  # relative to the archive root, "/"-separated
+SIZE = "size"  # bytes
+ETAG = "etag"  # S3 ETag; empty for local files
+MTIME = "mtime"  # modification time, seconds since the epoch (float)
+
+# DICOM metadata (pseudonymous; raw patient identifiers never leave medhier.dicom).
+SOP_INSTANCE_UID = "sop_instance_uid"
+STUDY_INSTANCE_UID = "study_instance_uid"
+SERIES_INSTANCE_UID = "series_instance_uid"
+MODALITY = "modality"
+BODY_PART = "body_part"
+PATIENT_KEY = "patient_key"
+FRAME = "frame"  # frame number within a multi-frame object (0-based)
+NUM_FRAMES = "num_frames"
+ROWS = "rows"
+COLUMNS = "columns"
+PHOTOMETRIC = "photometric"
+TRANSFER_SYNTAX = "transfer_syntax"
+WINDOW_SOURCE = "window_source"  # config:<modality> | file | percentile | minmax | color
+
+# Decode outcome: every input object yields at least one row, ok or error.
+STATUS = "status"
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+REASON = "reason"  # short rejection code, see medhier.dicom.REASONS
+ERROR = "error"  # human-readable message
+
+# Preprocessed image: uint8, image_size x image_size, one grey channel, row-major bytes.
+IMAGE = "image"
+
+# Labels (names as in the manifest; indices as in the taxonomy; -1 = unlabelled).
+MAIN = "main"
+SUB = "sub"
+MAIN_LABEL = "main_label"
+SUB_LABEL = "sub_label"  # index within the main class
+LEAF_LABEL = "leaf_label"  # global leaf index
+SPLIT = "split"  # train | val | test
+
+SPLITS = ("train", "val", "test")
+
+# Columns every decoded row carries besides the image and labels, in report order.
+META_COLUMNS = (
+    SOP_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
+    SERIES_INSTANCE_UID,
+    MODALITY,
+    BODY_PART,
+    PATIENT_KEY,
+    FRAME,
+    NUM_FRAMES,
+    ROWS,
+    COLUMNS,
+    PHOTOMETRIC,
+    TRANSFER_SYNTAX,
+    WINDOW_SOURCE,
+)

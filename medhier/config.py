@@ -1,0 +1,505 @@
+"""Typed configuration: defaults in code < YAML file < ``section.key=value`` overrides.
+
+Every section is a dataclass; :func:`load_config` builds a :class:`Config` and checks every key
+and type against the defaults, so a typo or a wrong type fails at start-up with a message that
+names the key, not an hour into a run.  Through Ray, pass ``cfg.to_dict()`` and rebuild it on the
+worker with :meth:`Config.from_dict`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "Config",
+    "ConfigError",
+    "DataConfig",
+    "DicomConfig",
+    "ModelConfig",
+    "PreprocessConfig",
+    "RuntimeConfig",
+    "StorageConfig",
+    "TaxonomyConfig",
+    "TrainConfig",
+    "WINDOW_PRESETS",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown, mistyped or out of range; the message names the key."""
+
+
+# Radiology's usual CT windows (center, width) in Hounsfield units.
+WINDOW_PRESETS: dict[str, tuple[float, float]] = {
+    "bone": (400.0, 1800.0),
+    "spine": (300.0, 1500.0),
+    "soft_tissue": (40.0, 400.0),
+    "brain": (40.0, 80.0),
+    "lung": (-600.0, 1500.0),
+    "liver": (60.0, 160.0),
+    "mediastinum": (50.0, 350.0),
+}
+
+
+@dataclass
+class StorageConfig:
+    """Where object storage lives. Credentials never go here: boto3 and pyarrow read the standard
+    AWS environment variables, profile or instance role, so no secret is ever written out with the
+    resolved config."""
+
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:5000 for MinIO/moto; empty = AWS
+    s3_region: str = ""  # empty = AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    s3_anonymous: bool = False  # public buckets
+    list_threads: int = 8  # parallel S3 listing of sub-prefixes
+    read_threads: int = 16  # concurrent object GETs inside one decode task
+
+    def validate(self, name: str) -> None:
+        if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{name}.s3_endpoint: {self.s3_endpoint!r} must start with http:// or https://"
+            )
+        _positive(name, "list_threads", self.list_threads)
+        _positive(name, "read_threads", self.read_threads)
+
+
+@dataclass
+class TaxonomyConfig:
+    """The class hierarchy: main class -> its subclasses, in display order."""
+
+    classes: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "normal": ["normal"],
+            "fracture": ["compression", "burst"],
+            "lesion": ["benign", "malignant"],
+        }
+    )
+    # Leaves ("main/sub") from least to most severe; the study roll-up reports the most severe.
+    # Empty = the order of `classes`.
+    severity: list[str] = field(default_factory=list)
+
+    def validate(self, name: str) -> None:
+        from medhier.taxonomy import Taxonomy, TaxonomyError  # the taxonomy owns its rules
+
+        try:
+            Taxonomy.from_config(self, where=name)
+        except TaxonomyError as exc:
+            raise ConfigError(str(exc)) from None
+
+
+@dataclass
+class DicomConfig:
+    """How DICOM pixels become a displayable [0, 1] image."""
+
+    # Per-modality window: a preset name (see WINDOW_PRESETS) or [center, width].
+    windows: dict[str, Any] = field(default_factory=dict)
+    # Where the VOI window comes from, first match wins: the per-modality window above, the
+    # file's own WindowCenter/Width (or VOI LUT), the percentiles of the image, its min/max.
+    window_order: list[str] = field(default_factory=lambda: ["config", "file", "percentile"])
+    file_window_index: int = 0  # which of several file windows to use
+    percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    frames: Literal["middle", "first", "all"] = "middle"
+    # Guard against decompression bombs: rows * columns * samples * decoded frames.
+    max_pixels: int = 64 * 1024 * 1024
+    # Salt for the pseudonymous patient key. Empty: $MEDHIER_PATIENT_SALT, else a fixed default.
+    # Never written out with the resolved config.
+    patient_salt: str = ""
+
+    def validate(self, name: str) -> None:
+        for modality, spec in self.windows.items():
+            window_from_spec(spec, where=f"{name}.windows.{modality}")
+        allowed = ("config", "file", "percentile", "minmax")
+        for source in self.window_order:
+            if source not in allowed:
+                raise ConfigError(
+                    f"{name}.window_order: unknown source {source!r}; choose from {allowed}"
+                )
+        if not self.window_order:
+            raise ConfigError(f"{name}.window_order: must name at least one source")
+        if self.file_window_index < 0:
+            raise ConfigError(f"{name}.file_window_index: must be >= 0")
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ConfigError(
+                f"{name}.percentiles: need [low, high] with 0 <= low < high <= 100, "
+                f"got {self.percentiles}"
+            )
+        _positive(name, "max_pixels", self.max_pixels)
+
+
+def window_from_spec(spec: Any, where: str) -> tuple[float, float]:
+    """A window spec (preset name or [center, width]) -> (center, width) in output units."""
+    if isinstance(spec, str):
+        if spec not in WINDOW_PRESETS:
+            raise ConfigError(
+                f"{where}: unknown window preset {spec!r}; presets: {sorted(WINDOW_PRESETS)} "
+                "or give [center, width]"
+            )
+        return WINDOW_PRESETS[spec]
+    if (
+        isinstance(spec, (list, tuple))
+        and len(spec) == 2
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in spec)
+    ):
+        center, width = float(spec[0]), float(spec[1])
+        if width <= 0:
+            raise ConfigError(f"{where}: window width must be > 0, got {width}")
+        return center, width
+    raise ConfigError(f"{where}: expected a preset name or [center, width], got {spec!r}")
+
+
+@dataclass
+class DataConfig:
+    """The archive, its labels and the preprocessed cache."""
+
+    archive: str = ""  # local folder or s3://bucket/prefix
+    labels: str = ""  # CSV or Parquet manifest; empty = <archive>/labels.csv when it exists
+    cache: str = ""  # preprocessed cache URI; empty = <output>/cache
+    # Glob patterns (on the path relative to the archive root) that are not candidate images.
+    # Matching objects are counted in the listing summary, never silently dropped.
+    exclude: list[str] = field(
+        default_factory=lambda: ["labels.csv", "*.csv", "*.parquet", "*.json", "*.md", ".*", "*/.*"]
+    )
+    # Patient-level split fractions; the rest is test.
+    train_fraction: float = 0.7
+    val_fraction: float = 0.15
+    split_seed: int = 0
+    decode_batch_size: int = 32  # files per decode task
+    decode_num_cpus: float = 1.0  # CPUs reserved per decode task
+    manifest_rows_per_file: int = 100_000  # listing rows per manifest Parquet file
+
+    def validate(self, name: str) -> None:
+        for key in ("train_fraction", "val_fraction"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{name}.{key}: must be in [0, 1], got {value}")
+        if self.train_fraction + self.val_fraction > 1:
+            raise ConfigError(
+                f"{name}.train_fraction + {name}.val_fraction must be <= 1, got "
+                f"{self.train_fraction} + {self.val_fraction}"
+            )
+        _positive(name, "decode_batch_size", self.decode_batch_size)
+        _positive(name, "decode_num_cpus", self.decode_num_cpus)
+        _positive(name, "manifest_rows_per_file", self.manifest_rows_per_file)
+
+
+@dataclass
+class PreprocessConfig:
+    """Image geometry, normalisation and the training augmentation (seeds 000/001)."""
+
+    image_size: int = 224
+    resize: Literal["pad", "stretch", "crop"] = "pad"  # pad keeps the aspect ratio
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])  # ImageNet
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+    # Training augmentation, applied per sample on batches on the training device.
+    rotation_deg: float = 15.0
+    shift: float = 0.1  # fraction of the image size
+    shear_deg: float = 5.0
+    zoom: list[float] = field(default_factory=lambda: [0.9, 1.1])
+    hflip: float = 0.5  # probability
+    vflip: float = 0.0  # probability; off by default: it changes anatomy
+    blur_prob: float = 0.2
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 1.0])  # pixels
+
+    def validate(self, name: str) -> None:
+        if self.image_size < 16:
+            raise ConfigError(f"{name}.image_size: must be >= 16, got {self.image_size}")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if len(values) != 3:
+                raise ConfigError(f"{name}.{key}: need 3 values (one per channel), got {values}")
+        if any(s <= 0 for s in self.std):
+            raise ConfigError(f"{name}.std: every value must be > 0, got {self.std}")
+        if len(self.zoom) != 2 or not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ConfigError(f"{name}.zoom: need [low, high] with 0 < low <= high, got {self.zoom}")
+        if len(self.blur_sigma) != 2 or not 0 < self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ConfigError(
+                f"{name}.blur_sigma: need [low, high] with 0 < low <= high, got {self.blur_sigma}"
+            )
+        for key in ("hflip", "vflip", "blur_prob"):
+            value = getattr(self, key)
+            if not 0 <= value <= 1:
+                raise ConfigError(f"{name}.{key}: a probability in [0, 1], got {value}")
+        if not 0 <= self.shift < 0.5:
+            raise ConfigError(f"{name}.shift: must be in [0, 0.5), got {self.shift}")
+        for key in ("rotation_deg", "shear_deg"):
+            if not 0 <= getattr(self, key) <= 90:
+                raise ConfigError(f"{name}.{key}: must be in [0, 90], got {getattr(self, key)}")
+
+
+@dataclass
+class ModelConfig:
+    """The network (seed 000): a ResNet trunk, attention conv heads, hierarchical outputs."""
+
+    arch: Literal["resnet18", "resnet34", "resnet50"] = "resnet50"
+    # imagenet: torchvision's weights (downloaded); none: from scratch; else a state_dict file
+    # (local path or s3:// URI) for clusters without internet access.
+    pretrained: str = "imagenet"
+    head: Literal["hierarchical", "flat"] = "hierarchical"
+    attention: Literal["self", "cbam", "none"] = "self"
+    head_channels: int = 256  # channels of each head's attention conv block
+    hidden: int = 256  # main head FC features, concatenated into the subclass head
+    dropout: float = 0.2
+    finetune_depth: int = 2  # top k of the 4 ResNet stages train; 4 = the whole trunk
+
+    def validate(self, name: str) -> None:
+        if not 0 <= self.finetune_depth <= 4:
+            raise ConfigError(f"{name}.finetune_depth: must be 0..4 (stages that train), got {self.finetune_depth}")
+        _positive(name, "head_channels", self.head_channels)
+        _positive(name, "hidden", self.hidden)
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{name}.dropout: must be in [0, 1), got {self.dropout}")
+        if not self.pretrained:
+            raise ConfigError(f"{name}.pretrained: use imagenet, none, or a weights file path/URI")
+
+
+@dataclass
+class TrainConfig:
+    """Ray Train (DDP) settings, optimisation and the loss."""
+
+    epochs: int = 20
+    batch_size: int = 32  # per worker
+    lr_backbone: float = 1e-4
+    lr_head: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 1.0  # linear warm-up, then cosine decay
+    sub_loss_weight: float = 1.0  # lambda in CE(main) + lambda * CE(sub | true main)
+    class_weights: bool = True  # balanced weights from the training split (seed 001 §5.2)
+    label_smoothing: float = 0.0
+    metric: Literal[
+        "leaf_macro_auc", "main_macro_auc", "main_accuracy", "leaf_accuracy", "path_accuracy", "val_loss"
+    ] = "leaf_macro_auc"  # validation metric for `best` and early stopping
+    early_stopping_patience: int = 5  # epochs without improvement; 0 = off
+    num_workers: int = 2
+    use_gpu: Literal["auto", "true", "false"] = "auto"  # auto: GPUs when the cluster has them
+    cpus_per_worker: float = 1.0  # fractional on CPU-only machines so that Ray Data keeps CPUs
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"  # auto: bf16 on CPU/Ampere+, fp16 else
+    channels_last: bool = True
+    max_failures: int = 2  # worker failures survived by restarting from the last checkpoint
+    checkpoints_to_keep: int = 2
+    seed: int = 0
+    prefetch_batches: int = 2
+    shuffle_buffer: int = 256  # local shuffle buffer (rows) per worker
+
+    def validate(self, name: str) -> None:
+        for key in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "checkpoints_to_keep"):
+            _positive(name, key, getattr(self, key))
+        for key in ("lr_backbone", "lr_head"):
+            _positive(name, key, getattr(self, key))
+        for key in ("weight_decay", "warmup_epochs", "sub_loss_weight", "early_stopping_patience", "max_failures", "prefetch_batches", "shuffle_buffer"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name}.{key}: must be >= 0, got {getattr(self, key)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ConfigError(f"{name}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+
+
+@dataclass
+class RuntimeConfig:
+    """How medhier talks to Ray."""
+
+    ray_address: str = ""  # empty: an existing cluster from RAY_ADDRESS, else a local instance
+    # Logical CPUs for a local instance. More than the physical cores so that training workers
+    # with fractional CPUs and Ray Data's tasks never starve each other. 0 = Ray's default.
+    local_num_cpus: int = 0
+    progress: bool = True  # Ray Data progress bars
+
+    def validate(self, name: str) -> None:
+        if self.local_num_cpus < 0:
+            raise ConfigError(f"{name}.local_num_cpus: must be >= 0, got {self.local_num_cpus}")
+
+
+@dataclass
+class Config:
+    """All sections of one run. Build with :func:`load_config`."""
+
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    taxonomy: TaxonomyConfig = field(default_factory=TaxonomyConfig)
+    dicom: DicomConfig = field(default_factory=DicomConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    # Keys whose values never leave the process (resolved configs, checkpoints, logs).
+    REDACTED: typing.ClassVar[tuple[str, ...]] = ("dicom.patient_salt",)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with every value (secrets included): for passing to Ray workers only."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        """Rebuild (and re-validate) a config from :meth:`to_dict` or parsed YAML."""
+        cfg = _build(cls, data, "")
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+
+    def to_public_dict(self) -> dict[str, Any]:
+        """Like :meth:`to_dict` but with secrets redacted: what gets written next to outputs."""
+        data = self.to_dict()
+        for dotted in self.REDACTED:
+            section, key = dotted.split(".")
+            if data[section].get(key):
+                data[section][key] = "<redacted>"
+        return data
+
+    def to_yaml(self) -> str:
+        """The resolved config (secrets redacted) as YAML, for writing next to every output."""
+        return yaml.safe_dump(self.to_public_dict(), sort_keys=False)
+
+
+def load_config(
+    path: str | None = None,
+    overrides: typing.Sequence[str] = (),
+    text: str | None = None,
+) -> Config:
+    """Defaults < YAML (a local path, an s3:// URI, or ``text``) < ``section.key=value`` overrides.
+
+    Raises :class:`ConfigError` naming the offending key or override.
+    """
+    data: dict[str, Any] = {}
+    if path:
+        from medhier import storage  # a config may live in S3 next to the data
+
+        try:
+            text = storage.read_bytes(path).decode("utf-8")
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file {path!r} not found") from exc
+    if text:
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config {path or '<text>'} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config {path or '<text>'}: top level must be a mapping of sections")
+        data = loaded or {}
+    for item in overrides:
+        _apply_override(data, item)
+    return Config.from_dict(data)
+
+
+def _apply_override(data: dict[str, Any], item: str) -> None:
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or "." not in key or not key.replace(".", "").replace("_", "").isalnum():
+        raise ConfigError(
+            f"override {item!r}: expected section.key=value, e.g. preprocess.image_size=128"
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    *parents, last = key.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node = child
+    node[last] = value
+
+
+def _build(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it."""
+    label = where or "config"
+    if dataclasses.is_dataclass(tp):
+        if value is None:
+            value = {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}: expected a mapping, got {type(value).__name__} {value!r}")
+        hints = typing.get_type_hints(tp)
+        names = [f.name for f in dataclasses.fields(tp) if f.init]
+        unknown = [k for k in value if k not in names]
+        if unknown:
+            key = unknown[0]
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known keys: {', '.join(names)}"
+            prefix = f"{where}." if where else ""
+            raise ConfigError(f"unknown key '{prefix}{key}'{hint}")
+        kwargs = {
+            k: _build(hints[k], v, f"{where}.{k}" if where else k) for k, v in value.items()
+        }
+        return tp(**kwargs)
+
+    origin = get_origin(tp)
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{label}: {value!r} is not one of {list(choices)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for option in get_args(tp):
+            try:
+                return _build(option, value, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{label}: {value!r} matches none of the allowed types ({'; '.join(errors)})")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{label}: expected a list, got {type(value).__name__} {value!r}")
+        (item_tp,) = get_args(tp) or (Any,)
+        return [_build(item_tp, v, f"{label}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{label}: expected a mapping, got {type(value).__name__} {value!r}")
+        key_tp, item_tp = get_args(tp) or (Any, Any)
+        return {
+            _build(key_tp, k, f"{label} key"): _build(item_tp, v, f"{label}.{k}")
+            for k, v in value.items()
+        }
+    if tp is Any:
+        return value
+    if tp is type(None):
+        if value is not None:
+            raise ConfigError(f"{label}: expected null, got {value!r}")
+        return None
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{label}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.replace("_", ""))
+            except ValueError:
+                pass
+        raise ConfigError(f"{label}: expected an integer, got {type(value).__name__} {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads "1e-3" as a string
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{label}: expected a number, got {type(value).__name__} {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{label}: expected a string, got {type(value).__name__} {value!r}")
+    raise ConfigError(f"{label}: unsupported config type {tp!r}")  # a bug in a section definition
+
+
+def _positive(section: str, key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{section}.{key}: must be > 0, got {value}")

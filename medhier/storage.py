@@ -1,0 +1,304 @@
+"""URIs -> filesystems: local folders and ``s3://bucket/prefix`` through the same calls.
+
+Reads and writes go through pyarrow's filesystems (what Ray Data uses); listing S3 uses boto3's
+paginator because it streams pages and returns ETags, which pyarrow's listing does not.
+Credentials are never configured here: both libraries read the standard AWS environment
+variables, shared profile or instance role.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import queue
+import threading
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pyarrow.fs as pafs
+
+from medhier.config import StorageConfig
+
+__all__ = [
+    "ObjectInfo",
+    "delete",
+    "exists",
+    "filesystem",
+    "is_s3",
+    "join",
+    "list_objects",
+    "normalize",
+    "read_bytes",
+    "relative_to",
+    "write_bytes",
+]
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object. ``path`` is relative to the listed root, "/"-separated."""
+
+    path: str
+    size: int
+    etag: str  # "" for local files
+    mtime: float  # seconds since the epoch
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def normalize(uri: str) -> str:
+    """Absolute local paths (Ray workers run in other directories); S3 URIs without a trailing /."""
+    if is_s3(uri):
+        return uri.rstrip("/") if uri.count("/") > 2 else uri
+    if uri.startswith("file://"):
+        uri = uri[len("file://") :]
+    return os.path.abspath(os.path.expanduser(uri))
+
+
+def join(uri: str, *parts: str) -> str:
+    out = uri.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def relative_to(uri: str, root: str) -> str:
+    root = root.rstrip("/") + "/"
+    if not uri.startswith(root):
+        raise ValueError(f"{uri!r} is not under {root!r}")
+    return uri[len(root) :]
+
+
+def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
+    """-> (pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
+    cfg = cfg or StorageConfig()
+    if is_s3(uri):
+        return _s3_filesystem(cfg.s3_endpoint, _region(cfg), cfg.s3_anonymous), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), normalize(uri)
+
+
+@lru_cache(maxsize=8)
+def _s3_filesystem(endpoint: str, region: str, anonymous: bool) -> pafs.S3FileSystem:
+    kwargs: dict = {"region": region, "anonymous": anonymous}
+    endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL", "")
+    if endpoint:
+        scheme, _, host = endpoint.partition("://")
+        kwargs.update(endpoint_override=host.rstrip("/"), scheme=scheme)
+    # Retries with backoff: object stores throttle (503 SlowDown) under parallel decode tasks.
+    kwargs["retry_strategy"] = pafs.AwsStandardS3RetryStrategy(max_attempts=6)
+    return pafs.S3FileSystem(**kwargs)
+
+
+def _region(cfg: StorageConfig) -> str:
+    return cfg.s3_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def s3_client(cfg: StorageConfig | None = None):
+    """A boto3 S3 client for the configured endpoint (used for listing with ETags)."""
+    import boto3
+    from botocore import UNSIGNED
+    from botocore.config import Config as BotoConfig
+
+    cfg = cfg or StorageConfig()
+    boto_cfg = BotoConfig(
+        retries={"max_attempts": 6, "mode": "standard"},
+        max_pool_connections=max(cfg.list_threads, cfg.read_threads) + 4,
+        signature_version=UNSIGNED if cfg.s3_anonymous else None,
+    )
+    return boto3.client(
+        "s3", endpoint_url=cfg.s3_endpoint or None, region_name=_region(cfg), config=boto_cfg
+    )
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    return bucket, key
+
+
+def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
+    fs, path = filesystem(uri, cfg)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        if "not exist" in str(exc) or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
+            raise FileNotFoundError(f"{uri}: {exc}") from None
+        raise
+
+
+def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:
+    """Write a whole object atomically: readers see the old object or the new one, never a part.
+
+    Local files go through a temporary file and a rename; an S3 PUT is atomic by itself.
+    """
+    fs, path = filesystem(uri, cfg)
+    if is_s3(uri):
+        with fs.open_output_stream(path) as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
+    write_bytes(uri, text.encode("utf-8"), cfg)
+
+
+def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    fs, path = filesystem(uri, cfg)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str, cfg: StorageConfig | None = None) -> None:
+    fs, path = filesystem(uri, cfg)
+    fs.create_dir(path, recursive=True)
+
+
+def delete(uri: str, cfg: StorageConfig | None = None) -> None:
+    """Delete a file or a whole directory/prefix; a missing one is fine."""
+    fs, path = filesystem(uri, cfg)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(path)
+
+
+def list_objects(
+    uri: str,
+    cfg: StorageConfig | None = None,
+    exclude: tuple[str, ...] | list[str] = (),
+    page_size: int = 1000,
+    excluded: list[str] | None = None,
+) -> Iterator[list[ObjectInfo]]:
+    """Stream the objects under ``uri`` as pages, never holding the whole listing.
+
+    ``exclude``: glob patterns matched against the relative path (and its file name); matching
+    objects are not yielded, and their relative paths are appended to ``excluded`` when given,
+    so callers can count them. Raises FileNotFoundError when ``uri`` does not exist.
+    """
+    cfg = cfg or StorageConfig()
+    source = _list_s3(uri, cfg) if is_s3(uri) else _list_local(normalize(uri))
+    page: list[ObjectInfo] = []
+    for info in source:
+        if _excluded(info.path, exclude):
+            if excluded is not None:
+                excluded.append(info.path)
+            continue
+        page.append(info)
+        if len(page) >= page_size:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _excluded(rel: str, patterns) -> bool:
+    name = rel.rsplit("/", 1)[-1]
+    return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _list_local(root: str) -> Iterator[ObjectInfo]:
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"archive folder {root!r} does not exist or is not a folder")
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                st = os.stat(full)
+            except OSError:
+                continue  # vanished between listing and stat
+            rel = os.path.relpath(full, root).replace(os.sep, "/")
+            yield ObjectInfo(rel, st.st_size, "", st.st_mtime)
+
+
+def _list_s3(uri: str, cfg: StorageConfig) -> Iterator[ObjectInfo]:
+    """List an S3 prefix: the first level with a delimiter, then every sub-prefix in parallel
+    threads (S3 lists 1,000 keys per request; one sequential paginator tops out around a few
+    thousand keys per second, which is hours for a large archive)."""
+    bucket, prefix = _split_s3(uri)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    client = s3_client(cfg)
+    try:
+        client.head_bucket(Bucket=bucket)
+    except Exception as exc:
+        raise FileNotFoundError(f"archive bucket {bucket!r} is not reachable: {exc}") from None
+
+    top = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix, Delimiter="/")
+    sub_prefixes: list[str] = []
+    found = False
+    for page in top:
+        for obj in page.get("Contents", []):
+            found = True
+            if not obj["Key"].endswith("/"):
+                yield _s3_info(obj, prefix)
+        sub_prefixes.extend(p["Prefix"] for p in page.get("CommonPrefixes", []))
+    if not sub_prefixes:
+        if not found:
+            raise FileNotFoundError(f"archive {uri!r} has no objects")
+        return
+
+    # Producer threads list sub-prefixes; a bounded queue keeps memory flat whatever the size.
+    pages: queue.Queue = queue.Queue(maxsize=4 * cfg.list_threads)
+    done = object()
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def list_prefix(sub: str) -> None:
+        try:
+            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=sub):
+                if stop.is_set():
+                    return
+                pages.put([_s3_info(o, prefix) for o in page.get("Contents", []) if not o["Key"].endswith("/")])
+        except BaseException as exc:  # surfaced in the consumer
+            errors.append(exc)
+
+    def run_all() -> None:
+        with ThreadPoolExecutor(max_workers=cfg.list_threads) as pool:
+            list(pool.map(list_prefix, sub_prefixes))
+        pages.put(done)
+
+    runner = threading.Thread(target=run_all, daemon=True)
+    runner.start()
+    try:
+        while True:
+            item = pages.get()
+            if item is done:
+                break
+            yield from item
+    finally:
+        stop.set()
+        while runner.is_alive():  # unblock producers so that the pool can finish
+            try:
+                pages.get(timeout=0.1)
+            except queue.Empty:
+                pass
+    if errors:
+        raise errors[0]
+
+
+def _s3_info(obj: dict, prefix: str) -> ObjectInfo:
+    return ObjectInfo(
+        path=obj["Key"][len(prefix) :],
+        size=int(obj["Size"]),
+        etag=str(obj.get("ETag", "")).strip('"'),
+        mtime=obj["LastModified"].timestamp(),
+    )

@@ -1,0 +1,70 @@
+"""Shared fixtures: one Ray instance per test session, one real S3 endpoint (moto's server on
+127.0.0.1, real HTTP), and small phantom archives."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Before anything imports boto3/pyarrow or starts Ray (whose workers inherit the environment):
+# fake credentials for the local S3 endpoint, and no instance-metadata lookups that would hang.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+os.environ.setdefault("MEDHIER_PATIENT_SALT", "test-salt")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API on 127.0.0.1 (moto's threaded server), shared by the session."""
+    from moto.server import ThreadedMotoServer
+
+    port = _free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint):
+    """A fresh bucket per test -> ``s3://<bucket>``."""
+    import boto3
+
+    name = f"medhier-test-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+@pytest.fixture()
+def storage_cfg(s3_endpoint):
+    from medhier.config import StorageConfig
+
+    return StorageConfig(s3_endpoint=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray instance for the whole session (starting Ray takes ~15 s).
+
+    More logical CPUs than cores: training workers take fractional CPUs and Ray Data keeps
+    CPUs for its own tasks, so nothing waits forever on 2 cores.
+    """
+    from medhier.config import RuntimeConfig
+    from medhier.runtime import init_ray, shutdown_ray
+
+    init_ray(RuntimeConfig(local_num_cpus=8, progress=False))
+    yield
+    shutdown_ray()
