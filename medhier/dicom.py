@@ -117,12 +117,12 @@ def _decode(data: bytes, cfg: DicomConfig, source: str) -> Decoded:
 
     decoder = _decoder_for(ds, source)
     window: dict[str, Any] | None = None  # chosen on the first frame, reused unless per-frame
-    out = np.empty((len(frames), rows, cols), dtype=np.float32)
+    out: list[np.ndarray] = []
     for i, frame in enumerate(frames):
         stored, photometric = _decode_frame(decoder, ds, frame, n_frames, source)
         frame_ds = _frame_view(ds, frame)
         try:
-            out[i], window = _to_display(stored, photometric, frame_ds, cfg, source, window)
+            pixels, window = _to_display(stored, photometric, frame_ds, cfg, source, window)
         except DicomRejected:
             raise
         except (TypeError, ValueError, NotImplementedError, AttributeError, KeyError, IndexError) as exc:
@@ -130,11 +130,16 @@ def _decode(data: bytes, cfg: DicomConfig, source: str) -> Decoded:
             raise DicomRejected(
                 "unsupported_image", f"{source or 'object'}: frame {frame}: {type(exc).__name__}: {exc}"
             ) from None
+        if pixels.shape != (rows, cols):
+            raise DicomRejected("unsupported_image", f"{source or 'object'}: frame {frame} decodes to {pixels.shape}, not {rows}x{cols}")
+        out.append(pixels)
         if i == 0:
             meta.update({k: v for k, v in window.items() if not k.startswith("_")})
-    if not np.isfinite(out).all():
+    # One frame (the common case) is a view, not a copy: this runs once per image of an archive.
+    stack = out[0][None] if len(out) == 1 else np.stack(out)
+    if stack.dtype.kind == "f" and not np.isfinite(stack).all():
         raise DicomRejected("non_finite", f"{source or 'object'}: pixel values contain NaN or infinity")
-    return Decoded(pixels=out, frames=tuple(frames), meta=meta)
+    return Decoded(pixels=stack, frames=tuple(frames), meta=meta)
 
 
 def patient_key(patient_id: str, issuer: str = "", salt: str = "") -> str:
