@@ -25,6 +25,7 @@ __all__ = [
     "ModelConfig",
     "PreprocessConfig",
     "RuntimeConfig",
+    "ScoreConfig",
     "StorageConfig",
     "TaxonomyConfig",
     "TrainConfig",
@@ -170,7 +171,7 @@ class DataConfig:
     train_fraction: float = 0.7
     val_fraction: float = 0.15
     split_seed: int = 0
-    decode_batch_size: int = 32  # files per decode task
+    decode_batch_size: int = 256  # files per decode task (a manifest row group)
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
     manifest_rows_per_file: int = 100_000  # listing rows per manifest Parquet file
 
@@ -300,12 +301,34 @@ class TrainConfig:
 
 
 @dataclass
+class ScoreConfig:
+    """Archive scoring: the model actors, precision and the report."""
+
+    batch_size: int = 32  # images per inference call
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # torch.compile (inductor, freezing) multiplies CPU throughput ~3x but compiling takes most of
+    # a minute per actor: auto compiles when each actor has at least compile_min_images to score.
+    compile: Literal["auto", "true", "false"] = "auto"
+    compile_min_images: int = 5000
+    actors: int = 0  # model actors; 0 = one per GPU, or one on a CPU-only cluster
+    model_version: str = ""  # label written next to model_id; empty = "epoch-<N>" of the checkpoint
+    max_error_rate: float = -1.0  # fail the run (exit code 3) above this share of error files; <0 = off
+
+    def validate(self, name: str) -> None:
+        _positive(name, "batch_size", self.batch_size)
+        _positive(name, "compile_min_images", self.compile_min_images)
+        if self.actors < 0:
+            raise ConfigError(f"{name}.actors: must be >= 0, got {self.actors}")
+        if self.max_error_rate > 1:
+            raise ConfigError(f"{name}.max_error_rate: a share in [0, 1] (or < 0 for off), got {self.max_error_rate}")
+
+
+@dataclass
 class RuntimeConfig:
     """How medhier talks to Ray."""
 
     ray_address: str = ""  # empty: an existing cluster from RAY_ADDRESS, else a local instance
-    # Logical CPUs for a local instance. More than the physical cores so that training workers
-    # with fractional CPUs and Ray Data's tasks never starve each other. 0 = Ray's default.
+    # Logical CPUs for a local instance; 0 = 1.5 x the cores (see runtime.default_local_cpus).
     local_num_cpus: int = 0
     progress: bool = True  # Ray Data progress bars
 
@@ -325,6 +348,7 @@ class Config:
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    score: ScoreConfig = field(default_factory=ScoreConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).

@@ -8,13 +8,23 @@ import os
 
 from medhier.config import RuntimeConfig
 
-__all__ = ["init_ray", "shutdown_ray", "set_verbosity"]
+__all__ = ["init_ray", "set_verbosity", "shutdown_ray", "verbose"]
 
 _QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "pydicom", "botocore", "urllib3", "filelock")
 
 
+_VERBOSE = False
+
+
+def verbose() -> bool:
+    """Whether this process was asked for verbose logs (``--verbose``)."""
+    return _VERBOSE
+
+
 def set_verbosity(verbose: bool) -> None:
     """medhier logs at INFO when verbose, WARNING otherwise; third-party chatter only when verbose."""
+    global _VERBOSE
+    _VERBOSE = verbose
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("medhier").setLevel(level)
@@ -31,22 +41,31 @@ def init_ray(cfg: RuntimeConfig, verbose: bool = False) -> None:
     if not ray.is_initialized():
         address = cfg.ray_address or os.environ.get("RAY_ADDRESS") or None
         kwargs: dict = {
-            "logging_level": logging.INFO if verbose else logging.WARNING,
+            "logging_level": logging.INFO if verbose else logging.ERROR,
             "log_to_driver": True,
             "configure_logging": True,
         }
         if address:
             ray.init(address=address, **kwargs)
         else:
-            ray.init(
-                num_cpus=cfg.local_num_cpus or None,
-                include_dashboard=False,
-                **kwargs,
-            )
+            # Token auth is Ray 2.60's default for local instances; saying so explicitly keeps
+            # the same security and spares every command a warning that it is on.
+            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # The dashboard stays on: Ray Train's placement-group cleaner queries the state API
+            # it serves (without it, that cleaner polls and warns in a loop, costing CPU).
+            ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), **kwargs)
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.print_on_execution_start = verbose
     ctx.verbose_stats_logs = verbose
+
+
+def default_local_cpus() -> int:
+    """Logical CPUs for a local Ray: half again the cores. Oversubscribing a little keeps cores
+    busy while Ray Data's scheduler turns a task around, and leaves CPUs for its own tasks when
+    training workers hold theirs (on 2 cores, workers holding every CPU hang Ray Data)."""
+    cores = os.cpu_count() or 1
+    return max(cores + 1, cores * 3 // 2)
 
 
 def shutdown_ray() -> None:
