@@ -1,0 +1,182 @@
+"""``medhier`` command line: one subcommand per library entry point.
+
+Every subcommand takes ``--config FILE`` and trailing ``section.key=value`` overrides, and
+``--verbose`` for Ray's and medhier's INFO logs. Errors a user can cause print one line naming
+the input and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from medhier.config import Config, ConfigError, load_config
+from medhier.taxonomy import TaxonomyError
+
+__all__ = ["main"]
+
+EXIT_USAGE = 2  # a user error: bad config, missing input, ...
+EXIT_ERROR_RATE = 3  # the run worked, but more files failed to decode than --max-error-rate allows
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default="", help="YAML config file (local path or s3:// URI)")
+    parser.add_argument("--verbose", "-v", action="store_true", help="show INFO logs from medhier and Ray")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides, applied last")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medhier", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="generate a phantom CT archive with labels.csv")
+    p.add_argument("--out", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--n", type=int, default=120, help="number of images")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=256, help="image side in pixels")
+    p.add_argument("--difficulty", type=float, default=0.3, help="0 (easy) .. 1 (hard)")
+    p.add_argument("--workers", type=int, default=1, help="render processes")
+    p.add_argument("--broken", action="store_true", help="also write files that must be rejected (under broken/)")
+    _common(p)
+
+    p = sub.add_parser("prepare", help="decode and preprocess an archive into the cache")
+    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--output", required=True, help="cache URI")
+    p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
+    p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
+    _common(p)
+
+    p = sub.add_parser("train", help="train the hierarchical model with Ray Train (DDP)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
+    p.add_argument("--output", required=True, help="run directory (local or s3://); re-running resumes")
+    _common(p)
+
+    p = sub.add_parser("evaluate", help="clinical metrics of a checkpoint on a labelled archive")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--archive", required=True)
+    p.add_argument("--labels", default="")
+    p.add_argument("--output", required=True, help="where metrics.json and plots/ go")
+    _common(p)
+
+    p = sub.add_parser("score", help="score an archive into a Parquet report (incremental, crash-safe)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger")
+    p.add_argument("--full", action="store_true", help="rescore everything, not only new or changed objects")
+    p.add_argument("--max-error-rate", type=float, default=None,
+                   help="exit with status 3 when more than this share of the scored files are error rows")
+    _common(p)
+
+    p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
+    p.add_argument("--workdir", default="medhier-demo", help="where the archive and outputs go")
+    _common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config or None, args.overrides)
+        return _COMMANDS[args.command](args, cfg)
+    except (ConfigError, TaxonomyError, FileNotFoundError, ValueError) as exc:
+        print(f"medhier {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _synth(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier import synthetic
+    from medhier.runtime import set_verbosity
+    from medhier.taxonomy import Taxonomy
+
+    set_verbosity(args.verbose)
+    summary = synthetic.generate_archive(
+        args.out,
+        args.n,
+        seed=args.seed,
+        size=args.size,
+        difficulty=args.difficulty,
+        taxonomy=Taxonomy.from_config(cfg.taxonomy),
+        storage_cfg=cfg.storage,
+        patient_salt=cfg.dicom.patient_salt,
+        workers=args.workers,
+    )
+    print(summary.table())
+    if args.broken:
+        broken = synthetic.add_broken_files(args.out, cfg.storage, seed=args.seed)
+        print(f"broken files     {len(broken)} under broken/ ({', '.join(sorted(set(broken.values())))})")
+    return 0
+
+
+def _prepare(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.data import prepare
+    from medhier.runtime import init_ray
+
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    summary = prepare(cfg, args.archive, args.output, labels_uri=args.labels, force=args.force)
+    print(summary.table())
+    return 0
+
+
+def _require(what: str, uri: str, cfg: Config, inside: str = "") -> None:
+    """Fail before Ray starts (seconds) when an input is plainly missing."""
+    from medhier import storage
+
+    target = storage.join(uri, inside) if inside else uri
+    if not storage.exists(target, cfg.storage):
+        raise FileNotFoundError(f"{what} {uri!r} not found" + (f" (no {inside} in it)" if inside else ""))
+
+
+def _train(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.runtime import init_ray
+    from medhier.train import fit
+
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(fit(cfg, args.archive, args.output, labels=args.labels).table())
+    return 0
+
+
+def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.metrics import summary_table
+    from medhier.runtime import init_ray
+    from medhier.train import evaluate_archive
+
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    metrics = evaluate_archive(cfg, args.checkpoint, args.archive, args.output, labels=args.labels)
+    print(summary_table(metrics))
+    return 0
+
+
+def _score(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.runtime import init_ray
+    from medhier.score import score_archive
+
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    summary = score_archive(cfg, args.archive, args.checkpoint, args.output, full=args.full)
+    print(summary.table())
+    limit = args.max_error_rate if args.max_error_rate is not None else cfg.score.max_error_rate
+    if limit >= 0 and summary.error_rate > limit:
+        print(f"medhier score: error rate {summary.error_rate:.1%} exceeds --max-error-rate {limit:.1%}", file=sys.stderr)
+        return EXIT_ERROR_RATE
+    return 0
+
+
+def _demo(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.demo import demo_config, run_demo
+
+    # the demo's embedded defaults, unless a config file is given; overrides apply either way
+    return run_demo(args.workdir, cfg if args.config else demo_config(args.overrides), verbose=args.verbose)
+
+
+_COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "score": _score, "demo": _demo}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

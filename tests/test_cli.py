@@ -1,0 +1,65 @@
+"""The command line and the documentation that goes with it."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from medhier.cli import EXIT_USAGE, main
+from medhier.config import Config, load_config
+from medhier.demo import demo_config
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_demo_config_is_configs_demo_yaml():
+    assert demo_config() == load_config(str(ROOT / "configs" / "demo.yaml"))
+
+
+@pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "spine.yaml"])
+def test_shipped_configs_load(name):
+    load_config(str(ROOT / "configs" / name))
+
+
+def test_readme_documents_every_config_key():
+    readme = (ROOT / "README.md").read_text()
+    documented = set(re.findall(r"`([a-z]+\.[a-z0-9_]+)`", readme))
+    missing = []
+    for section in dataclasses.fields(Config):
+        for f in dataclasses.fields(section.type if isinstance(section.type, type) else getattr(Config(), section.name).__class__):
+            key = f"{section.name}.{f.name}"
+            if key not in documented:
+                missing.append(key)
+    assert not missing, f"config keys missing from the README's reference: {missing}"
+
+
+def test_readme_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()[-1]
+    assert ci in readme
+
+
+def test_synth_writes_an_archive_and_prints_its_summary(tmp_path, capsys):
+    out = tmp_path / "archive"
+    assert main(["synth", "--out", str(out), "--n", "6", "--size", "32", "--broken"]) == 0
+    text = capsys.readouterr().out
+    assert "6 DICOM files" in text and "broken files" in text
+    assert len(list(out.rglob("*.dcm"))) >= 6 and (out / "labels.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["synth", "--out", "/tmp/x", "preprocess.imagesize=3"], "unknown key 'preprocess.imagesize'"),
+        (["synth", "--out", "/tmp/x", "--config", "/nonexistent/c.yaml"], "config file '/nonexistent/c.yaml' not found"),
+        (["evaluate", "--checkpoint", "/nonexistent/ckpt", "--archive", "/tmp", "--output", "/tmp/o"], "checkpoint '/nonexistent/ckpt' not found (no model.pt in it)"),
+        (["prepare", "--archive", "/nonexistent/archive", "--output", "/tmp/o"], "archive '/nonexistent/archive' not found"),
+    ],
+)
+def test_user_errors_exit_2_with_one_line_naming_the_input(argv, message, capsys):
+    assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
