@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="where metrics.json and plots/ go")
     _common(p)
 
+    p = sub.add_parser("tune", help="search fine-tuning depth and learning rates with Ray Tune (ASHA)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
+    p.add_argument("--output", required=True, help="search directory (local or s3://)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
+    _common(p)
+
     p = sub.add_parser("score", help="score an archive into a Parquet report (incremental, crash-safe)")
     p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
@@ -152,6 +159,17 @@ def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _tune(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.runtime import init_ray
+    from medhier.tune import search_space, tune
+
+    search_space(cfg)  # a bad search space fails here, before Ray starts
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(tune(cfg, args.archive, args.output, labels=args.labels, resume=args.resume).table())
+    return 0
+
+
 def _score(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.runtime import init_ray
     from medhier.score import score_archive
@@ -175,7 +193,7 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
     return run_demo(args.workdir, cfg if args.config else demo_config(args.overrides), verbose=args.verbose)
 
 
-_COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "score": _score, "demo": _demo}
+_COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -29,6 +29,7 @@ __all__ = [
     "StorageConfig",
     "TaxonomyConfig",
     "TrainConfig",
+    "TuneConfig",
     "WINDOW_PRESETS",
     "load_config",
 ]
@@ -234,6 +235,10 @@ class PreprocessConfig:
                 raise ConfigError(f"{name}.{key}: must be in [0, 90], got {getattr(self, key)}")
 
 
+# Validation metrics a run can optimise (val_loss is minimised, the others maximised).
+ValMetric = Literal["leaf_macro_auc", "main_macro_auc", "main_accuracy", "leaf_accuracy", "path_accuracy", "val_loss"]
+
+
 @dataclass
 class ModelConfig:
     """The network (seed 000): a ResNet trunk, attention conv heads, hierarchical outputs."""
@@ -273,9 +278,7 @@ class TrainConfig:
     sub_loss_weight: float = 1.0  # lambda in CE(main) + lambda * CE(sub | true main)
     class_weights: bool = True  # balanced weights from the training split (seed 001 §5.2)
     label_smoothing: float = 0.0
-    metric: Literal[
-        "leaf_macro_auc", "main_macro_auc", "main_accuracy", "leaf_accuracy", "path_accuracy", "val_loss"
-    ] = "leaf_macro_auc"  # validation metric for `best` and early stopping
+    metric: ValMetric = "leaf_macro_auc"  # validation metric for `best` and early stopping
     early_stopping_patience: int = 5  # epochs without improvement; 0 = off
     num_workers: int = 2
     use_gpu: Literal["auto", "true", "false"] = "auto"  # auto: GPUs when the cluster has them
@@ -324,6 +327,37 @@ class ScoreConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Ray Tune search: the space as plain specs, ASHA, concurrency."""
+
+    # Dotted config key -> one of {choice: [...]}, {uniform: [low, high]},
+    # {loguniform: [low, high]}, {randint: [low, high]} (inclusive).
+    space: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "model.finetune_depth": {"choice": [0, 1, 2, 3, 4]},
+            "train.lr_backbone": {"loguniform": [1e-5, 1e-3]},
+            "train.lr_head": {"loguniform": [1e-4, 1e-2]},
+        }
+    )
+    num_samples: int = 8
+    metric: Literal[""] | ValMetric = ""  # empty = train.metric
+    scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = 1  # epochs every trial runs before ASHA may stop it
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0 = from the cluster's GPUs (or CPUs) and a trial's needs
+    trial_max_failures: int = 1  # a failed trial restarts from its last checkpoint this often
+    seed: int = 0  # sampling seed: the same seed draws the same trials
+
+    def validate(self, name: str) -> None:
+        _positive(name, "num_samples", self.num_samples)
+        _positive(name, "grace_period", self.grace_period)
+        if self.reduction_factor < 2:
+            raise ConfigError(f"{name}.reduction_factor: must be >= 2, got {self.reduction_factor}")
+        if self.max_concurrent_trials < 0 or self.trial_max_failures < 0:
+            raise ConfigError(f"{name}: max_concurrent_trials and trial_max_failures must be >= 0")
+
+
+@dataclass
 class RuntimeConfig:
     """How medhier talks to Ray."""
 
@@ -349,6 +383,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).
@@ -459,6 +494,8 @@ def _build(tp: Any, value: Any, where: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         choices = get_args(tp)
+        if isinstance(value, bool) and str(value).lower() in choices:  # YAML reads `false` as a bool
+            value = str(value).lower()
         if value not in choices:
             raise ConfigError(f"{label}: {value!r} is not one of {list(choices)}")
         return value

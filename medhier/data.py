@@ -591,12 +591,24 @@ def _check_every_object_has_a_row(counts: dict[str, Any], listing: ListingSummar
         )
 
 
-def load_cache(cache: str, storage_cfg: StorageConfig, split: str | None = None, columns: list[str] | None = None, labelled_only: bool = True):
+def load_cache(
+    cache: str,
+    storage_cfg: StorageConfig,
+    split: str | None = None,
+    columns: list[str] | None = None,
+    labelled_only: bool = True,
+    in_memory_below: int = 0,
+):
     """The ok rows of a committed cache as a Ray dataset (optionally one split).
 
+    ``in_memory_below``: when the split's rows take fewer bytes (image bytes, as counted at
+    prepare time), read them here with pyarrow and hand them to Ray as in-memory blocks. Small
+    medical data sets then cost no Parquet-read tasks at all, whose start-up (seconds) would
+    otherwise dominate every epoch and every trial; large ones keep streaming.
     -> (dataset, CacheInfo). Raises FileNotFoundError when the cache was never committed.
     """
     import ray.data
+    from ray.data.expressions import col
 
     cache = storage.normalize(cache)
     info = CacheInfo.read(cache, storage_cfg)
@@ -608,8 +620,13 @@ def load_cache(cache: str, storage_cfg: StorageConfig, split: str | None = None,
     fs, path = storage.filesystem(storage.join(cache, info.rows_dir, sub), storage_cfg)
     if fs.get_file_info(path).type == storage.pafs.FileType.NotFound:
         raise FileNotFoundError(f"cache at {cache!r} has no rows for split {split!r}")
-    from ray.data.expressions import col
-
+    rows = info.counts["splits"].get(split, 0) if split else info.counts["ok"]
+    if rows * info.image_size**2 < in_memory_below:
+        dataset = pads.dataset(path, filesystem=fs, format="parquet")
+        table = dataset.to_table(columns=columns, filter=(pads.field(C.LEAF_LABEL) >= 0) if labelled_only else None)
+        # a few blocks, so that streaming_split can spread them over the workers
+        chunk = max(1, -(-table.num_rows // 8))
+        return ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)]), info
     ds = ray.data.read_parquet(path, filesystem=fs)
     if labelled_only:
         ds = ds.filter(expr=col(C.LEAF_LABEL) >= 0)  # pushed down to the Parquet reader

@@ -48,9 +48,11 @@ def init_ray(cfg: RuntimeConfig, verbose: bool = False) -> None:
         if address:
             ray.init(address=address, **kwargs)
         else:
-            # Token auth is Ray 2.60's default for local instances; saying so explicitly keeps
-            # the same security and spares every command a warning that it is on.
-            os.environ.setdefault("RAY_AUTH_MODE", "token")
+            # Token auth is Ray 2.60's default for local instances (kept); the warning that says
+            # so on every start is noise unless verbose.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(
+                logging.INFO if verbose else logging.ERROR
+            )
             # The dashboard stays on: Ray Train's placement-group cleaner queries the state API
             # it serves (without it, that cleaner polls and warns in a loop, costing CPU).
             ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), **kwargs)

@@ -41,7 +41,7 @@ from medhier.config import Config, TrainConfig
 from medhier.runtime import verbose
 from medhier.taxonomy import Taxonomy
 
-__all__ = ["FitResult", "fit", "rank_zero", "train_loop_per_worker"]
+__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "fit", "rank_zero", "train_loop_per_worker", "train_on_cache"]
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +70,12 @@ class FitResult:
     resumed_at: list[int]
     test_metrics: dict[str, Any]
     seconds: float
+    prepare_table: str = ""
 
     def table(self) -> str:
         from medhier.metrics import summary_table
 
-        head = [
+        head = ([self.prepare_table, ""] if self.prepare_table else []) + [
             f"output           {self.output}",
             f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation metric {self.best_metric})",
             f"epochs run       {self.epochs_run}" + (f"  (resumed at epoch {', '.join(map(str, self.resumed_at))})" if self.resumed_at else ""),
@@ -88,38 +89,74 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "") -> FitResult:
 
     Re-running with the same output resumes from the last checkpoint. Needs Ray initialised.
     """
-    import ray.train
-    from ray.data import DataContext
-    from ray.train.torch import TorchTrainer
-
-    from medhier.data import check_preprocess_matches, load_cache, prepare
+    from medhier.data import prepare
 
     start = time.perf_counter()
     output = storage.normalize(output)
     cache = cfg.data.cache or storage.join(output, "cache")
     prepared = prepare(cfg, archive, cache, labels)
-    info = prepared_info = _cache_info(cache, cfg)
+    summary = train_on_cache(cfg, cache, output)
+    best_uri = storage.join(output, "best")
+    test_metrics = evaluate_checkpoint(best_uri, cache, cfg, output=output)
+    return FitResult(
+        output=output,
+        best_checkpoint=best_uri,
+        best_epoch=int(summary.get("best_epoch", -1)),
+        best_metric=summary.get("best_metric"),
+        epochs_run=int(summary.get("epochs_run", 0)),
+        resumed_at=list(summary.get("resumed_at", [])),
+        test_metrics=test_metrics,
+        seconds=time.perf_counter() - start,
+        prepare_table=prepared.table(),
+    )
+
+
+def train_on_cache(cfg: Config, cache: str, output: str, callbacks: tuple = ()) -> dict[str, Any]:
+    """Run the TorchTrainer on a committed cache, writing checkpoints, best/ and history under
+    ``output``. -> the run summary (best epoch and metric, epochs run, resume points).
+
+    ``callbacks``: Ray Train callbacks (Tune's TuneReportCallback when a search runs this).
+    """
+    from ray.data import DataContext
+
+    # Training reports per epoch; per-worker dataset progress bars would only interleave. The
+    # datasets keep the context they were made with, so switch the bars off before making them.
+    ctx = DataContext.get_current()
+    progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        return _train_on_cache(cfg, cache, output, callbacks)
+    finally:
+        ctx.enable_progress_bars = progress
+
+
+def _train_on_cache(cfg: Config, cache: str, output: str, callbacks: tuple) -> dict[str, Any]:
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from medhier.data import check_preprocess_matches, load_cache
+    from medhier.model import build_model
+
+    info = _cache_info(cache, cfg)
     check_preprocess_matches(info, cfg.preprocess)
     split_leaves = info.counts.get("split_leaves", {})
     n_train = sum(split_leaves.get("train", {}).values())
+    n_val = sum(split_leaves.get("val", {}).values())
     if n_train == 0:
         raise ValueError(
-            f"no labelled training images in {archive!r} (cache {cache}): check the labels manifest "
-            f"({prepared_info.labels or 'none found'}) and data.train_fraction"
+            f"no labelled training images in {info.archive!r} (cache {cache}): check the labels manifest "
+            f"({info.labels or 'none found'}) and data.train_fraction"
         )
-    if sum(split_leaves.get("val", {}).values()) == 0:
-        raise ValueError(f"no labelled validation images in {archive!r}: raise data.val_fraction or add patients")
+    if n_val == 0:
+        raise ValueError(f"no labelled validation images in {info.archive!r}: raise data.val_fraction or add patients")
     columns = [C.IMAGE, C.MAIN_LABEL, C.LEAF_LABEL]
-    train_ds, _ = load_cache(cache, cfg.storage, "train", columns=columns)
-    val_ds, _ = load_cache(cache, cfg.storage, "val", columns=columns)
-    n_val = sum(split_leaves.get("val", {}).values())
-    image_bytes = cfg.preprocess.image_size**2
-    train_ds, val_ds = _in_memory_if_small(train_ds, n_train * image_bytes), _in_memory_if_small(val_ds, n_val * image_bytes)
+    # Splits under a quarter of the object store are held in memory for the whole run.
+    small = int(ray.cluster_resources().get("object_store_memory", 0) * 0.25)
+    train_ds, _ = load_cache(cache, cfg.storage, "train", columns=columns, in_memory_below=small)
+    val_ds, _ = load_cache(cache, cfg.storage, "val", columns=columns, in_memory_below=small)
 
     # Build the model once here: a missing weights file or a download that cannot work fails now,
     # with its own message, instead of inside every worker.
-    from medhier.model import build_model
-
     build_model(cfg.model, Taxonomy.from_config(cfg.taxonomy), cfg.storage)
     storage.write_text(storage.join(output, "config.yaml"), cfg.to_yaml(), cfg.storage)
     use_gpu = _use_gpu(cfg.train)
@@ -146,41 +183,13 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "") -> FitResult:
             # medhier reports per epoch itself; Ray Train's INFO lines only when asked for
             logging_config=ray.train.LoggingConfig(log_level="INFO" if verbose() else "WARNING"),
             failure_config=ray.train.FailureConfig(max_failures=cfg.train.max_failures),
+            callbacks=list(callbacks),
         ),
         datasets={"train": train_ds, "val": val_ds},
         # Validation is not split: rank 0 scores all of it, so every epoch's metric is exact.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    # Training reports per epoch; per-worker dataset progress bars would only interleave.
-    ctx = DataContext.get_current()
-    progress, ctx.enable_progress_bars = ctx.enable_progress_bars, False
-    try:
-        result = trainer.fit()
-    finally:
-        ctx.enable_progress_bars = progress
-    summary = result.return_value or {}
-    best_uri = storage.join(output, "best")
-    test_metrics = evaluate_checkpoint(best_uri, cache, cfg, output=output)
-    return FitResult(
-        output=output,
-        best_checkpoint=best_uri,
-        best_epoch=int(summary.get("best_epoch", -1)),
-        best_metric=summary.get("best_metric"),
-        epochs_run=int(summary.get("epochs_run", 0)),
-        resumed_at=list(summary.get("resumed_at", [])),
-        test_metrics=test_metrics,
-        seconds=time.perf_counter() - start,
-    )
-
-
-def _in_memory_if_small(ds, nbytes: int):
-    """Hold a split in the object store when it takes under a quarter of it: every epoch then
-    reads memory instead of re-running the Parquet reads, whose start-up costs seconds per epoch
-    and dominates small medical data sets. Large splits keep streaming from the cache."""
-    import ray
-
-    budget = ray.cluster_resources().get("object_store_memory", 0) * 0.25
-    return ds.materialize() if nbytes < budget else ds
+    return trainer.fit().return_value or {}
 
 
 def _cache_info(cache: str, cfg: Config):
