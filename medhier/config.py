@@ -26,6 +26,7 @@ __all__ = [
     "PreprocessConfig",
     "RuntimeConfig",
     "ScoreConfig",
+    "ServeConfig",
     "StorageConfig",
     "TaxonomyConfig",
     "TrainConfig",
@@ -316,6 +317,10 @@ class ScoreConfig:
     actors: int = 0  # model actors; 0 = one per GPU, or one on a CPU-only cluster
     model_version: str = ""  # label written next to model_id; empty = "epoch-<N>" of the checkpoint
     max_error_rate: float = -1.0  # fail the run (exit code 3) above this share of error files; <0 = off
+    # --explain: Grad-CAM overlays for rows whose main class is not in explain_skip_mains and
+    # whose leaf probability is at least explain_min_prob.
+    explain_min_prob: float = 0.5
+    explain_skip_mains: list[str] = field(default_factory=lambda: ["normal"])
 
     def validate(self, name: str) -> None:
         _positive(name, "batch_size", self.batch_size)
@@ -324,6 +329,33 @@ class ScoreConfig:
             raise ConfigError(f"{name}.actors: must be >= 0, got {self.actors}")
         if self.max_error_rate > 1:
             raise ConfigError(f"{name}.max_error_rate: a share in [0, 1] (or < 0 for off), got {self.max_error_rate}")
+
+
+@dataclass
+class ServeConfig:
+    """The online endpoint (``medhier serve``, Ray Serve)."""
+
+    route: str = "/"  # POST <route>predict
+    port: int = 8000
+    host: str = "127.0.0.1"  # 0.0.0.0 to listen on every interface
+    min_replicas: int = 1
+    max_replicas: int = 1  # autoscaling between min and max on ongoing requests
+    target_ongoing_requests: float = 8.0
+    max_batch_size: int = 16  # requests answered by one forward pass (@serve.batch)
+    batch_wait_timeout_s: float = 0.01
+    max_upload_mb: float = 64.0  # larger uploads get HTTP 413
+    replica_cpus: float = 1.0
+    replica_gpus: float = 0.0
+
+    def validate(self, name: str) -> None:
+        if not self.route.startswith("/"):
+            raise ConfigError(f"{name}.route: must start with '/', got {self.route!r}")
+        for key in ("port", "min_replicas", "max_replicas", "max_batch_size", "max_upload_mb", "target_ongoing_requests"):
+            _positive(name, key, getattr(self, key))
+        if self.max_replicas < self.min_replicas:
+            raise ConfigError(f"{name}.max_replicas: must be >= min_replicas ({self.min_replicas}), got {self.max_replicas}")
+        if self.batch_wait_timeout_s < 0 or self.replica_cpus < 0 or self.replica_gpus < 0:
+            raise ConfigError(f"{name}: batch_wait_timeout_s, replica_cpus and replica_gpus must be >= 0")
 
 
 @dataclass
@@ -384,6 +416,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).
