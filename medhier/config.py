@@ -238,6 +238,7 @@ class PreprocessConfig:
 
 # Validation metrics a run can optimise (val_loss is minimised, the others maximised).
 ValMetric = Literal["leaf_macro_auc", "main_macro_auc", "main_accuracy", "leaf_accuracy", "path_accuracy", "val_loss"]
+MINIMISED_METRICS = frozenset({"val_loss"})
 
 
 @dataclass

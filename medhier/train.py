@@ -37,7 +37,7 @@ import torch
 from medhier import columns as C
 from medhier import storage
 from medhier.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from medhier.config import Config, TrainConfig
+from medhier.config import MINIMISED_METRICS, Config, TrainConfig
 from medhier.runtime import verbose
 from medhier.taxonomy import Taxonomy
 
@@ -45,8 +45,6 @@ __all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "fit", "rank_
 
 log = logging.getLogger(__name__)
 
-# Metrics where lower is better; all others are maximised.
-_MINIMISE = {"val_loss"}
 FAIL_AT_ENV = "MEDHIER_FAIL_AT"  # "epoch:step:rank": inject one worker failure (fault-tolerance tests)
 
 
@@ -503,7 +501,7 @@ def _improved(metric: float | None, best: float | None, name: str) -> bool:
         return best is None  # an undefined metric never beats a defined one
     if best is None:
         return True
-    return metric < best if name in _MINIMISE else metric > best
+    return metric < best if name in MINIMISED_METRICS else metric > best
 
 
 def _mean_over_workers(total: float, count: int, device) -> float:
@@ -531,7 +529,8 @@ def _report(model, optimizer, scheduler, scaler, state, cfg, taxonomy, record, v
             storage.write_text(storage.join(output, "history.json"), json.dumps(state.history, indent=2, default=str), cfg.storage)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(
-            {k: v for k, v in record.items() if v is not None},
+            # undefined metrics (an AUC without both classes) as NaN: Tune needs every key, always
+            {k: float("nan") if v is None else v for k, v in record.items()},
             checkpoint=checkpoint,
             checkpoint_dir_name=f"checkpoint_epoch{record['epoch']:04d}",
         )

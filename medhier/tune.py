@@ -30,19 +30,18 @@ from typing import Any
 import numpy as np
 
 from medhier import storage
-from medhier.config import Config, ConfigError, TuneConfig
+from medhier.config import MINIMISED_METRICS, Config, ConfigError, TuneConfig
 
 __all__ = ["TuneSummary", "max_concurrent_trials", "search_space", "tune"]
 
 log = logging.getLogger(__name__)
 
-MINIMISED = {"val_loss"}
 _DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 
 
 def metric_and_mode(cfg: Config) -> tuple[str, str]:
     metric = cfg.tune.metric or cfg.train.metric
-    return metric, "min" if metric in MINIMISED else "max"
+    return metric, "min" if metric in MINIMISED_METRICS else "max"
 
 
 def search_space(cfg: Config) -> dict[str, Any]:

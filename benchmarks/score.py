@@ -1,0 +1,152 @@
+"""Scoring throughput, side by side in one run on the same phantom archive:
+
+  (a) medhier end to end: `score_archive` (list, decode in CPU tasks, model actor, report);
+  (b) the model-only ceiling on this machine: the same model, precision and batch on
+      preprocessed tensors already in memory (eager, and torch.compile with inductor freezing);
+  (c) a naive sequential baseline, what a user would write from the seed's tutorial: per file
+      pydicom.dcmread, min-max normalise, resize, fp32 model on a batch of one.
+
+    python benchmarks/score.py [--n 6000] [--small 300] [--size 512] [--image-size 224] [--arch resnet50]
+
+ResNet50 at 224 px with random weights (throughput does not depend on them). The large archive
+amortises Ray's start-up and the model's compilation; the small one shows the fixed costs.
+Prints a Markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import platform
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from medhier import storage, synthetic  # noqa: E402
+from medhier.checkpoint import save_checkpoint  # noqa: E402
+from medhier.config import load_config  # noqa: E402
+from medhier.model import build_model  # noqa: E402
+from medhier.taxonomy import Taxonomy  # noqa: E402
+
+
+def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
+    path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
+    if not os.path.exists(os.path.join(path, "model.pt")):
+        cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
+        tax = Taxonomy.from_config(cfg.taxonomy)
+        torch.manual_seed(0)
+        save_checkpoint(path, build_model(cfg.model, tax), cfg, tax, epoch=0)
+    return path
+
+
+def make_archive(workdir: str, n: int, size: int) -> str:
+    root = os.path.join(workdir, f"score-archive-{n}-{size}")
+    if not os.path.exists(os.path.join(root, "labels.csv")):
+        shutil.rmtree(root, ignore_errors=True)
+        synthetic.generate_archive(root, n, seed=5, size=size, workers=os.cpu_count() or 1)
+    return root
+
+
+def _files(root: str) -> list[str]:
+    return [storage.join(root, o.path) for page in storage.list_objects(root, exclude=["*.csv"]) for o in page]
+
+
+def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batch: int) -> tuple[float, float, float]:
+    """-> (images/s of the scoring stage, images/s of the whole run, whole-run seconds)."""
+    from medhier.runtime import init_ray, shutdown_ray
+    from medhier.score import score_archive
+
+    cfg = load_config(None, ["runtime.progress=false", f"score.batch_size={batch}", f"score.compile={'true' if compile_ else 'false'}"])
+    init_ray(cfg.runtime)
+    out = os.path.join(workdir, f"score-out-{time.time_ns()}")
+    t = time.perf_counter()
+    summary = score_archive(cfg, archive, checkpoint, out)
+    seconds = time.perf_counter() - t
+    shutdown_ray()
+    shutil.rmtree(out, ignore_errors=True)
+    return summary.images_per_s, summary.images_ok / seconds, seconds
+
+
+def model_ceiling(checkpoint: str, batch: int, compile_: bool, seconds: float = 20.0) -> float:
+    """Images/s of the model alone on preprocessed uint8 tensors in memory, all cores."""
+    from medhier.score import Scorer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    scorer = Scorer(checkpoint, {}, compile=compile_, batch_size=batch, threads=os.cpu_count() or 1)
+    images = np.random.default_rng(0).integers(0, 256, (batch, scorer.image_size, scorer.image_size), dtype=np.uint8)
+    for _ in range(3):
+        scorer.predict_images(images)
+    n, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        scorer.predict_images(images)
+        n += batch
+    return n / (time.perf_counter() - t)
+
+
+def naive(paths: list[str], checkpoint: str) -> float:
+    """The tutorial way: one file at a time, fp32, batch of one."""
+    import pydicom
+    from PIL import Image
+
+    from medhier.checkpoint import load_checkpoint
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    loaded = load_checkpoint(checkpoint)
+    model, size = loaded.model.eval(), loaded.cfg.preprocess.image_size
+    mean = torch.tensor(loaded.cfg.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(loaded.cfg.preprocess.std).view(1, 3, 1, 1)
+    t = time.perf_counter()
+    with torch.no_grad():
+        for path in paths:
+            ds = pydicom.dcmread(path)
+            image = ds.pixel_array.astype(np.float32)
+            image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+            image = np.asarray(Image.fromarray(image, mode="F").resize((size, size)))
+            x = (torch.from_numpy(image)[None, None].expand(1, 3, -1, -1) - mean) / std
+            model(x)
+    return len(paths) / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=6000, help="large archive (amortises start-up and compilation)")
+    parser.add_argument("--small", type=int, default=300, help="small archive (fixed costs visible)")
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--arch", default="resnet50")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--naive-files", type=int, default=60)
+    parser.add_argument("--workdir", default="/tmp/medhier-bench")
+    args = parser.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    checkpoint = make_checkpoint(args.workdir, args.arch, args.image_size)
+    large, small = make_archive(args.workdir, args.n, args.size), make_archive(args.workdir, args.small, args.size)
+
+    c_rate = naive(_files(small)[: args.naive_files], checkpoint)
+    b_eager = model_ceiling(checkpoint, args.batch, compile_=False)
+    b_compiled = model_ceiling(checkpoint, args.batch, compile_=True)
+    ceiling = max(b_eager, b_compiled)
+    a_small = end_to_end(small, checkpoint, args.workdir, compile_=False, batch=args.batch)
+    a_large = end_to_end(large, checkpoint, args.workdir, compile_=True, batch=args.batch)
+
+    print(f"\n{platform.node()} | {os.cpu_count()} cores | {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} | "
+          f"{args.arch} at {args.image_size} px, batch {args.batch}, {args.size}x{args.size} CT phantoms | {time.strftime('%Y-%m-%d')}\n")
+    print("| measurement | images/s |")
+    print("| --- | ---: |")
+    print(f"| (c) naive: dcmread + min-max + resize + fp32 model, batch 1 ({args.naive_files} files) | {c_rate:,.1f} |")
+    print(f"| (b) model only, eager bf16 + channels_last, batch {args.batch} | {b_eager:,.1f} |")
+    print(f"| (b) model only, torch.compile (inductor, freezing) bf16 + channels_last | {b_compiled:,.1f} |")
+    print(f"| (a) medhier, {args.small} files, eager (scoring stage / whole run {a_small[2]:.0f} s) | {a_small[0]:,.1f} / {a_small[1]:,.1f} |")
+    print(f"| (a) medhier, {args.n} files, compiled (scoring stage / whole run {a_large[2]:.0f} s) | {a_large[0]:,.1f} / {a_large[1]:,.1f} |")
+    print(f"\n(a)/(b) = {a_large[0] / ceiling:.2f} of the best ceiling (target >= 0.9); whole run {a_large[1] / ceiling:.2f}")
+    print(f"(a)/(c) = {a_large[0] / c_rate:.1f}x the naive loop (target >= 6); small archive {a_small[1] / c_rate:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
