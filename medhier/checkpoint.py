@@ -142,13 +142,13 @@ def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_loca
     return Loaded(model, cfg, taxonomy, data["model_id"], int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri)
 
 
-def config_for_checkpoint(user: Config, loaded: Loaded) -> Config:
+def config_for_checkpoint(user: Config, checkpoint_cfg: Config) -> Config:
     """The config to run a checkpoint with: how images become model input (taxonomy, DICOM
     windows, preprocessing, model) from the checkpoint, so scoring matches training; where data
     lives and how to run (storage, data, train, runtime, ...) from the user. The patient salt
     is the user's: it is never stored in a checkpoint."""
     data = user.to_dict()
-    ckpt = loaded.cfg.to_dict()
+    ckpt = checkpoint_cfg.to_dict()
     for section in MODEL_SECTIONS:
         data[section] = ckpt[section]
     data["dicom"]["patient_salt"] = user.dicom.patient_salt

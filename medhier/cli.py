@@ -8,6 +8,7 @@ the input and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -27,7 +28,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="medhier", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="medhier", description="Hierarchical medical-image classification on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("synth", help="generate a phantom CT archive with labels.csv")
@@ -74,6 +75,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="rescore everything, not only new or changed objects")
     p.add_argument("--max-error-rate", type=float, default=None,
                    help="exit with status 3 when more than this share of the scored files are error rows")
+    p.add_argument("--explain", action="store_true", help="Grad-CAM overlays for the rows score.explain_* selects")
+    p.add_argument("--sr", action="store_true", help="a DICOM SR (TID 1500) per scored image, for the PACS")
+    _common(p)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays of one DICOM file for both heads")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--input", required=True, help="a DICOM file (local path or s3:// URI)")
+    p.add_argument("--output", required=True, help="directory for gradcam_main.png / gradcam_sub.png")
+    p.add_argument("--level", choices=["main", "sub", "both"], default="both")
+    p.add_argument("--target", default=None, help="class to explain (e.g. fracture or fracture/burst); default: the prediction")
+    p.add_argument("--stage", choices=["layer3", "layer4"], default="layer4", help="ResNet stage the map is computed on")
+    _common(p)
+
+    p = sub.add_parser("serve", help="serve POST /predict for a checkpoint with Ray Serve")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
     _common(p)
 
     p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
@@ -177,12 +194,43 @@ def _score(args: argparse.Namespace, cfg: Config) -> int:
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
-    summary = score_archive(cfg, args.archive, args.checkpoint, args.output, full=args.full)
+    summary = score_archive(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr)
     print(summary.table())
     limit = args.max_error_rate if args.max_error_rate is not None else cfg.score.max_error_rate
     if limit >= 0 and summary.error_rate > limit:
         print(f"medhier score: error rate {summary.error_rate:.1%} exceeds --max-error-rate {limit:.1%}", file=sys.stderr)
         return EXIT_ERROR_RATE
+    return 0
+
+
+def _explain(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier import storage
+    from medhier.explain import explain_dicom
+    from medhier.runtime import set_verbosity
+
+    set_verbosity(args.verbose)
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    try:
+        data = storage.read_bytes(storage.normalize(args.input), cfg.storage)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"input {args.input!r} not found") from None
+    result = explain_dicom(args.checkpoint, data, args.output, storage_cfg=cfg.storage, level=args.level,
+                           target=args.target, stage=args.stage, source=args.input)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _serve(args: argparse.Namespace, cfg: Config) -> int:
+    import dataclasses
+
+    from medhier.runtime import init_ray
+    from medhier.serve import run
+
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    if args.port is not None:
+        cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port))
+    init_ray(cfg.runtime, verbose=args.verbose)
+    run(cfg, args.checkpoint, blocking=True)
     return 0
 
 
@@ -193,7 +241,8 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
     return run_demo(args.workdir, cfg if args.config else demo_config(args.overrides), verbose=args.verbose)
 
 
-_COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score, "demo": _demo}
+_COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score,
+             "explain": _explain, "serve": _serve, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

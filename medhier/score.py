@@ -59,6 +59,10 @@ MODEL_ID, MODEL_VERSION, RUN_ID, SCORED_AT = "model_id", "model_version", "run_i
 ERROR_REASON, ERROR_MESSAGE = "error_reason", "error_message"
 MAIN_LABEL, MAIN_PROB, SUB_LABEL, SUB_PROB, LEAF_LABEL, LEAF_PROB = "main_label", "main_prob", "sub_label", "sub_prob", "leaf_label", "leaf_prob"
 VERSION_KEY = (C.PATH, C.SIZE, C.ETAG, C.MTIME)  # an object version: a changed object is scored again
+# --explain: the Grad-CAM overlay (relative to OUTPUT) and where its heat lies, as fractions of
+# the image height and width; --sr: the row's DICOM SR (relative to OUTPUT). Null otherwise.
+EXPLAIN_PATH, SR_PATH = "explain_path", "sr_path"
+EXPLAIN_LOCATION = ("explain_peak_y", "explain_peak_x", "explain_com_y", "explain_com_x")
 
 
 def leaf_column(leaf_name: str) -> str:
@@ -90,6 +94,9 @@ def report_schema(taxonomy: Taxonomy) -> pa.Schema:
         (LEAF_LABEL, pa.string()),
         (LEAF_PROB, pa.float32()),
         *[(leaf_column(n), pa.float32()) for n in taxonomy.leaf_names],
+        (EXPLAIN_PATH, pa.string()),
+        *[(k, pa.float32()) for k in EXPLAIN_LOCATION],
+        (SR_PATH, pa.string()),
         (MODEL_ID, pa.string()),
         (MODEL_VERSION, pa.string()),
         (RUN_ID, pa.string()),
@@ -111,7 +118,8 @@ class Scorer:
     """
 
     def __init__(self, checkpoint: str, storage_cfg: dict[str, Any], precision: str = "auto", channels_last: bool = True,
-                 threads: int = 0, compile: bool = False, batch_size: int = 32, fail_after: int = 0):
+                 threads: int = 0, compile: bool = False, batch_size: int = 32, fail_after: int = 0,
+                 explain: dict[str, Any] | None = None):
         from medhier.checkpoint import load_checkpoint
         from medhier.model import autocast_dtype
         from medhier.preprocess import eval_preset
@@ -122,6 +130,7 @@ class Scorer:
         loaded = load_checkpoint(checkpoint, StorageConfig(**storage_cfg))
         self.taxonomy = loaded.taxonomy
         self.model_id = loaded.model_id
+        self.checkpoint_cfg, self.epoch = loaded.cfg, loaded.epoch  # for callers that need the rest
         self.image_size = loaded.cfg.preprocess.image_size
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = loaded.model.to(self.device, memory_format=self.memory_format).eval()
@@ -131,6 +140,10 @@ class Scorer:
         self.compiled = compile
         self.batches = 0
         self.fail_after = fail_after
+        # --explain: {"output", "run_id", "storage", "min_prob", "skip_mains"}. Grad-CAM needs
+        # gradients, so it runs on the eager model even when scoring runs a compiled one.
+        self.explain = explain
+        self.eager = self.model
         if compile:
             import torch._inductor.config as inductor_config
 
@@ -175,6 +188,7 @@ class Scorer:
             PRED_MAIN: np.full(n, -1, np.int64),
             PRED_LEAF: np.full(n, -1, np.int64),
         }
+        images = None
         if ok.any():
             images = np.frombuffer(b"".join(blobs[ok]), dtype=np.uint8).reshape(-1, self.image_size, self.image_size)
             for start in range(0, len(images), self.batch_size):
@@ -184,7 +198,36 @@ class Scorer:
                     result[key][rows] = values
         out = {k: v for k, v in batch.items() if k != C.IMAGE}
         out.update(result)
+        if self.explain and images is not None:
+            out.update(self._explain(batch, ok, images, result))
         return out
+
+    def _explain(self, batch: dict[str, np.ndarray], ok: np.ndarray, images: np.ndarray, result: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Grad-CAM (main level) for the selected rows: an overlay PNG each, and where it points."""
+        import hashlib
+
+        from medhier.explain import explain_batch, heat_summary, overlay_png
+
+        n, cfg = len(ok), self.explain
+        paths = np.full(n, None, dtype=object)
+        location = {k: np.full(n, np.nan, np.float32) for k in EXPLAIN_LOCATION}
+        rows = np.flatnonzero(ok)  # row of each image
+        mains = np.array(self.taxonomy.mains, dtype=object)
+        leaf_prob = result[P_LEAF][rows, result[PRED_LEAF][rows]]
+        chosen = [j for j, r in enumerate(rows) if mains[result[PRED_MAIN][r]] not in cfg["skip_mains"] and leaf_prob[j] >= cfg["min_prob"]]
+        scfg = StorageConfig(**cfg["storage"])
+        for start in range(0, len(chosen), self.batch_size):
+            part = chosen[start : start + self.batch_size]
+            heat, _ = explain_batch(self.eager, self.taxonomy, images[part], self.preset, level="main")
+            for j, h in zip(part, heat):
+                r = rows[j]
+                key = hashlib.sha1(f"{batch[C.PATH][r]}\0{batch[C.FRAME][r]}".encode()).hexdigest()[:20]
+                relative = f"explain/run_id={cfg['run_id']}/{key}.png"
+                storage.write_bytes(storage.join(cfg["output"], relative), overlay_png(images[j], h), scfg)
+                paths[r] = relative
+                for name, value in heat_summary(h).items():
+                    location[f"explain_{name}"][r] = np.nan if value is None else value
+        return {EXPLAIN_PATH: paths, **location}
 
 
 def scorer_resources() -> tuple[int, float]:
@@ -229,8 +272,12 @@ def predict_dataset(ds, checkpoint: str, cfg: Config, keep: list[str], batch_siz
 # -- report rows ---------------------------------------------------------------------------
 
 
-def to_report(batch: dict[str, np.ndarray], taxonomy: dict[str, Any], model_id: str, model_version: str, run_id: str) -> pa.Table:
-    """Scored rows (decode columns + predictions) -> report rows with :func:`report_schema`."""
+def to_report(batch: dict[str, np.ndarray], taxonomy: dict[str, Any], model_id: str, model_version: str, run_id: str,
+              sr: dict[str, Any] | None = None) -> pa.Table:
+    """Scored rows (decode columns + predictions) -> report rows with :func:`report_schema`.
+
+    ``sr`` (``--sr``): {"archive", "output", "storage"}: also write a DICOM SR per ok row.
+    """
     tax = Taxonomy.from_dict(**taxonomy)
     n = len(batch[C.PATH])
     ok = batch[C.STATUS] == C.STATUS_OK
@@ -276,12 +323,50 @@ def to_report(batch: dict[str, np.ndarray], taxonomy: dict[str, Any], model_id: 
         LEAF_LABEL: strings(names[safe_leaf], ok),
         LEAF_PROB: floats(leaf_prob),
         **{leaf_column(name): floats(p_leaf[:, i]) for i, name in enumerate(tax.leaf_names)},
+        EXPLAIN_PATH: pa.array(batch.get(EXPLAIN_PATH, [None] * n), pa.string()),
+        **{k: floats(batch.get(k, np.full(n, np.nan))) for k in EXPLAIN_LOCATION},
+        SR_PATH: pa.array(_write_srs(batch, ok, tax, model_id, model_version, run_id, sr) if sr else [None] * n, pa.string()),
         MODEL_ID: pa.array([model_id] * n, pa.string()),
         MODEL_VERSION: pa.array([model_version] * n, pa.string()),
         RUN_ID: pa.array([run_id] * n, pa.string()),
         SCORED_AT: pa.array(np.full(n, now), pa.timestamp("ms", tz="UTC")),
     }
     return pa.table(columns, schema=report_schema(tax))
+
+
+def _write_srs(batch, ok, tax: Taxonomy, model_id: str, model_version: str, run_id: str, sr: dict[str, Any]) -> list[str | None]:
+    """One DICOM SR per ok row, next to the report: -> each row's SR path relative to OUTPUT.
+
+    The SR needs its source's header (patient and study identity for the PACS), so the source is
+    read again here; that costs one more GET per image and only with --sr. A source an SR cannot
+    be made for (e.g. without a SeriesInstanceUID) keeps a null sr_path and a warning: the
+    report row stands either way.
+    """
+    from medhier.sr import make_sr, sr_filename
+
+    scfg = StorageConfig(**sr["storage"])
+    paths: list[str | None] = [None] * len(ok)
+    sources: dict[str, bytes] = {}
+    for i in np.flatnonzero(ok):
+        rel = str(batch[C.PATH][i])
+        try:
+            if rel not in sources:
+                sources = {rel: storage.read_bytes(storage.join(sr["archive"], rel), scfg)}  # frames of one object are adjacent
+            main, leaf = int(batch[PRED_MAIN][i]), int(batch[PRED_LEAF][i])
+            p_main, p_leaf = float(batch[P_MAIN][i][main]), float(batch[P_LEAF][i][leaf])
+            multi = int(batch[C.NUM_FRAMES][i]) > 1
+            frame = int(batch[C.FRAME][i])
+            result = {"main_label": tax.mains[main], "main_prob": p_main, "sub_label": tax.leaves[leaf][1],
+                      "sub_prob": min(1.0, p_leaf / p_main) if p_main > 0 else 0.0, "leaf_prob": p_leaf,
+                      **({"frame": frame} if multi else {})}
+            data = make_sr(sources[rel], result, taxonomy=tax, model_id=model_id, model_version=model_version)
+            name = sr_filename(str(batch[C.SOP_INSTANCE_UID][i]), model_id, frame if multi else None)
+            relative = f"sr/run_id={run_id}/{name}"
+            storage.write_bytes(storage.join(sr["output"], relative), data, scfg)
+            paths[i] = relative
+        except Exception as exc:  # the report row matters more than its SR
+            log.warning("no SR for %s: %s", rel, exc)
+    return paths
 
 
 def mtime_column(seconds: np.ndarray) -> pa.Array:
@@ -340,10 +425,12 @@ class ScoreSummary:
         return "\n".join(lines)
 
 
-def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full: bool = False) -> ScoreSummary:
+def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full: bool = False, explain: bool = False, sr: bool = False) -> ScoreSummary:
     """Score the new or changed objects of ``archive`` (all of them with ``full``) into ``output``.
 
-    Needs Ray initialised. Raises on failure; nothing becomes visible unless the run commits.
+    ``explain``: Grad-CAM overlays for the rows ``score.explain_*`` select (PNG under
+    ``OUTPUT/explain/run_id=<run>/``); ``sr``: a DICOM SR per image under ``OUTPUT/sr/run_id=<run>/``.
+    Needs Ray initialised. Raises on failure; report rows become visible only if the run commits.
     """
     from ray.data import ActorPoolStrategy
 
@@ -353,7 +440,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
     start = time.perf_counter()
     archive, output, scfg = storage.normalize(archive), storage.normalize(output), cfg.storage
     loaded = load_checkpoint(checkpoint, scfg)
-    run_cfg = config_for_checkpoint(cfg, loaded)
+    run_cfg = config_for_checkpoint(cfg, loaded.cfg)
     version = cfg.score.model_version or f"epoch-{loaded.epoch}"
     run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     run_dir = storage.join(output, "runs", run_id)
@@ -377,6 +464,8 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
                 "checkpoint": checkpoint, "storage_cfg": run_cfg.to_dict()["storage"], "precision": cfg.score.precision,
                 "threads": 0 if gpus else int(cpus), "compile": compiled, "batch_size": cfg.score.batch_size,
                 "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0),
+                "explain": {"output": output, "run_id": run_id, "storage": run_cfg.to_dict()["storage"],
+                            "min_prob": cfg.score.explain_min_prob, "skip_mains": list(cfg.score.explain_skip_mains)} if explain else None,
             },
             batch_size=max(cfg.score.batch_size, run_cfg.data.decode_batch_size),
             batch_format="numpy",
@@ -386,7 +475,8 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
         )
         report = scored.map_batches(
             to_report,
-            fn_kwargs={"taxonomy": loaded.taxonomy.to_dict(), "model_id": loaded.model_id, "model_version": version, "run_id": run_id},
+            fn_kwargs={"taxonomy": loaded.taxonomy.to_dict(), "model_id": loaded.model_id, "model_version": version, "run_id": run_id,
+                       "sr": {"archive": archive, "output": output, "storage": run_cfg.to_dict()["storage"]} if sr else None},
             batch_size=None,
             batch_format="numpy",
             zero_copy_batch=True,

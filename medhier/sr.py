@@ -189,7 +189,10 @@ def make_sr(
     frame_numbers = _frame_numbers(header, result.get("frame"))
 
     src_uid = str(evidence.SOPInstanceUID)
-    sop_uid = generate_uid(entropy_srcs=["medhier-sr", src_uid, model_id, model_version])
+    # One SR per scored image: with the `all` frames policy every frame of a multi-frame source
+    # is its own scored image, so the frame is part of the identity.
+    frame_part = [] if frame_numbers is None else [f"frame={frame_numbers[0]}"]
+    sop_uid = generate_uid(entropy_srcs=["medhier-sr", src_uid, model_id, model_version, *frame_part])
     series_uid = generate_uid(
         entropy_srcs=["medhier-sr-series", str(evidence.StudyInstanceUID), algorithm_name, model_id, model_version]
     )
@@ -339,15 +342,16 @@ def read_sr(data: bytes) -> dict[str, Any]:
     return found
 
 
-def sr_filename(source_sop_uid: str, model_id: str) -> str:
-    """Stable object name of a source image's SR for one model: ``<sop uid>__<model id>.dcm``.
+def sr_filename(source_sop_uid: str, model_id: str, frame: int | None = None) -> str:
+    """Stable object name of a source image's SR for one model: ``<sop uid>__<model id>.dcm``,
+    with ``__f<frame>`` before the extension for one frame of a multi-frame source.
 
     Raises ValueError for a UID that is not a DICOM UID (it must not smuggle in a path)."""
     uid = str(source_sop_uid).strip()
     if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", uid) or len(uid) > 64:
         raise ValueError(f"source SOP Instance UID {source_sop_uid!r} is not a DICOM UID (digits and dots, <= 64)")
     safe_model = re.sub(r"[^A-Za-z0-9._-]", "_", str(model_id)).strip("._") or "model"
-    return f"{uid}__{safe_model}.dcm"
+    return f"{uid}__{safe_model}" + (f"__f{int(frame)}" if frame is not None else "") + ".dcm"
 
 
 def main_code(main: str) -> Code:

@@ -247,7 +247,7 @@ def evaluate_archive(cfg: Config, checkpoint: str, archive: str, output: str, la
     from medhier.data import prepare
 
     output = storage.normalize(output)
-    run_cfg = config_for_checkpoint(cfg, load_checkpoint(checkpoint, cfg.storage))
+    run_cfg = config_for_checkpoint(cfg, load_checkpoint(checkpoint, cfg.storage).cfg)
     cache = run_cfg.data.cache or storage.join(output, "cache")
     summary = prepare(run_cfg, archive, cache, labels)
     if sum(sum(v.values()) for v in summary.counts.get("split_leaves", {}).values()) == 0:

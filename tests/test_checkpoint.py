@@ -87,7 +87,7 @@ def test_corrupted_or_foreign_files_are_refused(saved, tmp_path):
 def test_run_config_takes_model_sections_from_the_checkpoint(saved):
     _, _, _, directory, _ = saved
     user = load_config(None, ["preprocess.image_size=224", "dicom.patient_salt=site", "data.decode_batch_size=7"])
-    run = config_for_checkpoint(user, load_checkpoint(directory))
+    run = config_for_checkpoint(user, load_checkpoint(directory).cfg)
     assert run.preprocess.image_size == 48 and run.model.arch == "resnet18"  # from the checkpoint
     assert run.data.decode_batch_size == 7 and run.dicom.patient_salt == "site"  # from the user
 

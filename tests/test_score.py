@@ -229,3 +229,28 @@ def test_scoring_an_s3_archive_into_s3(source_archive, checkpoint, ray_session, 
     assert all(e for e in table[C.ETAG].to_pylist())  # S3 ETags recorded for the ledger
     again = score_archive(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
     assert again.files == 0
+
+
+def test_explain_and_sr_outputs_sit_beside_the_report(archive, checkpoint, ray_session, tmp_path):
+    from medhier.sr import read_sr
+
+    root, _ = archive
+    out = str(tmp_path / "out")
+    score_archive(_cfg("score.explain_min_prob=0.3"), root, checkpoint, out, explain=True, sr=True)
+    rows = report_table(out).to_pylist()
+    ok = [r for r in rows if r[C.STATUS] == "ok"]
+    chosen = [r for r in ok if r["main_label"] != "normal" and r["leaf_prob"] >= 0.3]
+    assert chosen, "the fixture model should flag some abnormal images"
+    for r in ok:
+        if r in chosen:
+            png = Path(out, r["explain_path"]).read_bytes()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            assert all(0 <= r[k] <= 1 for k in ("explain_peak_y", "explain_peak_x", "explain_com_y", "explain_com_x"))
+        else:
+            assert r["explain_path"] is None and r["explain_peak_y"] is None
+        back = read_sr(Path(out, r["sr_path"]).read_bytes())
+        assert back["referenced_sop_instance_uid"] == r[C.SOP_INSTANCE_UID]
+        assert (back["main_label"], back["sub_label"]) == (r["main_label"], r["sub_label"])
+        assert back["main_prob"] == pytest.approx(r["main_prob"], abs=1e-4)
+        assert back["model_id"] == r["model_id"] and back["verification_flag"] == "UNVERIFIED"
+    assert all(r["sr_path"] is None for r in rows if r[C.STATUS] == "error")
