@@ -21,7 +21,7 @@ import io
 import json
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -246,6 +246,18 @@ def _fetch_pool(threads: int) -> ThreadPoolExecutor:
     return _FETCH_POOL
 
 
+def _prefetch(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
+    """``pool.map(fn, items)`` with at most ``ahead`` results in flight: a batch of large
+    multi-frame objects must not all sit in memory before the first is decoded."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 @dataclass(frozen=True)
 class DecodeSettings:
     """Everything a decode task needs, small and picklable."""
@@ -278,7 +290,7 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
 
     # Object stores answer each GET in tens of milliseconds: fetch concurrently (ahead of the
     # decoder, in order), decode serially as the bytes arrive.
-    blobs = _fetch_pool(settings.storage.read_threads).map(fetch, paths)
+    blobs = _prefetch(_fetch_pool(settings.storage.read_threads), fetch, paths, ahead=2 * settings.storage.read_threads)
     out: dict[str, list] = {c: [] for c in _OUTPUT_COLUMNS}
     for i, (rel, blob) in enumerate(zip(paths, blobs)):
         source = {C.PATH: rel, C.SIZE: int(batch[C.SIZE][i]), C.ETAG: str(batch[C.ETAG][i]), C.MTIME: float(batch[C.MTIME][i])}
