@@ -316,6 +316,9 @@ class ScoreConfig:
     compile: Literal["auto", "true", "false"] = "auto"
     compile_min_images: int = 5000
     actors: int = 0  # model actors; 0 = one per GPU, or one on a CPU-only cluster
+    # GPU actors: auto = when the cluster has GPUs at submit time; "true" waits for them (an
+    # autoscaling cluster whose GPU nodes are scaled to zero would otherwise score on CPUs).
+    use_gpu: Literal["auto", "true", "false"] = "auto"
     model_version: str = ""  # label written next to model_id; empty = "epoch-<N>" of the checkpoint
     max_error_rate: float = -1.0  # fail the run (exit code 3) above this share of error files; <0 = off
     # --explain: Grad-CAM overlays for rows whose main class is not in explain_skip_mains and

@@ -230,17 +230,17 @@ class Scorer:
         return {EXPLAIN_PATH: paths, **location}
 
 
-def scorer_resources() -> tuple[int, float]:
-    """(GPUs, CPUs) for one Scorer actor: a GPU when the cluster has one; on CPU-only clusters
-    as many CPUs as one node's cores, but always one CPU fewer than Ray has, because an actor
-    holding every CPU leaves none for the read tasks that feed it and the pipeline stalls."""
+def scorer_resources(use_gpu: str = "auto") -> tuple[int, float]:
+    """(GPUs, CPUs) for one Scorer actor: a GPU when asked for or when the cluster has one;
+    otherwise the CPUs of the largest node, but always one CPU fewer than Ray has, because an
+    actor holding every CPU leaves none for the read tasks that feed it and the pipeline stalls."""
     import ray
 
-    if ray.cluster_resources().get("GPU", 0) >= 1:
+    if use_gpu == "true" or (use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1):
         return 1, 1.0
     total = int(ray.cluster_resources().get("CPU", 1))
-    cores = os.cpu_count() or 1
-    return 0, float(max(1, min(cores, total - 1)))
+    largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
+    return 0, float(max(1, min(int(largest), total - 1)))
 
 
 def predict_dataset(ds, checkpoint: str, cfg: Config, keep: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:
@@ -251,7 +251,7 @@ def predict_dataset(ds, checkpoint: str, cfg: Config, keep: list[str], batch_siz
     """
     from ray.data import ActorPoolStrategy
 
-    gpus, cpus = scorer_resources()
+    gpus, cpus = scorer_resources(cfg.score.use_gpu)
     scored = ds.map_batches(
         Scorer,
         fn_constructor_kwargs={"checkpoint": checkpoint, "storage_cfg": cfg.to_dict()["storage"],
@@ -454,7 +454,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
     todo, already = _todo(storage.join(run_dir, "manifest"), todo_uri, output, loaded.model_id, version, full, run_cfg)
     summary.files, summary.already_scored = todo, already
     if todo:
-        gpus, cpus = scorer_resources()
+        gpus, cpus = scorer_resources(cfg.score.use_gpu)
         compiled = cfg.score.compile == "true" or (cfg.score.compile == "auto" and todo / max(1, _actors(cfg, gpus)) >= cfg.score.compile_min_images)
         summary.compiled = compiled
         decoded = build_ingest(todo_uri, decode_settings(run_cfg, archive, None), run_cfg.data)
