@@ -75,3 +75,36 @@ def shutdown_ray() -> None:
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def release_failed_pipeline(exc: BaseException) -> None:
+    """Let the actors of a Ray Data pipeline that raised ``exc`` die now.
+
+    Ray Data stops a failed execution but leaves its actor pool to die with the last reference
+    to its handles, and the exception holds those references: its traceback (and that of the
+    exceptions it chains) runs through frames of the executor's thread whose callers hold the
+    executor. In a long-lived driver (a scheduler, a notebook, a test session) the pool's actors
+    would keep their CPUs or GPUs, and the next pipeline would wait for them forever. This clears
+    the locals of every finished frame reachable from the tracebacks (file and line numbers stay
+    for the report) and collects the cycles that keep the executor alive.
+    """
+    import gc
+
+    pending, seen = [exc], set()
+    while pending:
+        e = pending.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        pending += [e.__cause__, e.__context__]
+        tb = e.__traceback__
+        while tb is not None:
+            frame = tb.tb_frame
+            while frame is not None:
+                try:
+                    frame.clear()
+                except RuntimeError:  # still running: the caller's own frames, a live thread's
+                    pass
+                frame = frame.f_back
+            tb = tb.tb_next
+    gc.collect()

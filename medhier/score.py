@@ -42,6 +42,7 @@ import torch
 from medhier import __version__, storage
 from medhier import columns as C
 from medhier.config import Config, StorageConfig
+from medhier.runtime import release_failed_pipeline
 from medhier.taxonomy import Taxonomy
 
 __all__ = ["Scorer", "ScoreSummary", "predict_dataset", "report_schema", "score_archive"]
@@ -483,7 +484,15 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
         )
         fs, staging = storage.filesystem(storage.join(run_dir, "staging"), scfg)
         score_start = time.perf_counter()
-        report.write_parquet(staging, filesystem=fs, compression="zstd")
+        failure = None
+        try:
+            report.write_parquet(staging, filesystem=fs, compression="zstd")
+        except BaseException as exc:
+            failure = exc
+        if failure is not None:
+            del decoded, scored, report
+            release_failed_pipeline(failure)
+            raise failure
         scoring_seconds = time.perf_counter() - score_start
         _commit(output, run_dir, run_id, loaded.taxonomy, scfg, summary, replace_model=(loaded.model_id, version) if full else None)
         summary.images_per_s = summary.images_ok / max(scoring_seconds, 1e-9)
