@@ -233,15 +233,16 @@ class Scorer:
 
 def scorer_resources(use_gpu: str = "auto") -> tuple[int, float]:
     """(GPUs, CPUs) for one Scorer actor: a GPU when asked for or when the cluster has one;
-    otherwise the CPUs of the largest node, but always one CPU fewer than Ray has, because an
-    actor holding every CPU leaves none for the read tasks that feed it and the pipeline stalls."""
+    otherwise the CPUs of the largest node less one. An actor holding every CPU of its node
+    leaves none there for the decode tasks that feed it: if the other nodes go (preempted,
+    scaled down), the pipeline would wait forever for a CPU."""
     import ray
 
     if use_gpu == "true" or (use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1):
         return 1, 1.0
     total = int(ray.cluster_resources().get("CPU", 1))
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    return 0, float(max(1, min(int(largest), total - 1)))
+    return 0, float(max(1, min(int(largest) - 1, total - 1)))
 
 
 def predict_dataset(ds, checkpoint: str, cfg: Config, keep: list[str], batch_size: int = 64) -> dict[str, np.ndarray]:

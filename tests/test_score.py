@@ -254,3 +254,10 @@ def test_explain_and_sr_outputs_sit_beside_the_report(archive, checkpoint, ray_s
         assert back["main_prob"] == pytest.approx(r["main_prob"], abs=1e-4)
         assert back["model_id"] == r["model_id"] and back["verification_flag"] == "UNVERIFIED"
     assert all(r["sr_path"] is None for r in rows if r[C.STATUS] == "error")
+
+
+def test_a_cpu_scorer_leaves_its_node_a_cpu_for_the_decode_tasks(ray_session):
+    from medhier.score import scorer_resources
+
+    # the session's single node has 8 logical CPUs: 7 for the model, 1 for decoding beside it
+    assert scorer_resources("false") == (0, 7.0)
