@@ -36,6 +36,7 @@ from medhier import columns as C
 from medhier import storage
 from medhier.config import Config, ServeConfig
 from medhier.dicom import DicomRejected
+from medhier.runtime import verbose
 from medhier.score import LEAF_LABEL, LEAF_PROB, MAIN_LABEL, MAIN_PROB, MODEL_ID, MODEL_VERSION, P_LEAF, P_MAIN, PRED_LEAF, PRED_MAIN, SUB_LABEL, SUB_PROB
 
 __all__ = ["Endpoint", "base_url", "build_app", "run", "shutdown"]
@@ -309,6 +310,11 @@ def base_url(serve_cfg: ServeConfig) -> str:
     return f"http://{host}:{serve_cfg.port}{prefix.rstrip('/')}/"
 
 
+def _logging_config() -> dict:
+    """Serve's logs: INFO and an access line per request only with --verbose."""
+    return {"log_level": "INFO" if verbose() else "WARNING", "enable_access_log": verbose()}
+
+
 def build_app(cfg: Config, checkpoint: str):
     """The Serve application for ``checkpoint`` (a URI, local or s3://), sized by ``cfg.serve``:
     autoscaling replicas of ``replica_cpus``/``replica_gpus`` each, batching as configured."""
@@ -330,6 +336,8 @@ def build_app(cfg: Config, checkpoint: str):
         # target: Serve's default (5) would cap both the batch and the load the autoscaler sees.
         max_ongoing_requests=max(2 * s.max_batch_size, math.ceil(2 * s.target_ongoing_requests)),
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
+        # An access line per request only with --verbose: quiet logs by default.
+        logging_config=_logging_config(),
     ).bind(cfg.to_dict(), uri)
 
 
@@ -348,7 +356,7 @@ def run(cfg: Config, checkpoint: str, *, blocking: bool = True, name: str = "med
     app = build_app(cfg, checkpoint)
     # HTTP options are fixed for the life of Serve on a cluster: a Serve already running
     # elsewhere keeps its own host and port (Ray logs a warning).
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=_logging_config())
     serve.run(app, name=name, route_prefix=_route_prefix(cfg.serve.route))
     url = base_url(cfg.serve)
     if blocking:

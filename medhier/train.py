@@ -167,6 +167,7 @@ def _train_on_cache(cfg: Config, cache: str, output: str, callbacks: tuple) -> d
             "n_train": n_train,
             "split_leaves": split_leaves,
             "fail_at": os.environ.get(FAIL_AT_ENV, ""),
+            "verbose": verbose(),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
@@ -259,6 +260,16 @@ def evaluate_archive(cfg: Config, checkpoint: str, archive: str, output: str, la
 # -- workers -------------------------------------------------------------------------------
 
 
+def _quiet_report_logs() -> None:
+    """Ray Train's workers log every report (all its metrics) at INFO under a logger named by
+    its file's path, outside the reach of LoggingConfig: silence it unless --verbose."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:  # another Ray version: its logs stay as they are
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     """One DDP worker: resume if a checkpoint exists, then train/validate/checkpoint per epoch."""
     import ray.train
@@ -267,6 +278,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     from medhier.model import HierarchicalLoss, autocast_dtype, build_model
     from medhier.preprocess import eval_preset, train_preset
 
+    if not config.get("verbose"):
+        _quiet_report_logs()
     cfg = Config.from_dict(config["cfg"])
     tc = cfg.train
     ctx = ray.train.get_context()
