@@ -265,9 +265,17 @@ def predict_dataset(ds, checkpoint: str, cfg: Config, keep: list[str], batch_siz
         num_cpus=cpus,
     )
     parts = {k: [] for k in [P_MAIN, P_LEAF, PRED_MAIN, PRED_LEAF, *keep]}
-    for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
-        for k in parts:
-            parts[k].append(batch[k])
+    failure = None
+    try:
+        for batch in scored.iter_batches(batch_size=None, batch_format="numpy"):
+            for k in parts:
+                parts[k].append(batch[k])
+    except BaseException as exc:
+        failure = exc
+    if failure is not None:  # as in score_archive: free the Scorer's CPUs or GPU now
+        del ds, scored
+        release_failed_pipeline(failure)
+        raise failure
     return {k: (np.concatenate(v) if v else np.zeros((0,))) for k, v in parts.items()}
 
 
