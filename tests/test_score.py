@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import shutil
@@ -16,14 +15,13 @@ import torch
 
 from medhier import columns as C
 from medhier import storage, synthetic
-from medhier.checkpoint import load_checkpoint, save_checkpoint
+from medhier.checkpoint import load_checkpoint
 from medhier.cli import EXIT_ERROR_RATE, main
 from medhier.config import load_config
 from medhier.dicom import decode
-from medhier.model import HierarchicalLoss, build_model
 from medhier.preprocess import eval_preset, resize_image, to_uint8
 from medhier.score import FAIL_AFTER_ENV, leaf_column, report_schema, report_table, score_archive
-from medhier.taxonomy import Taxonomy
+from fitted import fitted_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -36,29 +34,7 @@ def _cfg(*overrides: str):
 
 
 def _make_checkpoint(directory: str, seed: int, root: str) -> str:
-    """A model fitted for a few steps on the archive itself: an untrained network predicts one
-    class for every image, and the report and study roll-up need several."""
-    cfg = _cfg()
-    tax = Taxonomy.from_config(cfg.taxonomy)
-    torch.manual_seed(seed)
-    model = build_model(cfg.model, tax)
-    labels = {r["path"]: tax.encode(r["main"], r["sub"]) for r in csv.DictReader(open(Path(root, "labels.csv")))}
-    images, mains, leaves = [], [], []
-    for path, (m, _, leaf) in labels.items():
-        pixels = decode(Path(root, path).read_bytes(), cfg.dicom).pixels[0]
-        images.append(to_uint8(resize_image(pixels, cfg.preprocess.image_size)))
-        mains.append(m)
-        leaves.append(leaf)
-    x = eval_preset(cfg.preprocess)(torch.from_numpy(np.stack(images)))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = HierarchicalLoss(tax)
-    for _ in range(15):
-        loss = loss_fn(model(x), torch.tensor(mains), torch.tensor(leaves))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_checkpoint(directory, model.eval(), cfg, tax, epoch=7)
-    return directory
+    return fitted_checkpoint(directory, _cfg(), root, seed=seed, steps=15, epoch=7)
 
 
 @pytest.fixture(scope="module")

@@ -11,16 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
-import torch
 
 from medhier import synthetic
-from medhier.checkpoint import load_checkpoint, save_checkpoint
+from medhier.checkpoint import load_checkpoint
 from medhier.config import load_config
 from medhier.dicom import decode
-from medhier.model import HierarchicalLoss, build_model
-from medhier.preprocess import eval_preset, resize_image, to_uint8
+from medhier.preprocess import resize_image, to_uint8
 from medhier.score import Scorer
 from medhier.taxonomy import Taxonomy
+from fitted import fitted_checkpoint
 
 pytestmark = pytest.mark.ray
 
@@ -37,29 +36,7 @@ def _free_port() -> int:
 
 
 def _make_checkpoint(directory: str, root: str) -> str:
-    """A model fitted for a few steps on the archive itself, so that images get different
-    answers (an untrained network gives every image nearly the same one)."""
-    cfg = load_config(SMOKE)
-    tax = Taxonomy.from_config(cfg.taxonomy)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, tax)
-    images, mains, leaves = [], [], []
-    for row in csv.DictReader(open(Path(root, "labels.csv"))):
-        pixels = decode(Path(root, row["path"]).read_bytes(), cfg.dicom).pixels[0]
-        images.append(to_uint8(resize_image(pixels, cfg.preprocess.image_size)))
-        main, _, leaf = tax.encode(row["main"], row["sub"])
-        mains.append(main)
-        leaves.append(leaf)
-    x = eval_preset(cfg.preprocess)(torch.from_numpy(np.stack(images)))
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    loss_fn = HierarchicalLoss(tax)
-    for _ in range(8):
-        loss = loss_fn(model(x), torch.tensor(mains), torch.tensor(leaves))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    save_checkpoint(directory, model.eval(), cfg, tax, epoch=3)
-    return directory
+    return fitted_checkpoint(directory, load_config(SMOKE), root, seed=0, steps=8, epoch=3)
 
 
 @pytest.fixture(scope="module")
