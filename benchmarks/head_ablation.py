@@ -1,0 +1,183 @@
+"""Why the hierarchical head trails the flat baseline on small phantom sets: an ablation.
+
+    python benchmarks/head_ablation.py [--n 400] [--epochs 15] [--seeds 3] [--variants flat,hierarchical,...]
+
+`benchmarks/hier_vs_flat.py` compares the two heads through `medhier train` (Ray Train, two
+workers), ~2.5 minutes a run. This script trains many variants fast enough to average over seeds:
+one process, plain PyTorch, but medhier's own pieces (build_model, HierarchicalLoss, the training
+augmentation, AdamW groups with warm-up + cosine, bf16 autocast, class weights, best epoch by
+validation leaf macro AUC), on the same cache and splits as hier_vs_flat.py. The batch per step is
+train.batch_size x train.num_workers, as in DDP. Variants:
+
+  flat            model.head=flat
+  hierarchical    medhier's default head (attention conv blocks, hidden FC, subclass head)
+  attention-none  model.attention=none
+  cbam            model.attention=cbam
+  no-dropout      model.dropout=0
+  linear          diagnostic, not a medhier option: the hierarchical factorisation with one
+                  linear layer per level over the pooled trunk features (no conv blocks, no
+                  hidden FC): as expressive as the flat head, trained with the hierarchical loss
+
+Held-out = validation + test splits. Prints a Markdown table (mean and range over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import pyarrow.dataset as pads
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from medhier import columns as C  # noqa: E402
+from medhier import model as M  # noqa: E402
+from medhier import synthetic  # noqa: E402
+from medhier.config import load_config  # noqa: E402
+from medhier.data import CacheInfo, prepare  # noqa: E402
+from medhier.metrics import evaluate  # noqa: E402
+from medhier.preprocess import eval_preset, train_preset  # noqa: E402
+from medhier.taxonomy import Taxonomy  # noqa: E402
+from medhier.train import _class_weights, _renorm, _warmup_cosine  # noqa: E402
+
+SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
+VARIANTS = {
+    "flat": ["model.head=flat"],
+    "hierarchical": [],
+    "attention-none": ["model.attention=none"],
+    "cbam": ["model.attention=cbam"],
+    "no-dropout": ["model.dropout=0"],
+    "linear": [],
+}
+
+
+class LinearHierarchical(M.HierarchicalResNet):
+    """Diagnostic: P(main) and P(sub | main) each from one linear layer on the pooled features."""
+
+    def __init__(self, cfg, taxonomy, trunk, channels):
+        super().__init__(cfg, taxonomy, trunk, channels)
+        del self.main_block, self.main_fc, self.main_out, self.sub_block, self.sub_out
+        self.main_linear = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(channels, taxonomy.num_mains))
+        self.sub_linear = nn.Sequential(nn.Dropout(cfg.dropout), nn.Linear(channels, taxonomy.num_leaves))
+
+    def heads(self, features: torch.Tensor) -> M.Outputs:
+        pooled = features.mean((2, 3))
+        main_logits = self.main_linear(pooled).float()
+        log_p_main = torch.log_softmax(main_logits, -1)
+        log_p_sub = self._within_group_log_softmax(self.sub_linear(pooled))
+        return M.Outputs(main_logits, log_p_main, log_p_sub, log_p_main[:, self.leaf_main] + log_p_sub)
+
+
+def load_split(rows: str, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t = pads.dataset(os.path.join(rows, f"{C.SPLIT}={split}"), format="parquet").to_table(columns=[C.IMAGE, C.MAIN_LABEL, C.LEAF_LABEL])
+    t = t.filter(pads.field(C.LEAF_LABEL) >= 0)
+    images = np.frombuffer(b"".join(t[C.IMAGE].to_pylist()), np.uint8).reshape(-1, size, size).copy()
+    return torch.from_numpy(images), torch.from_numpy(t[C.MAIN_LABEL].to_numpy()), torch.from_numpy(t[C.LEAF_LABEL].to_numpy())
+
+
+def run(variant: str, seed: int, epochs: int, cache: str, data: dict) -> dict:
+    cfg = load_config(SMOKE, [f"train.epochs={epochs}", f"train.seed={seed}", f"data.cache={cache}", *VARIANTS[variant]])
+    tc, tax = cfg.train, Taxonomy.from_config(cfg.taxonomy)
+    torch.manual_seed(seed)
+    model = M.build_model(cfg.model, tax)
+    if variant == "linear":
+        model = LinearHierarchical(cfg.model, tax, model.trunk, model.feature_channels)
+    model = model.to(memory_format=torch.channels_last)
+    train = data["train"]
+    counts = {name: int((train[2] == i).sum()) for i, name in enumerate(tax.leaf_names)}
+    main_w, leaf_w = _class_weights(tax, counts, tc.class_weights)
+    loss_fn = M.HierarchicalLoss(tax, tc.sub_loss_weight, tc.label_smoothing, main_w, leaf_w, flat=cfg.model.head == "flat")
+    optimizer = torch.optim.AdamW(model.param_groups(tc.lr_backbone, tc.lr_head, tc.weight_decay))
+    batch = tc.batch_size * tc.num_workers
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(tc, math.ceil(len(train[0]) / batch)))
+    augment, plain = train_preset(cfg.preprocess), eval_preset(cfg.preprocess)
+    generator = torch.Generator().manual_seed(seed * 1000 + 7)
+
+    def metrics(split: tuple) -> dict:
+        model.eval()
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(plain(split[0]).contiguous(memory_format=torch.channels_last))
+        p_main, p_leaf = _renorm(out.log_p_main.exp().float().numpy()), _renorm(out.log_p_leaf.exp().float().numpy())
+        return evaluate(tax, split[1].numpy(), split[2].numpy(), p_main, p_leaf)
+
+    best, best_state, t = -1.0, None, time.perf_counter()
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(train[0]), generator=generator)
+        for i in range(0, len(order), batch):
+            idx = order[i : i + batch]
+            x = augment(train[0][idx], generator).contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss = loss_fn(out, train[1][idx], train[2][idx])["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+        auc = metrics(data["val"])["leaf"]["macro"]["roc_auc"]
+        if auc > best:
+            best, best_state = auc, {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(best_state)
+    m = metrics(data["held_out"])
+    return {"main acc": m["main"]["accuracy"], "leaf acc": m["leaf"]["accuracy"], "main AUC": m["main"]["macro"]["roc_auc"],
+            "leaf AUC": m["leaf"]["macro"]["roc_auc"], "sub acc given main": m["hierarchy"]["sub_accuracy_given_main"],
+            "seconds": time.perf_counter() - t}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=400)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--difficulty", type=float, default=0.3)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--workdir", default="/tmp/medhier-bench/hier-vs-flat")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    variants = args.variants.split(",")
+    for v in variants:
+        if v not in VARIANTS:
+            parser.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    # the same archive and cache as hier_vs_flat.py
+    archive = os.path.join(args.workdir, f"archive-{args.n}-{args.difficulty}")
+    if not os.path.exists(os.path.join(archive, "labels.csv")):
+        synthetic.generate_archive(archive, args.n, seed=31, size=128, difficulty=args.difficulty)
+    cache = os.path.join(args.workdir, f"cache-{args.n}-{args.difficulty}")
+    cfg = load_config(SMOKE, ["runtime.progress=false"])
+    if CacheInfo.read(cache, cfg.storage) is None:
+        from medhier.runtime import init_ray, shutdown_ray
+
+        init_ray(cfg.runtime)
+        prepare(cfg, archive, cache)
+        shutdown_ray()
+    info = CacheInfo.read(cache, cfg.storage)
+    rows = os.path.join(cache, info.rows_dir, f"{C.STATUS}={C.STATUS_OK}")
+    data = {s: load_split(rows, s, info.image_size) for s in ("train", "val", "test")}
+    data["held_out"] = tuple(torch.cat([a, b]) for a, b in zip(data["val"], data["test"]))
+
+    results = {v: [run(v, seed, args.epochs, cache, data) for seed in range(args.seeds)] for v in variants}
+    keys = ["main acc", "leaf acc", "main AUC", "leaf AUC", "sub acc given main"]
+    print(f"\n{platform.node()} | {os.cpu_count()} cores | {args.n} phantoms (train {len(data['train'][0])}, held out "
+          f"{len(data['held_out'][0])}), difficulty {args.difficulty}, ResNet18 from scratch at {info.image_size} px, "
+          f"{args.epochs} epochs, {args.seeds} seeds | {time.strftime('%Y-%m-%d')}\n")
+    print("| variant | " + " | ".join(keys) + " | s/run |")
+    print("| --- |" + " ---: |" * (len(keys) + 1))
+    for v, runs in results.items():
+        cells = []
+        for k in keys:
+            values = np.array([r[k] for r in runs], dtype=float)
+            cells.append(f"{values.mean():.3f} ({values.min():.2f}–{values.max():.2f})")
+        print(f"| {v} | " + " | ".join(cells) + f" | {np.mean([r['seconds'] for r in runs]):.0f} |")
+    print("\nmean over seeds (min–max); held out = validation + test splits")
+
+
+if __name__ == "__main__":
+    main()
