@@ -82,8 +82,8 @@ def load_split(rows: str, split: str, size: int) -> tuple[torch.Tensor, torch.Te
     return torch.from_numpy(images), torch.from_numpy(t[C.MAIN_LABEL].to_numpy()), torch.from_numpy(t[C.LEAF_LABEL].to_numpy())
 
 
-def run(variant: str, seed: int, epochs: int, cache: str, data: dict) -> dict:
-    cfg = load_config(SMOKE, [f"train.epochs={epochs}", f"train.seed={seed}", f"data.cache={cache}", *VARIANTS[variant]])
+def run(variant: str, seed: int, epochs: int, data: dict) -> dict:
+    cfg = load_config(SMOKE, [f"train.epochs={epochs}", f"train.seed={seed}", *VARIANTS[variant]])
     tc, tax = cfg.train, Taxonomy.from_config(cfg.taxonomy)
     torch.manual_seed(seed)
     model = M.build_model(cfg.model, tax)
@@ -163,7 +163,7 @@ def main() -> None:
     data = {s: load_split(rows, s, info.image_size) for s in ("train", "val", "test")}
     data["held_out"] = tuple(torch.cat([a, b]) for a, b in zip(data["val"], data["test"]))
 
-    results = {v: [run(v, seed, args.epochs, cache, data) for seed in range(args.seeds)] for v in variants}
+    results = {v: [run(v, seed, args.epochs, data) for seed in range(args.seeds)] for v in variants}
     keys = ["main acc", "leaf acc", "main AUC", "leaf AUC", "sub acc given main"]
     print(f"\n{platform.node()} | {os.cpu_count()} cores | {args.n} phantoms (train {len(data['train'][0])}, held out "
           f"{len(data['held_out'][0])}), difficulty {args.difficulty}, ResNet18 from scratch at {info.image_size} px, "
