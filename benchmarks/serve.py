@@ -136,7 +136,7 @@ def main() -> None:
                 results[variant][c] = best(url, payloads, c, args.seconds, args.repeat)
     finally:
         shutdown("bench-batched")
-        shutdown("bench-unbatched")
+        shutdown("bench-unbatched", batched_cfg.serve)
     batched, unbatched = results["batched"], results["unbatched"]
 
     from medhier.checkpoint import load_checkpoint

@@ -18,6 +18,7 @@ Started by ``medhier serve --checkpoint URI`` through :func:`run`.
 import asyncio
 import logging
 import math
+import socket
 import sys
 import time
 from collections import Counter
@@ -367,17 +368,42 @@ def run(cfg: Config, checkpoint: str, *, blocking: bool = True, name: str = "med
         except KeyboardInterrupt:
             pass
         finally:
-            shutdown(name)
+            shutdown(name, cfg.serve)
     return url
 
 
-def shutdown(name: str = "medhier") -> None:
-    """Delete application ``name``; stop Serve itself (its HTTP proxy) when no app is left."""
+def shutdown(name: str = "medhier", serve_cfg: ServeConfig | None = None, *, timeout_s: float = 30.0) -> None:
+    """Delete application ``name``; stop Serve itself (its HTTP proxy) when no app is left.
+
+    With ``serve_cfg`` (the host and port ``run`` served on), stopping Serve also waits until
+    that port refuses connections: Ray reports a killed proxy dead before its process has
+    exited, and a request in that gap gets a truncated answer, or a restart finds the port
+    still bound.
+    """
     try:
         serve.delete(name)
         remaining = serve.status().applications
     except Exception:  # Serve is not running: nothing to shut down
         log.debug("serve shutdown of %s: Serve not running", name, exc_info=True)
         return
-    if not remaining:
-        serve.shutdown()
+    if remaining:
+        return
+    serve.shutdown()
+    if serve_cfg is not None:
+        _wait_closed(serve_cfg, timeout_s)
+
+
+def _wait_closed(serve_cfg: ServeConfig, timeout_s: float) -> None:
+    """Poll ``serve_cfg``'s host and port until a connection is refused, or warn after ``timeout_s``."""
+    host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "") else "::1" if serve_cfg.host == "::" else serve_cfg.host
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with socket.create_connection((host, serve_cfg.port), timeout=1.0):
+                pass
+        except OSError:  # refused (or unreachable): nothing listens there any more
+            return
+        if time.monotonic() >= deadline:
+            log.warning("Serve's HTTP proxy still accepts connections on %s:%s %.0f s after shutdown", host, serve_cfg.port, timeout_s)
+            return
+        time.sleep(0.1)

@@ -80,7 +80,7 @@ def url(ray_session, checkpoint):
     ])
     base = run(cfg, checkpoint, blocking=False, name="medhier-test")
     yield base
-    shutdown("medhier-test")  # the last app: stops Serve's HTTP proxy too
+    shutdown("medhier-test", cfg.serve)  # the last app: stops Serve's HTTP proxy too, and waits for its port
     with pytest.raises(requests.ConnectionError):
         requests.get(base + "healthz", timeout=5)
     serve.shutdown()  # whatever happened above, nothing of Serve outlives this module
@@ -200,3 +200,32 @@ def test_a_missing_checkpoint_fails_before_anything_is_deployed(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_app(load_config(SMOKE), str(tmp_path / "nowhere"))
+
+
+def test_stopping_waits_until_the_port_refuses_connections(caplog):
+    """Ray reports a killed proxy dead before its process lets go of the port: shutdown waits for it."""
+    import threading
+    import time
+
+    from medhier.config import ServeConfig
+    from medhier.serve import _wait_closed
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    closed_at: list[float] = []
+
+    def close_later() -> None:
+        time.sleep(0.5)
+        closed_at.append(time.monotonic())
+        listener.close()
+
+    threading.Thread(target=close_later).start()
+    _wait_closed(ServeConfig(host="0.0.0.0", port=port), timeout_s=30)
+    assert closed_at and time.monotonic() >= closed_at[0]  # it returned only after the port closed
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    with socket.create_server(("127.0.0.1", 0)) as still_open:
+        port = still_open.getsockname()[1]
+        _wait_closed(ServeConfig(host="127.0.0.1", port=port), timeout_s=0.3)
+    assert f"still accepts connections on 127.0.0.1:{port}" in caplog.text
