@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import platform
 import sys
 import time
 
@@ -46,6 +45,7 @@ from medhier.metrics import evaluate  # noqa: E402
 from medhier.preprocess import eval_preset, train_preset  # noqa: E402
 from medhier.taxonomy import Taxonomy  # noqa: E402
 from medhier.train import _class_weights, _renorm, _warmup_cosine  # noqa: E402
+from common import machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 VARIANTS = {
@@ -165,7 +165,7 @@ def main() -> None:
 
     results = {v: [run(v, seed, args.epochs, data) for seed in range(args.seeds)] for v in variants}
     keys = ["main acc", "leaf acc", "main AUC", "leaf AUC", "sub acc given main"]
-    print(f"\n{platform.node()} | {os.cpu_count()} cores | {args.n} phantoms (train {len(data['train'][0])}, held out "
+    print(f"\n{machine()} | {args.n} phantoms (train {len(data['train'][0])}, held out "
           f"{len(data['held_out'][0])}), difficulty {args.difficulty}, ResNet18 from scratch at {info.image_size} px, "
           f"{args.epochs} epochs, {args.seeds} seeds | {time.strftime('%Y-%m-%d')}\n")
     print("| variant | " + " | ".join(keys) + " | s/run |")

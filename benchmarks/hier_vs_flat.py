@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import time
@@ -31,6 +30,7 @@ from medhier.runtime import init_ray  # noqa: E402
 from medhier.score import predict_dataset  # noqa: E402
 from medhier.taxonomy import Taxonomy  # noqa: E402
 from medhier.train import fit  # noqa: E402
+from common import machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 
@@ -73,7 +73,7 @@ def main() -> None:
             m = held_out_metrics(cfg, run, cache)
             rows.append((head, seed, m, time.perf_counter() - t))
     n = rows[0][2]["n"]
-    print(f"\n{platform.node()} | {os.cpu_count()} cores | {args.n} phantoms, difficulty {args.difficulty}, "
+    print(f"\n{machine()} | {args.n} phantoms, difficulty {args.difficulty}, "
           f"ResNet18 64 px, {args.epochs} epochs, {n} held-out images | {time.strftime('%Y-%m-%d')}\n")
     print("| head | seed | main acc | leaf acc | main macro AUC | leaf macro AUC | sub acc given main | consistency | minutes |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

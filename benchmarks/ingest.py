@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import shutil
 import sys
 import time
@@ -35,6 +34,7 @@ from medhier import storage, synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.dicom import decode  # noqa: E402
 from medhier.preprocess import resize_image, to_uint8  # noqa: E402
+from common import machine  # noqa: E402
 
 
 def _files(root: str) -> list[str]:
@@ -177,7 +177,7 @@ def main() -> None:
     rate, n, seconds = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat)
     ideal = args.cpus * task_rate
 
-    print(f"\n{platform.node()} | {os.cpu_count()} cores | {platform.processor() or platform.machine()} | "
+    print(f"\n{machine()} | "
           f"{args.size}x{args.size} CT -> {args.image_size}x{args.image_size} uint8 | {time.strftime('%Y-%m-%d')}\n")
     print("| measurement | images/s |")
     print("| --- | ---: |")

@@ -16,9 +16,7 @@ Prints a Markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import io
 import os
-import platform
 import shutil
 import sys
 import time
@@ -29,20 +27,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import storage, synthetic  # noqa: E402
-from medhier.checkpoint import save_checkpoint  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from medhier.model import build_model  # noqa: E402
-from medhier.taxonomy import Taxonomy  # noqa: E402
-
-
-def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
-    path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
-    if not os.path.exists(os.path.join(path, "model.pt")):
-        cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
-        tax = Taxonomy.from_config(cfg.taxonomy)
-        torch.manual_seed(0)
-        save_checkpoint(path, build_model(cfg.model, tax), cfg, tax, epoch=0)
-    return path
+from common import machine, make_checkpoint  # noqa: E402
 
 
 def make_archive(workdir: str, n: int, size: int) -> str:
@@ -142,7 +128,7 @@ def main() -> None:
     a_small = end_to_end(small, checkpoint, args.workdir, compile_=False, batch=args.batch)
     a_large = end_to_end(large, checkpoint, args.workdir, compile_=True, batch=args.batch)
 
-    print(f"\n{platform.node()} | {os.cpu_count()} cores | {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU'} | "
+    print(f"\n{machine(gpu=True)} | "
           f"{args.arch} at {args.image_size} px, batch {args.batch}, {args.size}x{args.size} CT phantoms | {time.strftime('%Y-%m-%d')}\n")
     print("| measurement | images/s |")
     print("| --- | ---: |")

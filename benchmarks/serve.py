@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import socket
 import statistics
@@ -25,25 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import requests
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import storage, synthetic  # noqa: E402
-from medhier.checkpoint import save_checkpoint  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from medhier.model import build_model  # noqa: E402
-from medhier.taxonomy import Taxonomy  # noqa: E402
-
-
-def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
-    path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
-    if not os.path.exists(os.path.join(path, "model.pt")):
-        cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
-        tax = Taxonomy.from_config(cfg.taxonomy)
-        torch.manual_seed(0)
-        save_checkpoint(path, build_model(cfg.model, tax), cfg, tax, epoch=0)
-    return path
+from common import machine, make_checkpoint  # noqa: E402
 
 
 def make_payloads(workdir: str, n: int, size: int) -> list[bytes]:
@@ -143,7 +129,7 @@ def main() -> None:
 
     loaded = load_checkpoint(checkpoint)
     s = batched_cfg.serve
-    print(f"\n{platform.node()} | {os.cpu_count()} cores | {'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() and s.replica_gpus else 'CPU'} | "
+    print(f"\n{machine(gpu=bool(s.replica_gpus))} | "
           f"{loaded.cfg.model.arch} at {loaded.cfg.preprocess.image_size} px, precision {batched_cfg.score.precision} | "
           f"{args.size}x{args.size} CT phantoms | 1 replica per variant, {s.replica_cpus:g} CPU each | {time.strftime('%Y-%m-%d')}\n")
     print(f"batched: serve.max_batch_size={s.max_batch_size}, batch_wait_timeout_s={s.batch_wait_timeout_s:g}; "

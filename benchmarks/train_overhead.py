@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from common import machine  # noqa: E402
 
 
 def step_times(settings: dict) -> list[float]:
@@ -141,7 +141,7 @@ def main() -> None:
         plain += plain_ddp(settings, args.workers)
         ray_times += ray_ddp(settings, args.workers)
     p, r = statistics.median(plain), statistics.median(ray_times)
-    print(f"\n{platform.node()} | {os.cpu_count()} cores | {args.workers} workers x 1 thread | {args.arch} "
+    print(f"\n{machine()} | {args.workers} workers x 1 thread | {args.arch} "
           f"{args.image_size}px batch {args.batch}/worker bf16 channels_last | {time.strftime('%Y-%m-%d')}\n")
     print("| DDP | median step (ms) | p90 step (ms) | images/s |")
     print("| --- | ---: | ---: | ---: |")
