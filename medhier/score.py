@@ -39,7 +39,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import torch
 
-from medhier import __version__, storage
+from medhier import storage
 from medhier import columns as C
 from medhier.config import Config, StorageConfig
 from medhier.runtime import release_failed_pipeline

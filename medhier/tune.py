@@ -22,7 +22,6 @@ import copy
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Any

@@ -17,7 +17,7 @@ from medhier.checkpoint import save_checkpoint
 from medhier.config import ModelConfig, PreprocessConfig, TaxonomyConfig, load_config
 from medhier.dicom import DicomRejected
 from medhier.explain import explain_batch, explain_dicom, grad_cam, heat_summary, overlay_png, resolve_target
-from medhier.model import STAGES, build_model, predict
+from medhier.model import build_model, predict
 from medhier.preprocess import eval_preset
 from medhier.taxonomy import Taxonomy
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from medhier.config import ModelConfig, StorageConfig, TaxonomyConfig
+from medhier.config import ModelConfig, TaxonomyConfig
 from medhier.model import STAGES, HierarchicalLoss, PretrainedWeightsError, build_model, predict
 from medhier.taxonomy import Taxonomy
 
