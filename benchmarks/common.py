@@ -1,4 +1,5 @@
-"""What the benchmark scripts share: the machine line of every table, and a random-weights checkpoint.
+"""What the benchmark scripts share: the machine line of every table, a random-weights checkpoint,
+and a read-through that puts an archive in the page cache.
 
 The development VM is not always the same CPU (it has been an Intel part with AMX and an AMD EPYC
 without it), and bf16 inference speed differs by ~1.5x between the two: every table names the CPU.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -51,3 +54,39 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
         torch.manual_seed(0)
         save_checkpoint(path, build_model(cfg.model, tax), cfg, tax, epoch=0)
     return path
+
+
+def read_through(paths: list[str], readers: int = 4) -> tuple[float, float]:
+    """Read every file once (``readers`` threads) -> (files/s, MB/s). Run before the measurements:
+    it puts the archive in the page cache when it fits, so that the runs measure medhier and not
+    this VM's disk, and its rate says what the disk gives when it does not."""
+
+    def read(path: str) -> int:
+        with open(path, "rb") as f:
+            return len(f.read())
+
+    t = time.perf_counter()
+    with ThreadPoolExecutor(readers) as pool:
+        size = sum(pool.map(read, paths))
+    seconds = time.perf_counter() - t
+    return len(paths) / seconds, size / seconds / 1e6
+
+
+def cpu_times() -> tuple[float, float, float] | None:
+    """Machine-wide (busy, iowait, total) CPU seconds since boot, from /proc/stat; None elsewhere."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except OSError:
+        return None
+    hz = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0.0] * 8)[:8]
+    return (user + nice + system + irq + softirq) / hz, iowait / hz, (user + nice + system + idle + iowait + irq + softirq + steal) / hz
+
+
+def busy_share(before: tuple[float, float, float] | None, after: tuple[float, float, float] | None) -> tuple[float, float]:
+    """-> (share of all cores busy, share waiting on the disk) between two :func:`cpu_times`."""
+    if before is None or after is None or after[2] <= before[2]:
+        return float("nan"), float("nan")
+    total = after[2] - before[2]
+    return (after[0] - before[0]) / total, (after[1] - before[1]) / total
