@@ -143,8 +143,8 @@ def concurrent_task_rate(archive: str, image_size: int, workdir: str, procs: int
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    barrier = ctx.Manager().Barrier(procs)
-    with ctx.Pool(procs) as pool:
+    with ctx.Manager() as manager, ctx.Pool(procs) as pool:
+        barrier = manager.Barrier(procs)
         rates = pool.map(_task_rate_worker, [(archive, image_size, os.path.join(workdir, f"concurrent-{i}"), barrier) for i in range(procs)])
     return sum(rates)
 
