@@ -1,5 +1,6 @@
 """What the benchmark scripts share: the machine line of every table, a random-weights checkpoint,
-and a read-through that puts an archive in the page cache.
+the phantom archive the head comparisons train on, and a read-through that puts an archive in
+the page cache.
 
 The development VM is not always the same CPU (it has been an Intel part with AMX and an AMD EPYC
 without it), and bf16 inference speed differs by ~1.5x between the two: every table names the CPU.
@@ -11,13 +12,6 @@ import os
 import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-
-import torch
-
-from medhier.checkpoint import save_checkpoint
-from medhier.config import load_config
-from medhier.model import build_model
-from medhier.taxonomy import Taxonomy
 
 
 def cpu_model() -> str:
@@ -39,6 +33,8 @@ def cpu_model() -> str:
 
 def machine(gpu: bool = False) -> str:
     """``host | N cores | CPU model [| GPU name]``: the start of every table's header line."""
+    import torch
+
     line = f"{platform.node()} | {os.cpu_count()} cores | {cpu_model()}"
     if gpu and torch.cuda.is_available():
         line += f" | GPU {torch.cuda.get_device_name()}"
@@ -47,6 +43,13 @@ def machine(gpu: bool = False) -> str:
 
 def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
     """A checkpoint of ``arch`` with random weights (seed 0) under ``workdir``, made once."""
+    import torch
+
+    from medhier.checkpoint import save_checkpoint
+    from medhier.config import load_config
+    from medhier.model import build_model
+    from medhier.taxonomy import Taxonomy
+
     path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
     if not os.path.exists(os.path.join(path, "model.pt")):
         cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
@@ -54,6 +57,17 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
         torch.manual_seed(0)
         save_checkpoint(path, build_model(cfg.model, tax), cfg, tax, epoch=0)
     return path
+
+
+def head_archive(workdir: str, n: int, difficulty: float) -> tuple[str, str]:
+    """-> (archive, cache) of the phantom set hier_vs_flat.py and head_ablation.py both use: ``n``
+    128 px phantoms at ``difficulty`` (seed 31), generated once; the cache is only named here."""
+    from medhier import synthetic
+
+    archive = os.path.join(workdir, f"archive-{n}-{difficulty}")
+    if not os.path.exists(os.path.join(archive, "labels.csv")):
+        synthetic.generate_archive(archive, n, seed=31, size=128, difficulty=difficulty)
+    return archive, os.path.join(workdir, f"cache-{n}-{difficulty}")
 
 
 def read_through(paths: list[str], readers: int = 4) -> tuple[float, float]:

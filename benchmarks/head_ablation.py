@@ -38,14 +38,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import columns as C  # noqa: E402
 from medhier import model as M  # noqa: E402
-from medhier import synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.data import CacheInfo, prepare  # noqa: E402
 from medhier.metrics import evaluate  # noqa: E402
 from medhier.preprocess import eval_preset, train_preset  # noqa: E402
 from medhier.taxonomy import Taxonomy  # noqa: E402
 from medhier.train import _class_weights, _renorm, _warmup_cosine  # noqa: E402
-from common import machine  # noqa: E402
+from common import head_archive, machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 VARIANTS = {
@@ -146,11 +145,7 @@ def main() -> None:
     for v in variants:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
-    # the same archive and cache as hier_vs_flat.py
-    archive = os.path.join(args.workdir, f"archive-{args.n}-{args.difficulty}")
-    if not os.path.exists(os.path.join(archive, "labels.csv")):
-        synthetic.generate_archive(archive, args.n, seed=31, size=128, difficulty=args.difficulty)
-    cache = os.path.join(args.workdir, f"cache-{args.n}-{args.difficulty}")
+    archive, cache = head_archive(args.workdir, args.n, args.difficulty)  # the same as hier_vs_flat.py's
     cfg = load_config(SMOKE, ["runtime.progress=false"])
     if CacheInfo.read(cache, cfg.storage) is None:
         from medhier.runtime import init_ray, shutdown_ray

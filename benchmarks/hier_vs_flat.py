@@ -22,7 +22,6 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import columns as C  # noqa: E402
-from medhier import synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.data import load_cache  # noqa: E402
 from medhier.metrics import evaluate  # noqa: E402
@@ -30,7 +29,7 @@ from medhier.runtime import init_ray  # noqa: E402
 from medhier.score import predict_dataset  # noqa: E402
 from medhier.taxonomy import Taxonomy  # noqa: E402
 from medhier.train import fit  # noqa: E402
-from common import machine  # noqa: E402
+from common import head_archive, machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 
@@ -56,10 +55,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="training seeds per head")
     parser.add_argument("--workdir", default="/tmp/medhier-bench/hier-vs-flat")
     args = parser.parse_args()
-    archive = os.path.join(args.workdir, f"archive-{args.n}-{args.difficulty}")
-    if not os.path.exists(os.path.join(archive, "labels.csv")):
-        synthetic.generate_archive(archive, args.n, seed=31, size=128, difficulty=args.difficulty)
-    cache = os.path.join(args.workdir, f"cache-{args.n}-{args.difficulty}")
+    archive, cache = head_archive(args.workdir, args.n, args.difficulty)
     rows = []
     for head in ("hierarchical", "flat"):
         for seed in range(args.seeds):
