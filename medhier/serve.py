@@ -303,9 +303,14 @@ def _route_prefix(route: str) -> str:
     return route.rstrip("/") or "/"
 
 
+def _client_host(serve_cfg: ServeConfig) -> str:
+    """The address a client on this machine reaches ``serve_cfg.host`` at (wildcards -> loopback)."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(serve_cfg.host, serve_cfg.host)
+
+
 def base_url(serve_cfg: ServeConfig) -> str:
     """``http://host:port{route}`` ending in "/": append ``predict`` or ``healthz``."""
-    host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "") else serve_cfg.host
+    host = _client_host(serve_cfg)
     host = f"[{host}]" if ":" in host else host
     prefix = _route_prefix(serve_cfg.route)
     return f"http://{host}:{serve_cfg.port}{prefix.rstrip('/')}/"
@@ -395,7 +400,7 @@ def shutdown(name: str = "medhier", serve_cfg: ServeConfig | None = None, *, tim
 
 def _wait_closed(serve_cfg: ServeConfig, timeout_s: float) -> None:
     """Poll ``serve_cfg``'s host and port until a connection is refused, or warn after ``timeout_s``."""
-    host = "127.0.0.1" if serve_cfg.host in ("0.0.0.0", "") else "::1" if serve_cfg.host == "::" else serve_cfg.host
+    host = _client_host(serve_cfg)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
