@@ -14,6 +14,9 @@ train.batch_size x train.num_workers, as in DDP. Variants:
   attention-none  model.attention=none
   cbam            model.attention=cbam
   no-dropout      model.dropout=0
+  unweighted      train.class_weights=false (the flat head too: flat-unweighted)
+  sub-weight-0.5  train.sub_loss_weight=0.5 (lambda in CE(main) + lambda CE(sub | true main));
+  sub-weight-2    and 2
   linear          diagnostic, not a medhier option: the hierarchical factorisation with one
                   linear layer per level over the pooled trunk features (no conv blocks, no
                   hidden FC): as expressive as the flat head, trained with the hierarchical loss
@@ -53,6 +56,10 @@ VARIANTS = {
     "attention-none": ["model.attention=none"],
     "cbam": ["model.attention=cbam"],
     "no-dropout": ["model.dropout=0"],
+    "unweighted": ["train.class_weights=false"],
+    "flat-unweighted": ["model.head=flat", "train.class_weights=false"],
+    "sub-weight-0.5": ["train.sub_loss_weight=0.5"],
+    "sub-weight-2": ["train.sub_loss_weight=2"],
     "linear": [],
 }
 
