@@ -17,9 +17,13 @@ train.batch_size x train.num_workers, as in DDP. Variants:
   unweighted      train.class_weights=false (the flat head too: flat-unweighted)
   sub-weight-0.5  train.sub_loss_weight=0.5 (lambda in CE(main) + lambda CE(sub | true main));
   sub-weight-2    and 2
+  wide            model.head_channels=256 model.hidden=256 (medhier's defaults; smoke.yaml has 64)
+  head-lr-0.001   train.lr_head=0.001 (smoke.yaml: 0.003); head-lr-0.01: 0.01
   linear          diagnostic, not a medhier option: the hierarchical factorisation with one
                   linear layer per level over the pooled trunk features (no conv blocks, no
                   hidden FC): as expressive as the flat head, trained with the hierarchical loss
+  leaf-evidence   diagnostic: medhier's heads, each main logit plus the log-sum-exp of its
+                  subclass logits (a main class recognised through any of its subclasses)
 
 Held-out = validation + test splits. Prints a Markdown table (mean and range over seeds).
 """
@@ -60,7 +64,11 @@ VARIANTS = {
     "flat-unweighted": ["model.head=flat", "train.class_weights=false"],
     "sub-weight-0.5": ["train.sub_loss_weight=0.5"],
     "sub-weight-2": ["train.sub_loss_weight=2"],
+    "wide": ["model.head_channels=256", "model.hidden=256"],
+    "head-lr-0.001": ["train.lr_head=0.001"],
+    "head-lr-0.01": ["train.lr_head=0.01"],
     "linear": [],
+    "leaf-evidence": [],
 }
 
 
@@ -81,6 +89,23 @@ class LinearHierarchical(M.HierarchicalResNet):
         return M.Outputs(main_logits, log_p_main, log_p_sub, log_p_main[:, self.leaf_main] + log_p_sub)
 
 
+class LeafEvidence(M.HierarchicalResNet):
+    """Diagnostic: medhier's heads, with each main logit raised by the log-sum-exp of its own
+    subclass logits, so that a main class that is a union of unlike subclasses (fracture:
+    wedge or fragments) can be recognised through any of them, as the flat head's summed leaf
+    probabilities can."""
+
+    def heads(self, features: torch.Tensor) -> M.Outputs:
+        h_main = self.main_fc(self.main_block(features).mean((2, 3)))
+        broadcast = h_main[:, :, None, None].expand(-1, -1, *features.shape[2:]).to(features.dtype)
+        leaf_logits = self.sub_out(self.sub_block(torch.cat([features, broadcast], dim=1)).mean((2, 3))).float()
+        evidence = torch.logsumexp(leaf_logits.unsqueeze(1) + self.group_mask, dim=-1)  # (B, M)
+        main_logits = self.main_out(h_main).float() + evidence
+        log_p_main = torch.log_softmax(main_logits, dim=-1)
+        log_p_sub = self._within_group_log_softmax(leaf_logits)
+        return M.Outputs(main_logits, log_p_main, log_p_sub, log_p_main[:, self.leaf_main] + log_p_sub)
+
+
 def load_split(rows: str, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     t = pads.dataset(os.path.join(rows, f"{C.SPLIT}={split}"), format="parquet").to_table(columns=[C.IMAGE, C.MAIN_LABEL, C.LEAF_LABEL])
     t = t.filter(pads.field(C.LEAF_LABEL) >= 0)
@@ -95,6 +120,8 @@ def run(variant: str, seed: int, epochs: int, data: dict) -> dict:
     model = M.build_model(cfg.model, tax)
     if variant == "linear":
         model = LinearHierarchical(cfg.model, tax, model.trunk, model.feature_channels)
+    elif variant == "leaf-evidence":
+        model = LeafEvidence(cfg.model, tax, model.trunk, model.feature_channels)
     model = model.to(memory_format=torch.channels_last)
     train = data["train"]
     counts = {name: int((train[2] == i).sum()) for i, name in enumerate(tax.leaf_names)}

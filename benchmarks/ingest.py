@@ -2,6 +2,7 @@
 against cores x the single-core rate, side by side in one run.
 
     python benchmarks/ingest.py [--n 3000] [--repeat 4] [--rounds 3] [--size 512] [--image-size 224] [--cpus 2]
+                                [--set data.decode_batch_size=1024 ...]
 
 On phantom CT files of --size px (generated once into --workdir), it measures:
   * single core, in process, per transfer syntax (uncompressed, RLE, JPEG 2000):
@@ -104,13 +105,20 @@ def pydicom_direct_rate(paths: list[str], image_size: int) -> float:
     return max(rates)
 
 
-def _task_batches(archive: str, image_size: int, workdir: str, batch_size: int, rows: int | None = None):
+def _config(image_size: int, overrides: tuple[str, ...] = ()):
+    """The configuration every measurement of a run shares: medhier's defaults, the image size,
+    then --set overrides."""
+    return load_config(None, [f"preprocess.image_size={image_size}", "runtime.progress=false", *overrides])
+
+
+def _task_batches(archive: str, image_size: int, workdir: str, batch_size: int, rows: int | None = None,
+                  overrides: tuple[str, ...] = ()):
     """-> (settings, manifest batches as numpy dicts): what a decode task gets, without Ray."""
     import pyarrow.parquet as pq
 
     from medhier.data import decode_settings, write_manifest
 
-    cfg = load_config(None, [f"preprocess.image_size={image_size}"])
+    cfg = _config(image_size, overrides)
     manifest = os.path.join(workdir, "single-manifest")
     write_manifest(archive, manifest, cfg.data, cfg.storage)
     table = pq.read_table(manifest)
@@ -138,7 +146,7 @@ def _task_pass(batches: list[dict], settings, sink: str | None) -> float:
     return n / (time.perf_counter() - t)
 
 
-def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None) -> dict[str, float]:
+def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None, overrides: tuple[str, ...] = ()) -> dict[str, float]:
     """Images/s on one core for exactly what a decode task does per file, without Ray:
     ``sustained``, one pass over the whole archive in the pipeline's batches (decode_batch_size
     files), writing each batch's Parquet to a file as the pipeline does; ``burst``, the best of
@@ -146,13 +154,13 @@ def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None) 
     until 2026-11-23; on this VM the best of short passes catches its fast moments, which a
     40-second pipeline run cannot). ``barrier``: wait there after the warm-up, and measure the
     sustained pass only (processes measured at the same time)."""
-    batch_size = load_config().data.decode_batch_size
-    settings, batches = _task_batches(archive, image_size, workdir, batch_size)
+    batch_size = _config(image_size, overrides).data.decode_batch_size
+    settings, batches = _task_batches(archive, image_size, workdir, batch_size, overrides=overrides)
     sink = os.path.join(workdir, f"task-pass-{os.getpid()}.parquet")
     _task_pass(batches[:1], settings, sink)  # warm-up: imports, LUTs, the read-ahead pool
     burst = float("nan")
     if barrier is None:
-        _, short = _task_batches(archive, image_size, workdir, 64, rows=512)
+        _, short = _task_batches(archive, image_size, workdir, 64, rows=512, overrides=overrides)
         burst = max(_task_pass(short, settings, None) for _ in range(3))
     else:
         barrier.wait()
@@ -162,11 +170,11 @@ def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None) 
 
 
 def _task_rate_worker(args: tuple) -> float:
-    archive, image_size, workdir, barrier = args
-    return decode_task_rate(archive, image_size, workdir, barrier)["sustained"]
+    archive, image_size, workdir, barrier, overrides = args
+    return decode_task_rate(archive, image_size, workdir, barrier, overrides)["sustained"]
 
 
-def concurrent_task_rate(archive: str, image_size: int, workdir: str, procs: int) -> float:
+def concurrent_task_rate(archive: str, image_size: int, workdir: str, procs: int, overrides: tuple[str, ...] = ()) -> float:
     """Sum of the sustained :func:`decode_task_rate` over ``procs`` processes measured at the
     same time, without Ray: what the cores give together when all of them work (a shared VM's
     cores slow each other down), against which Ray's own overhead is the rest of the gap."""
@@ -175,11 +183,11 @@ def concurrent_task_rate(archive: str, image_size: int, workdir: str, procs: int
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(procs) as pool:
         barrier = manager.Barrier(procs)
-        rates = pool.map(_task_rate_worker, [(archive, image_size, os.path.join(workdir, f"concurrent-{i}"), barrier) for i in range(procs)])
+        rates = pool.map(_task_rate_worker, [(archive, image_size, os.path.join(workdir, f"concurrent-{i}"), barrier, overrides) for i in range(procs)])
     return sum(rates)
 
 
-def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int) -> tuple[float, int, float, float, float]:
+def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, overrides: tuple[str, ...] = ()) -> tuple[float, int, float, float, float]:
     """-> (images/s, images, seconds, share of all cores busy, share waiting on the disk) of the
     decode+write stage of `medhier prepare` (the best of two runs)."""
     import pyarrow.parquet as pq
@@ -188,7 +196,7 @@ def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int) -> t
     from medhier.data import build_ingest, decode_settings, write_manifest, write_rows
     from medhier.runtime import init_ray
 
-    cfg = load_config(None, [f"preprocess.image_size={image_size}", "runtime.progress=false"])
+    cfg = _config(image_size, overrides)
     init_ray(cfg.runtime)  # medhier's default local Ray: 1.5 logical CPUs per core
     listing = os.path.join(workdir, "bench-listing")
     write_manifest(archive, listing, cfg.data, cfg.storage)
@@ -223,8 +231,16 @@ def main() -> None:
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="cores the ideal is computed for")
     parser.add_argument("--rounds", type=int, default=3, help="side-by-side rounds; the ratios' median counts")
     parser.add_argument("--workdir", default="/tmp/medhier-bench")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a medhier config override for the decode tasks and the pipeline (repeatable), "
+                             "e.g. data.decode_batch_size=1024")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
+    overrides = tuple(args.overrides)
+    try:
+        _config(args.image_size, overrides)  # a bad override fails here, before any measurement
+    except ValueError as exc:
+        parser.error(f"--set: {exc}")
 
     archives = make_archives(args.workdir, args.n, args.size)
     sample = {k: _files(v)[:100] for k, v in archives.items()}
@@ -238,12 +254,12 @@ def main() -> None:
     # the ratios are taken per round (their median is the figure).
     rounds = []
     for _ in range(args.rounds):
-        task_rate = decode_task_rate(archives["uncompressed"], args.image_size, args.workdir)
-        together = concurrent_task_rate(archives["uncompressed"], args.image_size, args.workdir, args.cpus)
+        task_rate = decode_task_rate(archives["uncompressed"], args.image_size, args.workdir, overrides=overrides)
+        together = concurrent_task_rate(archives["uncompressed"], args.image_size, args.workdir, args.cpus, overrides)
         # Every file once more just before the pipeline: from the page cache if the archive stayed
         # there, at the disk's rate if not (this VM's cache holds ~2 GB; the rate says which).
         warm, warm_mb = read_through(_files(archives["uncompressed"]))
-        rate, n, seconds, busy, iowait = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat)
+        rate, n, seconds, busy, iowait = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat, overrides)
         rounds.append({"task": task_rate["sustained"], "burst": task_rate["burst"], "together": together, "warm": warm,
                        "warm_mb": warm_mb, "rate": rate, "seconds": seconds, "busy": busy, "iowait": iowait,
                        "ideal": args.cpus * task_rate["sustained"], "burst_ideal": args.cpus * task_rate["burst"]})
@@ -256,13 +272,14 @@ def main() -> None:
 
     ratio = statistics.median(r["rate"] / r["ideal"] for r in rounds)
     print(f"\n{machine()} | "
-          f"{args.size}x{args.size} CT -> {args.image_size}x{args.image_size} uint8 | {args.rounds} rounds | {time.strftime('%Y-%m-%d')}\n")
+          f"{args.size}x{args.size} CT -> {args.image_size}x{args.image_size} uint8 | {args.rounds} rounds | "
+          f"{' '.join(overrides) + ' | ' if overrides else ''}{time.strftime('%Y-%m-%d')}\n")
     print("| measurement | images/s |")
     print("| --- | ---: |")
     for label, value in rows:
         print(f"| {label} | {value:,.0f} |")
     print(f"| single core, uncompressed: a decode task's whole per-file work, one pass over the archive in batches of "
-          f"{load_config().data.decode_batch_size} (rounds: {per_round('task')}) | {median('task'):,.0f} |")
+          f"{_config(args.image_size, overrides).data.decode_batch_size} (rounds: {per_round('task')}) | {median('task'):,.0f} |")
     print(f"| single core, the same work, best of 3 short passes (512 files, batches of 64; rounds: {per_round('burst')}) "
           f"| {median('burst'):,.0f} |")
     print(f"| {args.cpus} processes at once, each a decode task's whole per-file work, no Ray, sum (rounds: {per_round('together')}) "
