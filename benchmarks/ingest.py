@@ -17,10 +17,11 @@ On phantom CT files of --size px (generated once into --workdir), it measures:
     VM (they slow each other down by a varying amount), which splits the pipeline's gap into the
     machine's share and Ray's;
   * the Ray Data pipeline `medhier prepare` runs (manifest -> decode tasks -> Parquet cache) with
-    medhier's default local Ray (1.5 logical CPUs per core) on a manifest listing the archive --repeat times (a large archive without
-    the disk space: files are read again, from the page cache like the single-core runs; every
-    file is read once just before, and that rate says whether they come from the cache), as
-    images/s and as a share of cpus x the single-core per-file rate.
+    medhier's default local Ray (1.5 logical CPUs per core) on a manifest listing the archive
+    --repeat times (a large archive without the disk space: files are read again, from the page
+    cache like the single-core runs; every file is read once just before, and that rate says
+    whether they come from the cache), as images/s and as a share of cpus x the sustained
+    single-core per-file rate.
 The last three are measured side by side in --rounds rounds; the ratios' median is the figure.
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -151,7 +152,7 @@ def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None, 
     ``sustained``, one pass over the whole archive in the pipeline's batches (decode_batch_size
     files), writing each batch's Parquet to a file as the pipeline does; ``burst``, the best of
     three short passes (~1.5 s) over the first 512 files in batches of 64 (this script's ideal
-    until 2026-11-23; on this VM the best of short passes catches its fast moments, which a
+    until 2026-11-22; on this VM the best of short passes catches its fast moments, which a
     40-second pipeline run cannot). ``barrier``: wait there after the warm-up, and measure the
     sustained pass only (processes measured at the same time)."""
     batch_size = _config(image_size, overrides).data.decode_batch_size
