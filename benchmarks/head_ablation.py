@@ -96,11 +96,9 @@ class LeafEvidence(M.HierarchicalResNet):
     probabilities can."""
 
     def heads(self, features: torch.Tensor) -> M.Outputs:
-        h_main = self.main_fc(self.main_block(features).mean((2, 3)))
-        broadcast = h_main[:, :, None, None].expand(-1, -1, *features.shape[2:]).to(features.dtype)
-        leaf_logits = self.sub_out(self.sub_block(torch.cat([features, broadcast], dim=1)).mean((2, 3))).float()
+        main_logits, leaf_logits = (t.float() for t in self.logits(features))
         evidence = torch.logsumexp(leaf_logits.unsqueeze(1) + self.group_mask, dim=-1)  # (B, M)
-        main_logits = self.main_out(h_main).float() + evidence
+        main_logits = main_logits + evidence
         log_p_main = torch.log_softmax(main_logits, dim=-1)
         log_p_sub = self._within_group_log_softmax(leaf_logits)
         return M.Outputs(main_logits, log_p_main, log_p_sub, log_p_main[:, self.leaf_main] + log_p_sub)

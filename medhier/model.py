@@ -200,13 +200,17 @@ class HierarchicalResNet(_Base):
 
     def heads(self, features: torch.Tensor) -> Outputs:
         """(B, C, h, w) backbone features -> outputs (split out so Grad-CAM can hook the trunk)."""
-        h_main = self.main_fc(self.main_block(features).mean((2, 3)))
-        main_logits = self.main_out(h_main)
-        broadcast = h_main[:, :, None, None].expand(-1, -1, *features.shape[2:]).to(features.dtype)
-        leaf_logits = self.sub_out(self.sub_block(torch.cat([features, broadcast], dim=1)).mean((2, 3)))
+        main_logits, leaf_logits = self.logits(features)
         log_p_main = torch.log_softmax(main_logits.float(), dim=-1)
         log_p_sub = self._within_group_log_softmax(leaf_logits)
         return Outputs(main_logits.float(), log_p_main, log_p_sub, log_p_main[:, self.leaf_main] + log_p_sub)
+
+    def logits(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, C, h, w) backbone features -> (main logits (B, M), raw leaf logits (B, L))."""
+        h_main = self.main_fc(self.main_block(features).mean((2, 3)))
+        broadcast = h_main[:, :, None, None].expand(-1, -1, *features.shape[2:]).to(features.dtype)
+        leaf_logits = self.sub_out(self.sub_block(torch.cat([features, broadcast], dim=1)).mean((2, 3)))
+        return self.main_out(h_main), leaf_logits
 
 
 class FlatResNet(_Base):
