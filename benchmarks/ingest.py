@@ -112,9 +112,9 @@ def _config(image_size: int, overrides: tuple[str, ...] = ()):
     return load_config(None, [f"preprocess.image_size={image_size}", "runtime.progress=false", *overrides])
 
 
-def _task_batches(archive: str, image_size: int, workdir: str, batch_size: int, rows: int | None = None,
-                  overrides: tuple[str, ...] = ()):
-    """-> (settings, manifest batches as numpy dicts): what a decode task gets, without Ray."""
+def _task_work(archive: str, image_size: int, workdir: str, overrides: tuple[str, ...] = ()):
+    """-> (config, decode settings, the archive's manifest as a table): what decode tasks get,
+    without Ray. The archive is listed once per call."""
     import pyarrow.parquet as pq
 
     from medhier.data import decode_settings, write_manifest
@@ -122,11 +122,13 @@ def _task_batches(archive: str, image_size: int, workdir: str, batch_size: int, 
     cfg = _config(image_size, overrides)
     manifest = os.path.join(workdir, "single-manifest")
     write_manifest(archive, manifest, cfg.data, cfg.storage)
-    table = pq.read_table(manifest)
-    if rows is not None:
-        table = table.slice(0, rows)
+    return cfg, decode_settings(cfg, archive, None), pq.read_table(manifest)
+
+
+def _as_batches(table, batch_size: int) -> list[dict]:
+    """Manifest rows -> numpy batches of ``batch_size`` rows, as a decode task receives them."""
     batches = [table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)]
-    return decode_settings(cfg, archive, None), [{c: b.column(c).to_numpy(zero_copy_only=False) for c in b.column_names} for b in batches]
+    return [{c: b.column(c).to_numpy(zero_copy_only=False) for c in b.column_names} for b in batches]
 
 
 def _task_pass(batches: list[dict], settings, sink: str | None) -> float:
@@ -155,13 +157,13 @@ def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None, 
     until 2026-11-22; on this VM the best of short passes catches its fast moments, which a
     40-second pipeline run cannot). ``barrier``: wait there after the warm-up, and measure the
     sustained pass only (processes measured at the same time)."""
-    batch_size = _config(image_size, overrides).data.decode_batch_size
-    settings, batches = _task_batches(archive, image_size, workdir, batch_size, overrides=overrides)
+    cfg, settings, table = _task_work(archive, image_size, workdir, overrides)
+    batches = _as_batches(table, cfg.data.decode_batch_size)
     sink = os.path.join(workdir, f"task-pass-{os.getpid()}.parquet")
     _task_pass(batches[:1], settings, sink)  # warm-up: imports, LUTs, the read-ahead pool
     burst = float("nan")
     if barrier is None:
-        _, short = _task_batches(archive, image_size, workdir, 64, rows=512, overrides=overrides)
+        short = _as_batches(table.slice(0, 512), 64)
         burst = max(_task_pass(short, settings, None) for _ in range(3))
     else:
         barrier.wait()
