@@ -1,6 +1,7 @@
-"""Why the hierarchical head trails the flat baseline on small phantom sets: an ablation.
+"""Where the hierarchical head and the flat baseline part on small phantom sets: an ablation.
 
-    python benchmarks/head_ablation.py [--n 400] [--epochs 15] [--seeds 3] [--size 64] [--variants flat,hierarchical,...]
+    python benchmarks/head_ablation.py [--n 400] [--epochs 15] [--seeds 3] [--first-seed 0] [--size PX]
+                                       [--variants flat,hierarchical,...]
 
 `benchmarks/hier_vs_flat.py` compares the two heads through `medhier train` (Ray Train, two
 workers), ~2.5 minutes a run. This script trains many variants fast enough to average over seeds:
@@ -25,11 +26,12 @@ train.batch_size x train.num_workers, as in DDP. Variants:
   leaf-evidence   diagnostic: medhier's heads, each main logit plus the log-sum-exp of its
                   subclass logits (a main class recognised through any of its subclasses)
   linear-evidence diagnostic: `linear` with leaf evidence: leaf logit = main logit + subclass
-                  logit, the flat head's parameterisation plus a bias per main class, trained
+                  logit: the flat head's leaf logits plus one more linear term per main class, trained
                   with the hierarchical loss (linear-evidence-unweighted: without class weights)
 
---size trains on images of that size (smoke.yaml: 64 px; the phantoms are 128 px), from a cache
-of its own.
+--size trains on images of that size (default smoke.yaml's 64 px; the phantoms are 128 px), from
+a cache of its own. With flat among the variants, each other variant's per-seed differences from
+it follow the table.
 
 Held-out = validation + test splits. Prints a Markdown table (mean and range over seeds).
 """
@@ -192,7 +194,7 @@ def main() -> None:
     parser.add_argument("--difficulty", type=float, default=0.3)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
-    parser.add_argument("--size", type=int, default=64, help="image size in px (smoke.yaml: 64)")
+    parser.add_argument("--size", type=int, default=None, help="image size in px (default: smoke.yaml's)")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--workdir", default="/tmp/medhier-bench/hier-vs-flat")
@@ -203,7 +205,10 @@ def main() -> None:
         if v not in VARIANTS:
             parser.error(f"--variants: unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     archive, cache = head_archive(args.workdir, args.n, args.difficulty)  # the same as hier_vs_flat.py's
-    if args.size != 64:
+    smoke_size = load_config(SMOKE).preprocess.image_size
+    if args.size is None:
+        args.size = smoke_size
+    elif args.size != smoke_size:
         cache += f"-{args.size}px"
     cfg = load_config(SMOKE, ["runtime.progress=false", f"preprocess.image_size={args.size}"])
     if CacheInfo.read(cache, cfg.storage) is None:
