@@ -200,7 +200,10 @@ class HierarchicalResNet(_Base):
 
     def heads(self, features: torch.Tensor) -> Outputs:
         """(B, C, h, w) backbone features -> outputs (split out so Grad-CAM can hook the trunk)."""
-        main_logits, leaf_logits = self.logits(features)
+        return self.outputs(*self.logits(features))
+
+    def outputs(self, main_logits: torch.Tensor, leaf_logits: torch.Tensor) -> Outputs:
+        """(main logits (B, M), raw leaf logits (B, L)) -> P(main), P(sub | main) and P(leaf)."""
         log_p_main = torch.log_softmax(main_logits.float(), dim=-1)
         log_p_sub = self._within_group_log_softmax(leaf_logits)
         return Outputs(main_logits.float(), log_p_main, log_p_sub, log_p_main[:, self.leaf_main] + log_p_sub)
