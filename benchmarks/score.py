@@ -2,7 +2,8 @@
 
   (a) medhier end to end: `score_archive` (list, decode in CPU tasks, model actor, report);
   (b) the model-only ceiling on this machine: the same model, precision and batch on
-      preprocessed tensors already in memory (eager, and torch.compile with inductor freezing);
+      preprocessed tensors already in memory (eager bf16, compiled bf16 with inductor freezing,
+      and int8: static quantization compiled by inductor, medhier/int8.py);
   (c) a naive sequential baseline, what a user would write from the seed's tutorial: per file
       pydicom.dcmread, min-max normalise, resize, fp32 model on a batch of one;
   (d) the storage: every file read once before the runs (this also puts an archive that fits
@@ -10,8 +11,10 @@
 
     python benchmarks/score.py [--n 4000] [--small 300] [--size 512] [--image-size 224] [--arch resnet50]
 
-ResNet50 at 224 px with random weights (throughput does not depend on them). The large archive
-amortises Ray's start-up and the model's compilation; the small one shows the fixed costs.
+ResNet50 at 224 px with random weights (throughput does not depend on them; int8's agreement
+with fp32 on a trained model is benchmarks/int8_agreement.py's). The large archive is scored
+twice, compiled bf16 and int8; it amortises Ray's start-up and the model's compilation; the
+small one shows the fixed costs.
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
 
@@ -45,13 +48,15 @@ def _files(root: str) -> list[str]:
     return [storage.join(root, o.path) for page in storage.list_objects(root, exclude=["*.csv"]) for o in page]
 
 
-def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batch: int) -> tuple[float, float, float, float]:
+def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batch: int,
+               precision: str = "auto") -> tuple[float, float, float, float]:
     """-> (images/s of the scoring stage, images/s of the whole run, whole-run seconds,
     images/s in the steady state after the model's first batch (its compilation))."""
     from medhier.runtime import init_ray, shutdown_ray
     from medhier.score import SCORED_AT, report_table, score_archive
 
-    cfg = load_config(None, ["runtime.progress=false", f"score.batch_size={batch}", f"score.compile={'true' if compile_ else 'false'}"])
+    cfg = load_config(None, ["runtime.progress=false", f"score.batch_size={batch}", f"score.compile={'true' if compile_ else 'false'}",
+                             f"score.precision={precision}"])
     init_ray(cfg.runtime)
     out = os.path.join(workdir, f"score-out-{time.time_ns()}")
     t = time.perf_counter()
@@ -71,13 +76,20 @@ def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batc
     return summary.images_per_s, summary.images_ok / seconds, seconds, steady
 
 
-def model_ceiling(checkpoint: str, batch: int, compile_: bool, seconds: float = 20.0) -> float:
-    """Images/s of the model alone on preprocessed uint8 tensors in memory, all cores."""
+def model_ceiling(checkpoint: str, batch: int, size: int, compile_: bool, workdir: str, precision: str = "auto",
+                  seconds: float = 20.0) -> float:
+    """Images/s of the model alone on preprocessed uint8 tensors in memory, all cores. int8
+    calibrates on random images (the rate does not depend on what it calibrated on)."""
     from medhier.score import Scorer
 
     torch.set_num_threads(os.cpu_count() or 1)
-    scorer = Scorer(checkpoint, {}, compile=compile_, batch_size=batch, threads=os.cpu_count() or 1)
-    images = np.random.default_rng(0).integers(0, 256, (batch, scorer.image_size, scorer.image_size), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (2 * batch, size, size), dtype=np.uint8)
+    int8 = None
+    if precision == "int8":
+        int8 = {"images": os.path.join(workdir, "int8-ceiling.npz"), "min_agreement": 0.0}
+        np.savez(int8["images"], calibration=images, check=images[:0])
+    scorer = Scorer(checkpoint, {}, precision=precision, compile=compile_, batch_size=batch, threads=os.cpu_count() or 1, int8=int8)
+    images = images[:batch]
     for _ in range(3):
         scorer.predict_images(images)
     n, t = 0, time.perf_counter()
@@ -130,11 +142,13 @@ def main() -> None:
     d_large, d_large_mb = read_through(_files(large))
     d_small, d_small_mb = read_through(_files(small))
     c_rate = naive(_files(small)[: args.naive_files], checkpoint)
-    b_eager = model_ceiling(checkpoint, args.batch, compile_=False)
-    b_compiled = model_ceiling(checkpoint, args.batch, compile_=True)
-    ceiling = max(b_eager, b_compiled)
+    b_eager = model_ceiling(checkpoint, args.batch, args.image_size, compile_=False, workdir=args.workdir)
+    b_compiled = model_ceiling(checkpoint, args.batch, args.image_size, compile_=True, workdir=args.workdir)
+    b_int8 = model_ceiling(checkpoint, args.batch, args.image_size, compile_=True, workdir=args.workdir, precision="int8")
+    ceiling = max(b_eager, b_compiled, b_int8)
     a_small = end_to_end(small, checkpoint, args.workdir, compile_=False, batch=args.batch)
     a_large = end_to_end(large, checkpoint, args.workdir, compile_=True, batch=args.batch)
+    a_int8 = end_to_end(large, checkpoint, args.workdir, compile_=True, batch=args.batch, precision="int8")
 
     print(f"\n{machine(gpu=True)} | "
           f"{args.arch} at {args.image_size} px, batch {args.batch}, {args.size}x{args.size} CT phantoms | {time.strftime('%Y-%m-%d')}\n")
@@ -143,15 +157,21 @@ def main() -> None:
     print(f"| (c) naive: dcmread + min-max + resize + fp32 model, batch 1 ({args.naive_files} files) | {c_rate:,.1f} |")
     print(f"| (b) model only, eager bf16 + channels_last, batch {args.batch} | {b_eager:,.1f} |")
     print(f"| (b) model only, torch.compile (inductor, freezing) bf16 + channels_last | {b_compiled:,.1f} |")
+    print(f"| (b) model only, int8 (static quantization, inductor) + channels_last | {b_int8:,.1f} |")
     print(f"| (a) medhier, {args.small} files, eager (scoring stage / whole run {a_small[2]:.0f} s) | {a_small[0]:,.1f} / {a_small[1]:,.1f} |")
     print(f"| (a) medhier, {args.n} files, compiled (scoring stage / whole run {a_large[2]:.0f} s) | {a_large[0]:,.1f} / {a_large[1]:,.1f} |")
     print(f"| (a) medhier, {args.n} files, compiled, steady state after the first (compiling) batch | {a_large[3]:,.1f} |")
+    print(f"| (a) medhier, {args.n} files, int8 (scoring stage / whole run {a_int8[2]:.0f} s) | {a_int8[0]:,.1f} / {a_int8[1]:,.1f} |")
+    print(f"| (a) medhier, {args.n} files, int8, steady state after the first batch | {a_int8[3]:,.1f} |")
     print(f"| (d) reading every file once before the runs, 4 threads: {args.n} files ({d_large_mb:,.0f} MB/s) / "
           f"{args.small} files ({d_small_mb:,.0f} MB/s) | {d_large:,.1f} / {d_small:,.1f} |")
-    print(f"\n(a)/(b) = {a_large[0] / ceiling:.2f} of the best ceiling (target >= 0.9); whole run {a_large[1] / ceiling:.2f}; "
-          f"steady state {a_large[3] / ceiling:.2f}")
-    print(f"(a)/(c) = {a_large[0] / c_rate:.1f}x the naive loop (target >= 6); whole run {a_large[1] / c_rate:.1f}x; "
-          f"steady state {a_large[3] / c_rate:.1f}x; small archive {a_small[1] / c_rate:.1f}x")
+    print(f"\nbest ceiling: {ceiling:,.1f} images/s")
+    for name, run, own in (("bf16", a_large, b_compiled), ("int8", a_int8, b_int8)):
+        print(f"{name}: (a)/(b) = {run[0] / ceiling:.2f} of the best ceiling (target >= 0.9); whole run {run[1] / ceiling:.2f}; "
+              f"steady state {run[3] / ceiling:.2f}; steady state / its own precision's ceiling {run[3] / own:.2f}")
+        print(f"{name}: (a)/(c) = {run[0] / c_rate:.1f}x the naive loop (target >= 6); whole run {run[1] / c_rate:.1f}x; "
+              f"steady state {run[3] / c_rate:.1f}x")
+    print(f"small archive, eager: {a_small[1] / c_rate:.1f}x the naive loop")
 
 
 if __name__ == "__main__":

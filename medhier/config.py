@@ -310,7 +310,12 @@ class ScoreConfig:
     """Archive scoring: the model actors, precision and the report."""
 
     batch_size: int = 32  # images per inference call
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    # int8: CPU only; post-training static quantization calibrated on images sampled from the
+    # archive, compiled (medhier/int8.py). About 2x bf16 on CPUs without AMX.
+    precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = "auto"
+    int8_calibration_images: int = 64  # images whose activation ranges set the int8 scales
+    int8_check_images: int = 32  # other images on which int8 is compared with fp32
+    int8_min_agreement: float = 0.95  # refuse to score when the predicted leaves agree less often
     # torch.compile (inductor, freezing) multiplies CPU throughput ~3x but compiling takes most of
     # a minute per actor: auto compiles when each actor has at least compile_min_images to score.
     compile: Literal["auto", "true", "false"] = "auto"
@@ -329,6 +334,13 @@ class ScoreConfig:
     def validate(self, name: str) -> None:
         _positive(name, "batch_size", self.batch_size)
         _positive(name, "compile_min_images", self.compile_min_images)
+        _positive(name, "int8_calibration_images", self.int8_calibration_images)
+        if self.int8_check_images < 0:
+            raise ConfigError(f"{name}.int8_check_images: must be >= 0, got {self.int8_check_images}")
+        if not 0 <= self.int8_min_agreement <= 1:
+            raise ConfigError(f"{name}.int8_min_agreement: a share in [0, 1], got {self.int8_min_agreement}")
+        if self.precision == "int8" and self.use_gpu == "true":
+            raise ConfigError(f"{name}.precision: int8 is a CPU path, but {name}.use_gpu is true; use bf16 or fp16 on GPUs")
         if self.actors < 0:
             raise ConfigError(f"{name}.actors: must be >= 0, got {self.actors}")
         if self.max_error_rate > 1:

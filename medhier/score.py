@@ -23,6 +23,7 @@ is visible; after it the rows are visible exactly once.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -120,7 +121,7 @@ class Scorer:
 
     def __init__(self, checkpoint: str, storage_cfg: dict[str, Any], precision: str = "auto", channels_last: bool = True,
                  threads: int = 0, compile: bool = False, batch_size: int = 32, fail_after: int = 0,
-                 explain: dict[str, Any] | None = None):
+                 explain: dict[str, Any] | None = None, int8: dict[str, Any] | None = None):
         from medhier.checkpoint import load_checkpoint
         from medhier.model import autocast_dtype
         from medhier.preprocess import eval_preset
@@ -128,7 +129,8 @@ class Scorer:
         if threads:
             torch.set_num_threads(threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_checkpoint(checkpoint, StorageConfig(**storage_cfg))
+        self.storage = StorageConfig(**storage_cfg)
+        loaded = load_checkpoint(checkpoint, self.storage)
         self.taxonomy = loaded.taxonomy
         self.model_id = loaded.model_id
         self.checkpoint_cfg, self.epoch = loaded.cfg, loaded.epoch  # for callers that need the rest
@@ -136,16 +138,19 @@ class Scorer:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.model = loaded.model.to(self.device, memory_format=self.memory_format).eval()
         self.preset = eval_preset(loaded.cfg.preprocess).to(self.device)
-        self.amp_dtype = autocast_dtype(precision, self.device)
+        self.amp_dtype = None if precision == "int8" else autocast_dtype(precision, self.device)
         self.batch_size = batch_size
-        self.compiled = compile
+        self.compiled = compile or precision == "int8"
         self.batches = 0
         self.fail_after = fail_after
         # --explain: {"output", "run_id", "storage", "min_prob", "skip_mains"}. Grad-CAM needs
         # gradients, so it runs on the eager model even when scoring runs a compiled one.
         self.explain = explain
         self.eager = self.model
-        if compile:
+        self.int8_check: dict[str, Any] | None = None
+        if precision == "int8":
+            self._quantize(int8 or {})
+        elif compile:
             import torch._inductor.config as inductor_config
 
             inductor_config.freezing = True  # constant-fold the weights: the CPU speed-up lives here
@@ -153,20 +158,61 @@ class Scorer:
             # Compile now, at the one batch shape it will ever see (partial batches are padded).
             self.predict_images(np.zeros((batch_size, self.image_size, self.image_size), np.uint8))
 
+    def _quantize(self, int8: dict[str, Any]) -> None:
+        """Replace the model by its int8 version (medhier/int8.py), calibrated on the images of
+        ``int8["images"]`` (an .npz URI: "calibration" and "check", (N, S, S) uint8 as decode
+        tasks make them), then compare it with the fp32 model on the check images: below
+        ``int8["min_agreement"]`` it raises. The comparison is written as JSON into the folder
+        ``int8["report"]`` when given."""
+        import socket
+
+        from medhier.int8 import agreement, check_agreement, quantize
+
+        if self.device.type != "cpu":
+            raise ValueError("score.precision=int8 is a CPU path; this Scorer runs on a GPU: use bf16 or fp16 there")
+        if not int8.get("images"):
+            raise ValueError("score.precision=int8 needs calibration images: none were given")
+        with np.load(io.BytesIO(storage.read_bytes(int8["images"], self.storage))) as images:
+            calibration, check = images["calibration"], images["check"]
+        if not len(calibration):
+            raise ValueError(f"score.precision=int8: {int8['images']} holds no calibration image")
+        started = time.perf_counter()
+        with torch.inference_mode():
+            x = self.preset(torch.from_numpy(calibration).to(self.device))
+        self.model = quantize(self.eager, x.contiguous(memory_format=self.memory_format), self.batch_size)
+        fp32, quantized = [], []
+        if len(check):
+            for start in range(0, len(check), self.batch_size):
+                part = check[start : start + self.batch_size]
+                quantized.append(self.predict_images(part))  # the first call compiles
+                fp32.append(self.predict_images(part, eager=True))
+        else:
+            self.predict_images(np.zeros((self.batch_size, self.image_size, self.image_size), np.uint8))  # compile now
+        join = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in (P_LEAF, PRED_MAIN, PRED_LEAF)}  # noqa: E731
+        result = agreement(join(fp32), join(quantized)) if fp32 else agreement({PRED_LEAF: np.zeros(0)}, {})
+        self.int8_check = {"calibration_images": len(calibration), **result.to_dict(),
+                           "seconds": round(time.perf_counter() - started, 1)}
+        if int8.get("report"):
+            where = f"{socket.gethostname()}-{os.getpid()}"
+            storage.write_text(storage.join(int8["report"], f"{where}.json"), json.dumps(self.int8_check), self.storage)
+        log.info("int8: %s", self.int8_check)
+        check_agreement(result, float(int8.get("min_agreement", 0.0)))
+
     @torch.inference_mode()
-    def predict_images(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        """(N, S, S) uint8 -> probabilities and hierarchical predictions (numpy)."""
+    def predict_images(self, images: np.ndarray, eager: bool = False) -> dict[str, np.ndarray]:
+        """(N, S, S) uint8 -> probabilities and hierarchical predictions (numpy). ``eager``: with
+        the uncompiled model (fp32 for int8 scoring), as a reference."""
         from medhier.model import predict
 
         n = len(images)
-        if self.compiled and n < self.batch_size:  # one shape, one compiled graph
+        if self.compiled and not eager and n < self.batch_size:  # one shape, one compiled graph
             images = np.concatenate([images, np.zeros((self.batch_size - n, *images.shape[1:]), np.uint8)])
         if not images.flags.writeable:  # a view of Arrow's buffer; torch wants memory it may own
             images = images.copy()
         x = torch.from_numpy(images).to(self.device, non_blocking=True)
         x = self.preset(x).contiguous(memory_format=self.memory_format)
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            out = self.model(x)
+            out = (self.eager if eager else self.model)(x)
         main, leaf = predict(out, self.taxonomy)
         return {
             P_MAIN: out.log_p_main.float().exp()[:n].cpu().numpy(),
@@ -411,6 +457,8 @@ class ScoreSummary:
     seconds: float = 0.0
     images_per_s: float = 0.0
     compiled: bool = False
+    precision: str = ""  # what the model ran in: int8, bf16, fp16 or fp32
+    int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32 (medhier/int8.py)
 
     @property
     def error_rate(self) -> float:
@@ -430,6 +478,14 @@ class ScoreSummary:
             lines += [f"  {reason:<22}{n:,}" for reason, n in sorted(self.errors.items())]
         if self.recovered_runs:
             lines.append(f"recovered        ledger of interrupted commit(s): {', '.join(self.recovered_runs)}")
+        if self.precision:
+            lines.append(f"precision        {self.precision}{', compiled' if self.compiled else ''}")
+        if self.int8.get("images"):
+            lines.append(f"int8 vs fp32     same leaf on {self.int8['leaf_agreement']:.1%} of {self.int8['images']} check images "
+                         f"(largest probability difference {self.int8['max_abs_diff']:.3f}; "
+                         f"{self.int8['calibration_images']} calibration images)")
+        elif self.int8:
+            lines.append(f"int8 vs fp32     not compared (score.int8_check_images=0; {self.int8['calibration_images']} calibration images)")
         lines.append(f"wall time        {self.seconds:,.1f} s  ({self.images_per_s:,.1f} images/s{', compiled' if self.compiled else ''})")
         lines.append(f"report           {storage.join(self.output, 'report')}")
         return "\n".join(lines)
@@ -466,12 +522,31 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
     if todo:
         gpus, cpus = scorer_resources(cfg.score.use_gpu)
         compiled = cfg.score.compile == "true" or (cfg.score.compile == "auto" and todo / max(1, _actors(cfg, gpus)) >= cfg.score.compile_min_images)
-        summary.compiled = compiled
-        decoded = build_ingest(todo_uri, decode_settings(run_cfg, archive, None), run_cfg.data)
+        settings = decode_settings(run_cfg, archive, None)
+        precision, int8 = cfg.score.precision, None
+        if precision == "int8":
+            if gpus:
+                raise ValueError("score.precision=int8 is a CPU path, but the cluster has GPUs and score.use_gpu=auto "
+                                 "would score there: set score.use_gpu=false to score on CPUs, or use bf16 or fp16")
+            images = _int8_images(todo_uri, settings, cfg)
+            if len(images["calibration"]):
+                # Through storage, not the actor's arguments: megabytes of constructor arguments
+                # would sit in the object store, which a restarted actor cannot count on.
+                buffer = io.BytesIO()
+                np.savez(buffer, **images)
+                int8 = {"images": storage.join(run_dir, "int8", "images.npz"), "report": storage.join(run_dir, "int8"),
+                        "min_agreement": cfg.score.int8_min_agreement}
+                storage.write_bytes(int8["images"], buffer.getvalue(), scfg)
+                compiled = True
+            else:
+                log.warning("score.precision=int8: none of the sampled objects decoded to an image to calibrate on; scoring with precision auto")
+                precision, int8 = "auto", None
+        summary.compiled, summary.precision = compiled, _resolved_precision(precision, gpus)
+        decoded = build_ingest(todo_uri, settings, run_cfg.data)
         scored = decoded.map_batches(
             Scorer,
             fn_constructor_kwargs={
-                "checkpoint": checkpoint, "storage_cfg": run_cfg.to_dict()["storage"], "precision": cfg.score.precision,
+                "checkpoint": checkpoint, "storage_cfg": run_cfg.to_dict()["storage"], "precision": precision, "int8": int8,
                 "threads": 0 if gpus else int(cpus), "compile": compiled, "batch_size": cfg.score.batch_size,
                 "fail_after": int(os.environ.get(FAIL_AFTER_ENV, "0") or 0),
                 "explain": {"output": output, "run_id": run_id, "storage": run_cfg.to_dict()["storage"],
@@ -503,6 +578,8 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
             release_failed_pipeline(failure)
             raise failure
         scoring_seconds = time.perf_counter() - score_start
+        if int8:
+            summary.int8 = _int8_checks(int8["report"], scfg)
         _commit(output, run_dir, run_id, loaded.taxonomy, scfg, summary, replace_model=(loaded.model_id, version) if full else None)
         summary.images_per_s = summary.images_ok / max(scoring_seconds, 1e-9)
         write_studies(output, loaded.taxonomy, loaded.model_id, version, scfg)
@@ -512,6 +589,53 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, full:
     storage.write_text(storage.join(output, "summary.json"), text, scfg)
     storage.write_text(storage.join(run_dir, "_COMMITTED"), run_id, scfg)
     return summary
+
+
+def _resolved_precision(precision: str, gpus: int) -> str:
+    """What a ``score.precision`` setting runs as: int8, bf16, fp16 or fp32."""
+    from medhier.model import autocast_dtype
+
+    if precision == "int8":
+        return precision
+    dtype = autocast_dtype(precision, torch.device("cuda" if gpus else "cpu"))
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
+
+
+def _int8_images(todo: str, settings, cfg: Config) -> dict[str, np.ndarray]:
+    """Images to calibrate int8 scoring on, and others to check it against fp32: objects spread
+    evenly over the todo list (not the first folder's), decoded as the pipeline decodes them.
+    -> {"calibration": (N, S, S) uint8, "check": (K, S, S) uint8}; both empty when no sampled
+    object decodes."""
+    from medhier.data import decode_batch
+
+    want = cfg.score.int8_calibration_images + cfg.score.int8_check_images
+    fs, path = storage.filesystem(todo, cfg.storage)
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    # twice as many objects as images wanted: some will be error files
+    rows = table.take(np.unique(np.linspace(0, table.num_rows - 1, min(table.num_rows, 2 * want)).round().astype(np.int64)))
+    decoded = decode_batch({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names}, settings)
+    blobs = [b for b in decoded[C.IMAGE] if len(b)][:want]
+    size = settings.image_size
+    images = np.frombuffer(b"".join(blobs), np.uint8).reshape(-1, size, size)
+    checks = min(cfg.score.int8_check_images, len(images) // 3)  # at least 2/3 calibrate when the sample is short
+    is_check = np.zeros(len(images), bool)
+    if checks:
+        is_check[np.unique(np.linspace(0, len(images) - 1, checks).round().astype(np.int64))] = True
+    return {"calibration": images[~is_check][: cfg.score.int8_calibration_images], "check": images[is_check]}
+
+
+def _int8_checks(folder: str, scfg: StorageConfig) -> dict[str, Any]:
+    """The int8 actors' comparisons with fp32 (one JSON each) -> the summary's ``int8`` entry:
+    the least agreement over the actors (they calibrate on the same images, so they agree)."""
+    fs, path = storage.filesystem(folder, scfg)
+    checks = []
+    for info in fs.get_file_info(storage.pafs.FileSelector(path, allow_not_found=True)):
+        if info.path.endswith(".json"):
+            with fs.open_input_stream(info.path) as f:
+                checks.append(json.loads(f.read()))
+    if not checks:
+        return {}
+    return {**min(checks, key=lambda c: c["leaf_agreement"] if c["images"] else 2.0), "actors": len(checks)}
 
 
 def _actors(cfg: Config, gpus: int) -> int:

@@ -326,6 +326,9 @@ def build_app(cfg: Config, checkpoint: str):
     autoscaling replicas of ``replica_cpus``/``replica_gpus`` each, batching as configured."""
     from medhier.checkpoint import CHECKPOINT_FILE
 
+    if cfg.score.precision == "int8":  # refused here, not in a replica that retries in a loop
+        raise ValueError("medhier serve: score.precision=int8 is calibrated on images sampled from an archive, which an "
+                         "endpoint does not have; serve with score.precision=auto, bf16 or fp32")
     uri = storage.normalize(checkpoint)  # absolute: replicas run in other directories
     model_file = uri if uri.endswith(".pt") else storage.join(uri, CHECKPOINT_FILE)
     if not storage.exists(model_file, cfg.storage):  # here, not in a replica that retries in a loop

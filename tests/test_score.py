@@ -125,6 +125,32 @@ def test_predictions_equal_the_model_called_directly(archive, checkpoint, ray_se
     np.testing.assert_allclose(report, direct, atol=1e-5)
 
 
+def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, checkpoint, ray_session, tmp_path, capsys):
+    root, broken = archive
+    fp32_out, int8_out = str(tmp_path / "fp32"), str(tmp_path / "int8")
+    score_archive(_cfg("score.precision=fp32"), root, checkpoint, fp32_out)
+    summary = score_archive(_cfg("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8"),
+                            root, checkpoint, int8_out)
+    assert summary.precision == "int8" and summary.compiled
+    # N good images in the sample: 16 calibrate, 8 others check against fp32
+    check = summary.int8
+    assert check["calibration_images"] == 16 and check["images"] == 8 and check["actors"] == 1
+    assert check["leaf_agreement"] >= 0.95 and 0 <= check["max_abs_diff"] < 0.1
+    assert json.loads(Path(int8_out, "summary.json").read_text())["int8"] == check
+    assert "int8 vs fp32     same leaf on" in summary.table()
+
+    by_path = lambda out: {r[C.PATH]: r for r in report_table(out).to_pylist()}  # noqa: E731
+    fp32, int8 = by_path(fp32_out), by_path(int8_out)
+    assert fp32.keys() == int8.keys() and len(int8) == N + len(broken)  # every file, once
+    assert {p: r["error_reason"] for p, r in int8.items() if r[C.STATUS] == "error"} == broken
+    ok = [p for p, r in fp32.items() if r[C.STATUS] == "ok"]
+    leaves = load_checkpoint(checkpoint).taxonomy.leaf_names
+    same = np.mean([fp32[p]["leaf_label"] == int8[p]["leaf_label"] for p in ok])
+    diff = max(abs(fp32[p][leaf_column(n)] - int8[p][leaf_column(n)]) for p in ok for n in leaves)
+    assert same >= 0.9 and diff < 0.1, (same, diff)
+    assert all(int8[p]["leaf_label"].startswith(int8[p]["main_label"] + "/") for p in ok)
+
+
 def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_session, tmp_path):
     root, broken = archive
     out = str(tmp_path / "out")
