@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from medhier.model import CBAM
+
 
 class _BasicBlock(BasicBlock):
     """torchvision's block, but with one ReLU module per use: the quantizer matches conv → add →
@@ -45,9 +47,24 @@ class _Bottleneck(Bottleneck):
         return self.relu_c(self.bn3(self.conv3(out)) + identity)
 
 
-def _untie_relus(model: nn.Module) -> None:
+class _CBAM(CBAM):
+    """medhier's CBAM with its shared MLP run once on both poolings (concatenated along the
+    batch), for the same reason as :class:`_BasicBlock`: the same function, one call. Only in the
+    int8 copy: training keeps the two calls, so that its runs stay bit-for-bit as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, peak = self.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])).chunk(2)
+        x = x * torch.sigmoid(avg + peak)
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+def _untie_shared_modules(model: nn.Module) -> None:
+    """Give every module call its own module (in place; :func:`quantize` works on a copy)."""
     for module in model.modules():
-        if type(module) is BasicBlock:
+        if type(module) is CBAM:
+            module.__class__ = _CBAM
+        elif type(module) is BasicBlock:
             module.__class__ = _BasicBlock
             module.relu_a, module.relu_b = nn.ReLU(), nn.ReLU()
         elif type(module) is Bottleneck:
@@ -111,7 +128,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compi
         pytree_log.setLevel(level)
 
     fp32 = copy.deepcopy(model).float().eval()
-    _untie_relus(fp32)
+    _untie_shared_modules(fp32)
     batches = _batches(calibration.float(), batch_size)
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     with torch.no_grad():

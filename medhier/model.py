@@ -96,10 +96,7 @@ class CBAM(nn.Module):
         self.spatial = nn.Conv2d(2, 1, kernel, padding=kernel // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # the shared MLP runs once on both poolings (one call: int8 quantization matches
-        # patterns per module call, and a module called twice is one pattern with two outputs)
-        avg, peak = self.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])).chunk(2)
-        channel = torch.sigmoid(avg + peak)
+        channel = torch.sigmoid(self.mlp(x.mean((2, 3), keepdim=True)) + self.mlp(x.amax((2, 3), keepdim=True)))
         x = x * channel
         pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
         return x * torch.sigmoid(self.spatial(pooled))
