@@ -311,7 +311,7 @@ class ScoreConfig:
 
     batch_size: int = 32  # images per inference call
     # int8: CPU only; post-training static quantization calibrated on images sampled from the
-    # archive, compiled (medhier/int8.py). About 2x bf16 on CPUs without AMX.
+    # archive, compiled (medhier/int8.py). 1.6-2x compiled bf16 on CPUs without AMX.
     precision: Literal["auto", "bf16", "fp16", "fp32", "int8"] = "auto"
     int8_calibration_images: int = 64  # images whose activation ranges set the int8 scales
     int8_check_images: int = 32  # other images on which int8 is compared with fp32

@@ -3,7 +3,7 @@
 PyTorch 2 export quantization (torchao's ``X86InductorQuantizer``): the model is exported,
 observers record the activation ranges of calibration images, and the converted graph is
 compiled by inductor into int8 convolution and linear kernels (VNNI on AVX-512 CPUs, AMX where
-present). On a CPU without bf16 matrix units this about doubles ResNet50's images/s over bf16
+present). On a CPU without bf16 matrix units this gives ResNet50 1.6-2x the images/s of compiled bf16
 (benchmarks/RESULTS.md). It is a CPU path: GPUs score in bf16/fp16.
 
 int8 changes the numbers a little, so :func:`agreement` compares the quantized model with the
