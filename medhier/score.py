@@ -147,7 +147,6 @@ class Scorer:
         # gradients, so it runs on the eager model even when scoring runs a compiled one.
         self.explain = explain
         self.eager = self.model
-        self.int8_check: dict[str, Any] | None = None
         if precision == "int8":
             self._quantize(int8 or {})
         elif compile:
@@ -190,12 +189,11 @@ class Scorer:
             self.predict_images(np.zeros((self.batch_size, self.image_size, self.image_size), np.uint8))  # compile now
         join = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in (P_LEAF, PRED_MAIN, PRED_LEAF)}  # noqa: E731
         result = agreement(join(fp32), join(quantized)) if fp32 else agreement({PRED_LEAF: np.zeros(0)}, {})
-        self.int8_check = {"calibration_images": len(calibration), **result.to_dict(),
-                           "seconds": round(time.perf_counter() - started, 1)}
+        check_summary = {"calibration_images": len(calibration), **result.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
         if int8.get("report"):
             where = f"{socket.gethostname()}-{os.getpid()}"
-            storage.write_text(storage.join(int8["report"], f"{where}.json"), json.dumps(self.int8_check), self.storage)
-        log.info("int8: %s", self.int8_check)
+            storage.write_text(storage.join(int8["report"], f"{where}.json"), json.dumps(check_summary), self.storage)
+        log.info("int8: %s", check_summary)
         check_agreement(result, float(int8.get("min_agreement", 0.0)))
 
     @torch.inference_mode()
@@ -627,12 +625,8 @@ def _int8_images(todo: str, settings, cfg: Config) -> dict[str, np.ndarray]:
 def _int8_checks(folder: str, scfg: StorageConfig) -> dict[str, Any]:
     """The int8 actors' comparisons with fp32 (one JSON each) -> the summary's ``int8`` entry:
     the least agreement over the actors (they calibrate on the same images, so they agree)."""
-    fs, path = storage.filesystem(folder, scfg)
-    checks = []
-    for info in fs.get_file_info(storage.pafs.FileSelector(path, allow_not_found=True)):
-        if info.path.endswith(".json"):
-            with fs.open_input_stream(info.path) as f:
-                checks.append(json.loads(f.read()))
+    checks = [json.loads(storage.read_bytes(storage.join(folder, o.path), scfg))
+              for page in storage.list_objects(folder, scfg) for o in page if o.path.endswith(".json")]
     if not checks:
         return {}
     return {**min(checks, key=lambda c: c["leaf_agreement"] if c["images"] else 2.0), "actors": len(checks)}

@@ -56,8 +56,13 @@ def test_the_quantized_graph_matches_fp32_for_every_head(head, attention):
     torch.manual_seed(1)
     calibration, held_out = torch.randn(12, 3, 64, 64), torch.randn(8, 3, 64, 64)
     q = quantize(model, calibration, batch_size=8, compile=False)
+    targets = [str(n.target) for n in q.compiled.graph.nodes if n.op == "call_function"]
+    layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
+    assert targets.count("quantized_decomposed.dequantize_per_channel.default") == layers  # every weight is int8
+    assert "quantized_decomposed.quantize_per_tensor.default" in targets  # and activations
     with torch.no_grad():
         ref, out = model(held_out), q(held_out)
+    assert not torch.equal(out.log_p_leaf, ref.log_p_leaf)  # int8 arithmetic, not the fp32 model passed through
     groups = torch.as_tensor(TAX.leaf_mask, dtype=torch.float32)
     torch.testing.assert_close(out.log_p_leaf.exp().sum(-1), torch.ones(8))
     torch.testing.assert_close(out.log_p_leaf.exp() @ groups.T, out.log_p_main.exp())  # still hierarchical
