@@ -608,9 +608,10 @@ def _int8_images(todo: str, settings, cfg: Config) -> dict[str, np.ndarray]:
 
     want = cfg.score.int8_calibration_images + cfg.score.int8_check_images
     fs, path = storage.filesystem(todo, cfg.storage)
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    dataset = pads.dataset(path, filesystem=fs, format="parquet")
+    total = dataset.count_rows()  # from the Parquet footers: the driver never holds the whole todo list
     # twice as many objects as images wanted: some will be error files
-    rows = table.take(np.unique(np.linspace(0, table.num_rows - 1, min(table.num_rows, 2 * want)).round().astype(np.int64)))
+    rows = dataset.take(np.unique(np.linspace(0, total - 1, min(total, 2 * want)).round().astype(np.int64)))
     decoded = decode_batch({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names}, settings)
     blobs = [b for b in decoded[C.IMAGE] if len(b)][:want]
     size = settings.image_size
