@@ -83,10 +83,10 @@ def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batc
     seconds = time.perf_counter() - t
     ended_ms = time.time() * 1000.0
     shutdown_ray()
-    # Report rows carry the time their batch reached the report stage (ms), which runs behind
-    # the model by a variable lag: the stamps of later batches can bunch up, so the last stamp
-    # would overstate the rate. The steady state therefore runs from the first stamp (the first
-    # batch, which waited for compilation) to the end of the whole run, commit included.
+    # Report rows carry the time the model actor scored their batch (ms; until 2026-11-22 the
+    # time the batch reached the report stage, which ran behind by a variable lag). The steady
+    # state runs from the first stamp (the first batch, which waited for compilation) to the end
+    # of the whole run, commit included.
     stamps = np.sort(report_table(out, columns=[SCORED_AT])[SCORED_AT].to_numpy().astype("datetime64[ms]").astype(np.int64))
     first = stamps[0]
     later = int((stamps > first).sum())
@@ -200,7 +200,7 @@ def main() -> None:
     for name, run, own in (("bf16", a_large, b_compiled), ("int8", a_int8, b_int8)):
         if run is None:
             continue
-        if run[3] > own:  # the report stage stamps rows late; a late first stamp inflates the figure
+        if run[3] > own:  # the model's stamps make this unlikely; say so if it happens anyway
             print(f"{name}: the steady-state figure is above the model's own ceiling: not valid in this run")
         print(f"{name}: (a)/(b) = {run[0] / ceiling:.2f} of the best ceiling (target >= 0.9); whole run {run[1] / ceiling:.2f}; "
               f"steady state {run[3] / ceiling:.2f}; steady state / its own precision's ceiling {run[3] / own:.2f}")

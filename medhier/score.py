@@ -54,6 +54,7 @@ P_MAIN = "p_main"  # (N, M) probabilities per main class
 P_LEAF = "p_leaf"  # (N, L) probabilities per leaf
 PRED_MAIN = "pred_main"
 PRED_LEAF = "pred_leaf"
+SCORED_MS = "scored_ms"  # (N,) int64: when the model scored the row's batch, ms since the epoch (UTC)
 FAIL_AFTER_ENV = "MEDHIER_SCORE_FAIL_AFTER"  # "N": the Scorer fails after N batches (crash tests)
 
 # Report columns besides the per-leaf probabilities (see report_schema and the README).
@@ -116,7 +117,8 @@ class Scorer:
     Input rows need ``image`` (uint8 bytes, image_size²); rows whose image is empty (error rows)
     pass through with NaN probabilities and -1 predictions. Output: the input columns minus the
     image, plus ``p_main`` (N, M), ``p_leaf`` (N, L), ``pred_main`` and ``pred_leaf``
-    (hierarchical: the leaf lies inside the predicted main class).
+    (hierarchical: the leaf lies inside the predicted main class) and ``scored_ms`` (when the
+    model scored the row's batch: the report's ``scored_at``).
     """
 
     def __init__(self, checkpoint: str, storage_cfg: dict[str, Any], precision: str = "auto", channels_last: bool = True,
@@ -232,6 +234,7 @@ class Scorer:
             P_LEAF: np.full((n, l), np.nan, np.float32),
             PRED_MAIN: np.full(n, -1, np.int64),
             PRED_LEAF: np.full(n, -1, np.int64),
+            SCORED_MS: np.full(n, -1, np.int64),
         }
         images = None
         if ok.any():
@@ -241,6 +244,9 @@ class Scorer:
                 rows = np.flatnonzero(ok)[start : start + self.batch_size]
                 for key, values in part.items():
                     result[key][rows] = values
+                result[SCORED_MS][rows] = int(time.time() * 1000)
+        # error rows: when their batch passed the model
+        result[SCORED_MS][result[SCORED_MS] < 0] = int(time.time() * 1000)
         out = {k: v for k, v in batch.items() if k != C.IMAGE}
         out.update(result)
         if self.explain and images is not None:
@@ -346,7 +352,9 @@ def to_report(batch: dict[str, np.ndarray], taxonomy: dict[str, Any], model_id: 
     names = np.array(tax.leaf_names, dtype=object)
     mains = np.array(tax.mains, dtype=object)
     subs = np.array([s for _, s in tax.leaves], dtype=object)
-    now = np.datetime64(int(time.time() * 1000), "ms")
+    # the model actor's stamp (the report stage runs behind it by a varying lag); now for
+    # batches that did not pass a Scorer
+    stamps = batch[SCORED_MS].astype(np.int64) if SCORED_MS in batch else np.full(n, int(time.time() * 1000), np.int64)
 
     def strings(values, mask=None):
         arr = pa.array([str(v) for v in values], pa.string())
@@ -383,7 +391,7 @@ def to_report(batch: dict[str, np.ndarray], taxonomy: dict[str, Any], model_id: 
         MODEL_ID: pa.array([model_id] * n, pa.string()),
         MODEL_VERSION: pa.array([model_version] * n, pa.string()),
         RUN_ID: pa.array([run_id] * n, pa.string()),
-        SCORED_AT: pa.array(np.full(n, now), pa.timestamp("ms", tz="UTC")),
+        SCORED_AT: pa.array(stamps.astype("datetime64[ms]"), pa.timestamp("ms", tz="UTC")),
     }
     return pa.table(columns, schema=report_schema(tax))
 

@@ -263,3 +263,30 @@ def test_a_cpu_scorer_leaves_its_node_a_cpu_for_the_decode_tasks(ray_session):
 
     # the session's single node has 8 logical CPUs: 7 for the model, 1 for decoding beside it
     assert scorer_resources("false") == (0, 7.0)
+
+
+def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_written(checkpoint):
+    import time
+
+    from medhier.score import SCORED_AT, SCORED_MS, Scorer, to_report
+
+    loaded = load_checkpoint(checkpoint)
+    size = loaded.cfg.preprocess.image_size
+    strings = lambda *v: np.array(v, dtype=object)  # noqa: E731
+    batch = {
+        C.PATH: strings("a.dcm", "broken.dcm"), C.SIZE: np.array([10, 3]), C.ETAG: strings("", ""), C.MTIME: np.array([1.0, 2.0]),
+        C.SOP_INSTANCE_UID: strings("1.2.3", ""), C.STUDY_INSTANCE_UID: strings("1.2", ""), C.SERIES_INSTANCE_UID: strings("1.2.4", ""),
+        C.FRAME: np.array([0, -1]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
+        C.STATUS: strings("ok", "error"), C.REASON: strings("", "truncated"), C.ERROR: strings("", "broken.dcm: truncated"),
+        C.IMAGE: strings(np.full((size, size), 128, np.uint8).tobytes(), b""),
+    }
+    scorer = Scorer(checkpoint, {}, precision="fp32")
+    before = int(time.time() * 1000)
+    scored = scorer(batch)
+    after = int(time.time() * 1000)
+    assert ((scored[SCORED_MS] >= before) & (scored[SCORED_MS] <= after)).all()  # error rows too
+    time.sleep(0.05)  # the report stage runs later: its own clock would say so
+    report = to_report(scored, loaded.taxonomy.to_dict(), loaded.model_id, "v1", "run-1")
+    stamps = report[SCORED_AT].cast(pa.int64()).to_numpy()
+    np.testing.assert_array_equal(stamps, scored[SCORED_MS])
+    assert report["status"].to_pylist() == ["ok", "error"] and report["error_reason"].to_pylist() == [None, "truncated"]
