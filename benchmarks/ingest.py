@@ -11,8 +11,12 @@ On phantom CT files of --size px (generated once into --workdir), it measures:
   * single core, in process, the whole per-file work of a decode task: `decode_batch` on manifest
     batches (read the file, decode, resize, build the row) plus encoding the rows as the cache's
     Parquet and writing it to a file: the rate the pipeline should reach per core, sustained over
-    one pass of the archive in the pipeline's batches (the ideal); and the best of three short
-    passes, the ideal this script used before, which on this VM overstates what a core sustains;
+    one pass of the archive in the pipeline's batches (the ideal), with the CPU time the pass
+    took over its wall time (its read-ahead threads can run on another core: then the pass's
+    images per CPU-second is the stricter per-core rate); the same pass with every thread of
+    the process pinned to one core (a single core's rate in the strict sense); and the best of
+    three short passes, the ideal this script used before, which on this VM overstates what a
+    core sustains;
   * the same work in --cpus processes at once, without Ray: what the cores give together on this
     VM (they slow each other down by a varying amount), which splits the pipeline's gap into the
     machine's share and Ray's;
@@ -31,6 +35,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import resource
 import shutil
 import statistics
 import sys
@@ -131,45 +136,76 @@ def _as_batches(table, batch_size: int) -> list[dict]:
     return [{c: b.column(c).to_numpy(zero_copy_only=False) for c in b.column_names} for b in batches]
 
 
-def _task_pass(batches: list[dict], settings, sink: str | None) -> float:
-    """Images/s of one pass of a decode task's per-file work over ``batches``: read, decode,
-    resize, build the rows, encode them as the cache's Parquet (zstd) and write it to ``sink``
-    (a file, as the pipeline writes its cache; in memory when None)."""
+def _cpu_seconds() -> float:
+    """CPU time of this process so far, every thread (user + system)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _task_pass(batches: list[dict], settings, sink: str | None) -> tuple[float, float]:
+    """-> (images/s, cores used) of one pass of a decode task's per-file work over
+    ``batches``: read, decode, resize, build the rows, encode them as the cache's Parquet (zstd)
+    and write it to ``sink`` (a file, as the pipeline writes its cache; in memory when None).
+    Cores used: the process's CPU time over the wall time; above 1 when the read-ahead threads
+    ran on another core beside the decoding thread."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from medhier.data import decode_batch
 
-    n, t = 0, time.perf_counter()
+    n, t, cpu = 0, time.perf_counter(), _cpu_seconds()
     for batch in batches:
         rows = decode_batch(batch, settings)
         out = pa.table({k: pa.array(list(v)) if v.dtype == object else pa.array(v) for k, v in rows.items()})
         pq.write_table(out, sink or io.BytesIO(), compression="zstd")
         n += out.num_rows
-    return n / (time.perf_counter() - t)
+    wall = time.perf_counter() - t
+    return n / wall, (_cpu_seconds() - cpu) / wall
 
 
-def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+def _pin_process(cpus: set[int]) -> None:
+    """Every thread of this process (and those it starts later) onto ``cpus``."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except (ProcessLookupError, PermissionError):  # a thread that just ended
+            pass
+
+
+def pinned_task_rate(archive: str, image_size: int, workdir: str, overrides: tuple[str, ...] = ()) -> float:
+    """The sustained pass of :func:`decode_task_rate` with every thread of this process,
+    read-ahead threads included, pinned to one core: a single core's rate in the strict sense."""
+    allowed = os.sched_getaffinity(0)
+    _pin_process({min(allowed)})
+    try:
+        return decode_task_rate(archive, image_size, workdir, overrides=overrides, burst=False)["sustained"]
+    finally:
+        _pin_process(allowed)
+
+
+def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None, overrides: tuple[str, ...] = (),
+                     burst: bool = True) -> dict[str, float]:
     """Images/s on one core for exactly what a decode task does per file, without Ray:
     ``sustained``, one pass over the whole archive in the pipeline's batches (decode_batch_size
     files), writing each batch's Parquet to a file as the pipeline does; ``burst``, the best of
     three short passes (~1.5 s) over the first 512 files in batches of 64 (this script's ideal
     until 2026-11-22; on this VM the best of short passes catches its fast moments, which a
     40-second pipeline run cannot). ``barrier``: wait there after the warm-up, and measure the
-    sustained pass only (processes measured at the same time)."""
+    sustained pass only (processes measured at the same time); ``burst`` False: no short passes.
+    ``cores``: the sustained pass's CPU time (all threads) over its wall time."""
     cfg, settings, table = _task_work(archive, image_size, workdir, overrides)
     batches = _as_batches(table, cfg.data.decode_batch_size)
     sink = os.path.join(workdir, f"task-pass-{os.getpid()}.parquet")
     _task_pass(batches[:1], settings, sink)  # warm-up: imports, LUTs, the read-ahead pool
-    burst = float("nan")
-    if barrier is None:
-        short = _as_batches(table.slice(0, 512), 64)
-        burst = max(_task_pass(short, settings, None) for _ in range(3))
-    else:
+    best_short = float("nan")
+    if barrier is not None:
         barrier.wait()
-    sustained = _task_pass(batches, settings, sink)
+    elif burst:
+        short = _as_batches(table.slice(0, 512), 64)
+        best_short = max(_task_pass(short, settings, None)[0] for _ in range(3))
+    sustained, cores = _task_pass(batches, settings, sink)
     os.remove(sink)
-    return {"sustained": sustained, "burst": burst}
+    return {"sustained": sustained, "burst": best_short, "cores": cores}
 
 
 def _task_rate_worker(args: tuple) -> float:
@@ -263,7 +299,11 @@ def main() -> None:
         # there, at the disk's rate if not (this VM's cache holds ~2 GB; the rate says which).
         warm, warm_mb = read_through(_files(archives["uncompressed"]))
         rate, n, seconds, busy, iowait = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat, overrides)
-        rounds.append({"task": task_rate["sustained"], "burst": task_rate["burst"], "together": together, "warm": warm,
+        pinned = pinned_task_rate(archives["uncompressed"], args.image_size, args.workdir, overrides)
+        rounds.append({"task": task_rate["sustained"], "burst": task_rate["burst"], "task_cores": task_rate["cores"],
+                       "pinned": pinned, "pinned_ideal": args.cpus * pinned,
+                       "per_cpu_ideal": args.cpus * task_rate["sustained"] / max(task_rate["cores"], 1.0),
+                       "together": together, "warm": warm,
                        "warm_mb": warm_mb, "rate": rate, "seconds": seconds, "busy": busy, "iowait": iowait,
                        "ideal": args.cpus * task_rate["sustained"], "burst_ideal": args.cpus * task_rate["burst"]})
 
@@ -283,6 +323,10 @@ def main() -> None:
         print(f"| {label} | {value:,.0f} |")
     print(f"| single core, uncompressed: a decode task's whole per-file work, one pass over the archive in batches of "
           f"{_config(args.image_size, overrides).data.decode_batch_size} (rounds: {per_round('task')}) | {median('task'):,.0f} |")
+    print(f"| the same pass's CPU time over its wall time, all threads: cores it used (rounds: {per_round('task_cores', '.2f')}) "
+          f"| {median('task_cores'):.2f} |")
+    print(f"| single core in the strict sense: the same pass with every thread of the process pinned to one core "
+          f"(rounds: {per_round('pinned')}) | {median('pinned'):,.0f} |")
     print(f"| single core, the same work, best of 3 short passes (512 files, batches of 64; rounds: {per_round('burst')}) "
           f"| {median('burst'):,.0f} |")
     print(f"| {args.cpus} processes at once, each a decode task's whole per-file work, no Ray, sum (rounds: {per_round('together')}) "
@@ -296,6 +340,10 @@ def main() -> None:
     print(f"\npipeline / ideal = {ratio:.1%}, median of the rounds ({per_round_ratio(rounds, 'rate', 'ideal')}; target >= 90 %); "
           f"pipeline / the same work in {args.cpus} processes without Ray = {per_round_ratio(rounds, 'rate', 'together')}; "
           f"{args.cpus} processes / {args.cpus} x one = {per_round_ratio(rounds, 'together', 'ideal')}; "
+          f"pipeline / {args.cpus} x the pass's images per CPU-second (its read-ahead threads counted) = "
+          f"{per_round_ratio(rounds, 'rate', 'per_cpu_ideal')}, median {statistics.median(r['rate'] / r['per_cpu_ideal'] for r in rounds):.1%}; "
+          f"pipeline / {args.cpus} x the pinned pass = {per_round_ratio(rounds, 'rate', 'pinned_ideal')}, "
+          f"median {statistics.median(r['rate'] / r['pinned_ideal'] for r in rounds):.1%}; "
           f"pipeline / {args.cpus} x the best short pass = {per_round_ratio(rounds, 'rate', 'burst_ideal')}; "
           f"uncompressed per core = {rows[0][1]:,.0f} images/s (target >= 250); "
           f"LUT decode vs direct pydicom = {rows[0][1] / direct:.1f}x")
