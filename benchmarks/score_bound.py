@@ -120,9 +120,10 @@ def layout(checkpoint: str, calibration: str, paths: list[str], processes: int, 
         decoder.start()
         parts = [results.get() for _ in range(processes)]
         decoder.join()
+        parts = [p for p in parts if p[2] is not None]  # a process that got no batch (tiny --files)
         n = sum(p[1] for p in parts)
-        seconds = max(p[3] for p in parts) - min(p[2] for p in parts)
-        rounds.append({"ceiling": ceiling, "pipeline": n / seconds})
+        seconds = max(p[3] for p in parts) - min(p[2] for p in parts) if parts else 0.0
+        rounds.append({"ceiling": ceiling, "pipeline": n / seconds if n and seconds > 0 else float("nan")})
     for p in models:
         p.join()
     return rounds
