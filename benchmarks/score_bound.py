@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import glob
 import multiprocessing as mp
 import os
 import statistics
@@ -35,28 +34,30 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
 from common import machine, make_checkpoint, read_through  # noqa: E402
-from score import make_archive  # noqa: E402
+from score import _files, make_archive  # noqa: E402
 
 BATCH = 32
 
 
-def _paths(archive: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(archive, "**", "*.dcm"), recursive=True))
+def _decode_one(path: str, cfg, image_size: int) -> np.ndarray:
+    """One file -> the (S, S) uint8 image a decode task makes of it (first frame)."""
+    from medhier.dicom import decode
+    from medhier.preprocess import resize_image, to_uint8
+
+    with open(path, "rb") as f:
+        pixels = decode(f.read(), cfg.dicom).pixels[0]
+    return to_uint8(resize_image(pixels, image_size, cfg.preprocess.resize))
 
 
 def _decoder(checkpoint: str, paths: list[str], image_size: int, queue, consumers: int) -> None:
     """Decode ``paths`` as medhier's decode tasks do and put batches of BATCH uint8 images on
     ``queue``; then one None per consumer."""
     from medhier.checkpoint import load_checkpoint
-    from medhier.dicom import decode
-    from medhier.preprocess import resize_image, to_uint8
 
     cfg = load_checkpoint(checkpoint).cfg
     batch = []
     for path in paths:
-        with open(path, "rb") as f:
-            pixels = decode(f.read(), cfg.dicom).pixels[0]
-        batch.append(to_uint8(resize_image(pixels, image_size, cfg.preprocess.resize)))
+        batch.append(_decode_one(path, cfg, image_size))
         if len(batch) == BATCH:
             queue.put(np.stack(batch))
             batch = []
@@ -134,8 +135,6 @@ def decode_cost(checkpoint: str, paths: list[str], image_size: int) -> tuple[flo
     import pydicom
 
     from medhier.checkpoint import load_checkpoint
-    from medhier.dicom import decode
-    from medhier.preprocess import resize_image, to_uint8
 
     cfg = load_checkpoint(checkpoint).cfg
     syntaxes = collections.Counter(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID.name for p in paths)
@@ -143,8 +142,7 @@ def decode_cost(checkpoint: str, paths: list[str], image_size: int) -> tuple[flo
     for _ in range(3):  # best of 3: the machine is shared, noise only slows a pass down
         start = time.perf_counter()
         for path in paths:
-            with open(path, "rb") as f:
-                to_uint8(resize_image(decode(f.read(), cfg.dicom).pixels[0], image_size, cfg.preprocess.resize))
+            _decode_one(path, cfg, image_size)
         best = min(best, (time.perf_counter() - start) / len(paths))
     return best * 1000.0, dict(syntaxes)
 
@@ -166,7 +164,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     os.makedirs(args.workdir, exist_ok=True)
     checkpoint = make_checkpoint(args.workdir, "resnet50", args.image_size)
-    paths = _paths(make_archive(args.workdir, args.n, args.size))
+    paths = sorted(_files(make_archive(args.workdir, args.n, args.size)))
     read_through(paths)  # from the page cache from here on
     calibration = os.path.join(args.workdir, "score-bound-int8.npz")
     images = np.random.default_rng(0).integers(0, 256, (2 * BATCH, args.image_size, args.image_size), dtype=np.uint8)
