@@ -104,3 +104,61 @@ def busy_share(before: tuple[float, float, float] | None, after: tuple[float, fl
         return float("nan"), float("nan")
     total = after[2] - before[2]
     return (after[0] - before[0]) / total, (after[1] - before[1]) / total
+
+
+def process_cpu() -> dict[int, tuple[int, str, float]]:
+    """Every process now: pid -> (parent pid, command line, CPU seconds so far: user + system,
+    all its threads), from /proc; {} where there is none."""
+    hz, out = os.sysconf("SC_CLK_TCK"), {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return out
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)", which may hold spaces
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (OSError, IndexError):  # ended while being read
+            continue
+        out[pid] = (int(fields[1]), cmd, (int(fields[11]) + int(fields[12])) / hz)
+    return out
+
+
+# Ray's processes that are not task workers: Ray Data's own actors, Ray's agents.
+RAY_DATA_ACTORS = ("ray::_StatsActor", "ray::_AutoscalingCoordinatorActor")
+RAY_AGENTS = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
+
+
+def cpu_by_role(before: dict, after: dict, driver: int) -> dict[str, float]:
+    """CPU seconds between two :func:`process_cpu` snapshots, by role in a local Ray started by
+    the process ``driver``: ``workers`` (Ray's task worker processes, titled ``ray::...``),
+    ``driver``, ``ray_data_actors``, ``ray_daemons`` (GCS, raylet, dashboard and its heads,
+    agents, monitors: every other descendant of the driver), ``other`` (processes outside Ray).
+    A process that ended between the snapshots is not counted; one that started is counted from
+    zero."""
+    def descends(pid: int) -> bool:
+        seen = set()
+        while pid in after and pid not in seen:
+            seen.add(pid)
+            pid = after[pid][0]
+            if pid == driver:
+                return True
+        return False
+
+    roles = dict.fromkeys(("workers", "driver", "ray_data_actors", "ray_daemons", "other"), 0.0)
+    for pid, (_, cmd, cpu) in after.items():
+        used = cpu - (before[pid][2] if pid in before else 0.0)
+        if pid == driver:
+            role = "driver"
+        elif not descends(pid):
+            role = "other"
+        elif cmd.startswith(RAY_DATA_ACTORS):
+            role = "ray_data_actors"
+        elif cmd.startswith("ray::") and not cmd.startswith(RAY_AGENTS):
+            role = "workers"
+        else:
+            role = "ray_daemons"
+        roles[role] += used
+    return roles

@@ -25,7 +25,12 @@ On phantom CT files of --size px (generated once into --workdir), it measures:
     --repeat times (a large archive without the disk space: files are read again, from the page
     cache like the single-core runs; every file is read once just before, and that rate says
     whether they come from the cache), as images/s and as a share of cpus x the sustained
-    single-core per-file rate.
+    single-core per-file rate; and where the machine's CPU time went during it (from /proc: the
+    decode workers, the driver, Ray Data's actors, Ray's daemons, other processes, idle), with
+    the CPU each image cost in the workers, in the single-core pass and in the processes
+    without Ray. Those split the pipeline's gap to the per-CPU-second ideal exactly into the
+    workers' share of the cores, the cores' slow-down when all of them work, and Ray's cost
+    per image inside the workers.
 The last three are measured side by side in --rounds rounds; the ratios' median is the figure.
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -49,7 +54,7 @@ from medhier import storage, synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.dicom import decode  # noqa: E402
 from medhier.preprocess import resize_image, to_uint8  # noqa: E402
-from common import busy_share, cpu_times, machine, read_through  # noqa: E402
+from common import busy_share, cpu_by_role, cpu_times, machine, process_cpu, read_through  # noqa: E402
 
 
 def _files(root: str) -> list[str]:
@@ -208,27 +213,32 @@ def decode_task_rate(archive: str, image_size: int, workdir: str, barrier=None, 
     return {"sustained": sustained, "burst": best_short, "cores": cores}
 
 
-def _task_rate_worker(args: tuple) -> float:
+def _task_rate_worker(args: tuple) -> dict[str, float]:
     archive, image_size, workdir, barrier, overrides = args
-    return decode_task_rate(archive, image_size, workdir, barrier, overrides)["sustained"]
+    return decode_task_rate(archive, image_size, workdir, barrier, overrides)
 
 
-def concurrent_task_rate(archive: str, image_size: int, workdir: str, procs: int, overrides: tuple[str, ...] = ()) -> float:
-    """Sum of the sustained :func:`decode_task_rate` over ``procs`` processes measured at the
-    same time, without Ray: what the cores give together when all of them work (a shared VM's
-    cores slow each other down), against which Ray's own overhead is the rest of the gap."""
+def concurrent_task_rate(archive: str, image_size: int, workdir: str, procs: int, overrides: tuple[str, ...] = ()) -> tuple[float, float]:
+    """-> (images/s summed, CPU milliseconds per image) of the sustained :func:`decode_task_rate`
+    in ``procs`` processes measured at the same time, without Ray: what the cores give together
+    when all of them work (a shared VM's cores slow each other down), against which Ray's own
+    overhead is the rest of the gap."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
     with ctx.Manager() as manager, ctx.Pool(procs) as pool:
         barrier = manager.Barrier(procs)
         rates = pool.map(_task_rate_worker, [(archive, image_size, os.path.join(workdir, f"concurrent-{i}"), barrier, overrides) for i in range(procs)])
-    return sum(rates)
+    # each process's CPU per image is cores / rate; over all of them, CPU seconds / images
+    return sum(r["sustained"] for r in rates), 1e3 * sum(r["cores"] for r in rates) / sum(r["sustained"] for r in rates)
 
 
-def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, overrides: tuple[str, ...] = ()) -> tuple[float, int, float, float, float]:
-    """-> (images/s, images, seconds, share of all cores busy, share waiting on the disk) of the
-    decode+write stage of `medhier prepare` (the best of two runs)."""
+def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, overrides: tuple[str, ...] = ()) -> dict[str, float]:
+    """The decode+write stage of `medhier prepare` (the faster of two runs): ``rate`` (images/s),
+    ``n`` (images), ``seconds``, ``busy`` and ``iowait`` (shares of all cores), and where the
+    machine's CPU time went during it, as shares of cores x seconds: ``workers`` (the decode
+    tasks' processes), ``driver``, ``ray_data_actors``, ``ray_daemons``, ``other`` (outside Ray),
+    ``idle``; ``worker_ms``: the decode workers' CPU milliseconds per image."""
     import pyarrow.parquet as pq
     import ray
 
@@ -247,18 +257,23 @@ def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, over
         pq.write_table(table, os.path.join(manifest, f"part-{i:05d}.parquet"), row_group_size=cfg.data.decode_batch_size)
     n = table.num_rows * repeat
     out = os.path.join(workdir, "bench-rows")
-    best, busy, iowait = None, float("nan"), float("nan")
+    best: dict[str, float] | None = None
     for _ in range(2):  # the first run also starts worker processes and imports
         shutil.rmtree(out, ignore_errors=True)
         ds = build_ingest(manifest, decode_settings(cfg, archive, None), cfg.data)
-        before, t = cpu_times(), time.perf_counter()
+        before, procs, t = cpu_times(), process_cpu(), time.perf_counter()
         write_rows(ds, out, None)
         seconds = time.perf_counter() - t
-        if best is None or seconds < best:
-            best = seconds
-            busy, iowait = busy_share(before, cpu_times())
+        after, procs_after = cpu_times(), process_cpu()
+        if best is None or seconds < best["seconds"]:
+            busy, iowait = busy_share(before, after)
+            roles = cpu_by_role(procs, procs_after, os.getpid())
+            total = after[2] - before[2] if before and after else float("nan")  # cores x seconds
+            best = {"rate": n / seconds, "n": n, "seconds": seconds, "busy": busy, "iowait": iowait,
+                    "idle": 1.0 - busy - iowait, "worker_ms": 1e3 * roles["workers"] / n,
+                    **{role: used / total for role, used in roles.items()}}
     ray.shutdown()
-    return n / best, n, best, busy, iowait
+    return best
 
 
 def main() -> None:
@@ -294,17 +309,18 @@ def main() -> None:
     rounds = []
     for _ in range(args.rounds):
         task_rate = decode_task_rate(archives["uncompressed"], args.image_size, args.workdir, overrides=overrides)
-        together = concurrent_task_rate(archives["uncompressed"], args.image_size, args.workdir, args.cpus, overrides)
+        together, together_ms = concurrent_task_rate(archives["uncompressed"], args.image_size, args.workdir, args.cpus, overrides)
         # Every file once more just before the pipeline: from the page cache if the archive stayed
         # there, at the disk's rate if not (this VM's cache holds ~2 GB; the rate says which).
         warm, warm_mb = read_through(_files(archives["uncompressed"]))
-        rate, n, seconds, busy, iowait = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat, overrides)
+        pipe = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat, overrides)
+        n = pipe["n"]
         pinned = pinned_task_rate(archives["uncompressed"], args.image_size, args.workdir, overrides)
-        rounds.append({"task": task_rate["sustained"], "burst": task_rate["burst"], "task_cores": task_rate["cores"],
+        rounds.append({**pipe, "task": task_rate["sustained"], "burst": task_rate["burst"], "task_cores": task_rate["cores"],
+                       "task_ms": 1e3 * task_rate["cores"] / task_rate["sustained"],
                        "pinned": pinned, "pinned_ideal": args.cpus * pinned,
                        "per_cpu_ideal": args.cpus * task_rate["sustained"] / max(task_rate["cores"], 1.0),
-                       "together": together, "warm": warm,
-                       "warm_mb": warm_mb, "rate": rate, "seconds": seconds, "busy": busy, "iowait": iowait,
+                       "together": together, "together_ms": together_ms, "warm": warm, "warm_mb": warm_mb,
                        "ideal": args.cpus * task_rate["sustained"], "burst_ideal": args.cpus * task_rate["burst"]})
 
     def median(key: str) -> float:
@@ -337,6 +353,22 @@ def main() -> None:
     print(f"| ideal: {args.cpus} x a decode task's sustained per-file rate | {median('ideal'):,.0f} |")
     print(f"\nDuring the pipeline runs the machine's cores were busy {per_round('busy', '.1%')} of the time (all processes: "
           f"Ray's workers, driver, raylet, GCS, dashboard) and waited on the disk {per_round('iowait', '.1%')}.")
+    print("\nWhere the machine's CPU time went during the pipeline runs, as shares of cores x seconds (rounds; median):\n")
+    print("| | share |")
+    print("| --- | ---: |")
+    for key, label in (("workers", "decode tasks' worker processes"), ("driver", "driver (Ray Data's executor)"),
+                       ("ray_data_actors", "Ray Data's stats and autoscaling actors"),
+                       ("ray_daemons", "Ray's daemons (GCS, raylet, dashboard, agents, monitors)"),
+                       ("other", "processes outside Ray"), ("idle", "idle")):
+        print(f"| {label} ({per_round(key, '.1%')}) | {median(key):.1%} |")
+    factors = ", ".join(f"{r['workers']:.0%} x {r['task_ms'] / r['together_ms']:.0%} x {r['together_ms'] / r['worker_ms']:.0%}" for r in rounds)
+    print(f"\nCPU per image: the single-core pass, its read-ahead threads counted, {per_round('task_ms', '.2f')} ms "
+          f"(median {median('task_ms'):.2f}); {args.cpus} processes at once without Ray {per_round('together_ms', '.2f')} ms "
+          f"(median {median('together_ms'):.2f}); the pipeline's decode workers {per_round('worker_ms', '.2f')} ms "
+          f"(median {median('worker_ms'):.2f}).")
+    print(f"\npipeline / {args.cpus} x the pass's images per CPU-second = the decode workers' share of the cores "
+          f"x the cores' slow-down when all of them work (the pass's CPU per image / {args.cpus} processes') "
+          f"x Ray's cost per image in the workers ({args.cpus} processes' CPU per image / the workers'), by round: {factors}.")
     print(f"\npipeline / ideal = {ratio:.1%}, median of the rounds ({per_round_ratio(rounds, 'rate', 'ideal')}; target >= 90 %); "
           f"pipeline / the same work in {args.cpus} processes without Ray = {per_round_ratio(rounds, 'rate', 'together')}; "
           f"{args.cpus} processes / {args.cpus} x one = {per_round_ratio(rounds, 'together', 'ideal')}; "
