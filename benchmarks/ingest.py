@@ -270,7 +270,9 @@ def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, over
             roles = cpu_by_role(procs, procs_after, os.getpid())
             total = after[2] - before[2] if before and after else float("nan")  # cores x seconds
             best = {"rate": n / seconds, "n": n, "seconds": seconds, "busy": busy, "iowait": iowait,
-                    "idle": 1.0 - busy - iowait, "worker_ms": 1e3 * roles["workers"] / n,
+                    # nan without /proc, or when the workers are not this process's children
+                    # (a Ray cluster joined through RAY_ADDRESS): no per-image figure then
+                    "idle": 1.0 - busy - iowait, "worker_ms": 1e3 * roles["workers"] / n if roles["workers"] else float("nan"),
                     **{role: used / total for role, used in roles.items()}}
     ray.shutdown()
     return best
