@@ -70,6 +70,13 @@ def head_archive(workdir: str, n: int, difficulty: float) -> tuple[str, str]:
     return archive, os.path.join(workdir, f"cache-{n}-{difficulty}")
 
 
+def archive_files(root: str) -> list[str]:
+    """Every object of the archive at ``root`` as a full path or URI, labels.csv left out."""
+    from medhier import storage
+
+    return [storage.join(root, o.path) for page in storage.list_objects(root, exclude=["*.csv"]) for o in page]
+
+
 def read_through(paths: list[str], readers: int = 4) -> tuple[float, float]:
     """Read every file once (``readers`` threads) -> (files/s, MB/s). Run before the measurements:
     it puts the archive in the page cache when it fits, so that the runs measure medhier and not

@@ -50,15 +50,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from medhier import storage, synthetic  # noqa: E402
+from medhier import synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.dicom import decode  # noqa: E402
 from medhier.preprocess import resize_image, to_uint8  # noqa: E402
-from common import busy_share, cpu_by_role, cpu_times, machine, process_cpu, read_through  # noqa: E402
-
-
-def _files(root: str) -> list[str]:
-    return [storage.join(root, o.path) for page in storage.list_objects(root, exclude=["*.csv"]) for o in page]
+from common import archive_files, busy_share, cpu_by_role, cpu_times, machine, process_cpu, read_through  # noqa: E402
 
 
 def make_archives(workdir: str, n: int, size: int) -> dict[str, str]:
@@ -75,7 +71,7 @@ def make_archives(workdir: str, n: int, size: int) -> dict[str, str]:
         root = os.path.join(workdir, f"{name}-{size}")
         if not os.path.isdir(root):
             os.makedirs(root)
-            for i, path in enumerate(_files(plain)[:100]):
+            for i, path in enumerate(archive_files(plain)[:100]):
                 ds = pydicom.dcmread(path)
                 ds.compress(uid, encoding_plugin="pylibjpeg")
                 ds.save_as(os.path.join(root, f"IM{i:04d}.dcm"), enforce_file_format=True)
@@ -299,7 +295,7 @@ def main() -> None:
         parser.error(f"--set: {exc}")
 
     archives = make_archives(args.workdir, args.n, args.size)
-    sample = {k: _files(v)[:100] for k, v in archives.items()}
+    sample = {k: archive_files(v)[:100] for k, v in archives.items()}
     rows = []
     for name in ("uncompressed", "rle", "j2k"):
         rows.append((f"single core, {name}: decode + resize + uint8", single_core_rate(sample[name], args.image_size)))
@@ -314,7 +310,7 @@ def main() -> None:
         together, together_ms = concurrent_task_rate(archives["uncompressed"], args.image_size, args.workdir, args.cpus, overrides)
         # Every file once more just before the pipeline: from the page cache if the archive stayed
         # there, at the disk's rate if not (this VM's cache holds ~2 GB; the rate says which).
-        warm, warm_mb = read_through(_files(archives["uncompressed"]))
+        warm, warm_mb = read_through(archive_files(archives["uncompressed"]))
         pipe = pipeline_rate(archives["uncompressed"], args.image_size, args.workdir, args.repeat, overrides)
         n = pipe["n"]
         pinned = pinned_task_rate(archives["uncompressed"], args.image_size, args.workdir, overrides)

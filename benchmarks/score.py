@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from medhier import storage, synthetic  # noqa: E402
+from medhier import synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from common import machine, make_checkpoint, read_through  # noqa: E402
+from common import archive_files, machine, make_checkpoint, read_through  # noqa: E402
 
 
 def make_archive(workdir: str, n: int, size: int) -> str:
@@ -54,17 +54,13 @@ def link_archive(archive: str, copies: int) -> str:
     root = f"{archive}-x{copies}"
     if not os.path.isdir(os.path.join(root, f"copy-{copies - 1}")):
         shutil.rmtree(root, ignore_errors=True)
-        files = _files(archive)
+        files = archive_files(archive)
         for k in range(copies):
             for path in files:
                 target = os.path.join(root, f"copy-{k}", os.path.relpath(path, archive))
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 os.link(path, target)
     return root
-
-
-def _files(root: str) -> list[str]:
-    return [storage.join(root, o.path) for page in storage.list_objects(root, exclude=["*.csv"]) for o in page]
 
 
 def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batch: int,
@@ -166,9 +162,9 @@ def main() -> None:
     n_large = args.n * args.links
     runs = set(args.large_runs.split(","))
 
-    d_large, d_large_mb = read_through(_files(large))
-    d_small, d_small_mb = read_through(_files(small))
-    c_rate = naive(_files(small)[: args.naive_files], checkpoint)
+    d_large, d_large_mb = read_through(archive_files(large))
+    d_small, d_small_mb = read_through(archive_files(small))
+    c_rate = naive(archive_files(small)[: args.naive_files], checkpoint)
     b_eager = model_ceiling(checkpoint, args.batch, args.image_size, compile_=False, workdir=args.workdir)
     b_compiled = model_ceiling(checkpoint, args.batch, args.image_size, compile_=True, workdir=args.workdir)
     cpu_only = not torch.cuda.is_available()  # int8 is a CPU path: medhier refuses it on GPUs

@@ -33,8 +33,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from common import machine, make_checkpoint, read_through  # noqa: E402
-from score import _files, make_archive  # noqa: E402
+from common import archive_files, machine, make_checkpoint, read_through  # noqa: E402
+from score import make_archive  # noqa: E402
 
 BATCH = 32
 
@@ -164,7 +164,7 @@ def main() -> None:
     cores = os.cpu_count() or 1
     os.makedirs(args.workdir, exist_ok=True)
     checkpoint = make_checkpoint(args.workdir, "resnet50", args.image_size)
-    paths = sorted(_files(make_archive(args.workdir, args.n, args.size)))
+    paths = sorted(archive_files(make_archive(args.workdir, args.n, args.size)))
     read_through(paths)  # from the page cache from here on
     calibration = os.path.join(args.workdir, "score-bound-int8.npz")
     images = np.random.default_rng(0).integers(0, 256, (2 * BATCH, args.image_size, args.image_size), dtype=np.uint8)
