@@ -45,10 +45,10 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
     """A checkpoint of ``arch`` with random weights (seed 0) under ``workdir``, made once."""
     import torch
 
-    from medhier.checkpoint import save_checkpoint
+    from medhier.train.checkpoint import save_checkpoint
     from medhier.config import load_config
-    from medhier.model import build_model
-    from medhier.taxonomy import Taxonomy
+    from medhier.classify.model import build_model
+    from medhier.classify.taxonomy import Taxonomy
 
     path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
     if not os.path.exists(os.path.join(path, "model.pt")):
@@ -62,7 +62,7 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
 def head_archive(workdir: str, n: int, difficulty: float) -> tuple[str, str]:
     """-> (archive, cache) of the phantom set hier_vs_flat.py and head_ablation.py both use: ``n``
     128 px phantoms at ``difficulty`` (seed 31), generated once; the cache is only named here."""
-    from medhier import synthetic
+    from medhier.synthetic import spine as synthetic
 
     archive = os.path.join(workdir, f"archive-{n}-{difficulty}")
     if not os.path.exists(os.path.join(archive, "labels.csv")):
@@ -72,7 +72,7 @@ def head_archive(workdir: str, n: int, difficulty: float) -> tuple[str, str]:
 
 def archive_files(root: str) -> list[str]:
     """Every object of the archive at ``root`` as a full path or URI, labels.csv left out."""
-    from medhier import storage
+    from medhier.io import storage
 
     return [storage.join(root, o.path) for page in storage.list_objects(root, exclude=["*.csv"]) for o in page]
 

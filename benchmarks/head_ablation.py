@@ -52,13 +52,13 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import columns as C  # noqa: E402
-from medhier import model as M  # noqa: E402
+from medhier.classify import model as M  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from medhier.data import CacheInfo, prepare  # noqa: E402
-from medhier.metrics import evaluate  # noqa: E402
-from medhier.preprocess import eval_preset, train_preset  # noqa: E402
-from medhier.taxonomy import Taxonomy  # noqa: E402
-from medhier.train import _class_weights, _renorm, _warmup_cosine  # noqa: E402
+from medhier.data.cache import CacheInfo, prepare  # noqa: E402
+from medhier.classify.metrics import evaluate  # noqa: E402
+from medhier.classify.presets import eval_preset, train_preset  # noqa: E402
+from medhier.classify.taxonomy import Taxonomy  # noqa: E402
+from medhier.train.loop import _class_weights, _renorm, _warmup_cosine  # noqa: E402
 from common import head_archive, machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")

@@ -23,12 +23,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import columns as C  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from medhier.data import load_cache  # noqa: E402
-from medhier.metrics import evaluate  # noqa: E402
+from medhier.data.cache import load_cache  # noqa: E402
+from medhier.classify.metrics import evaluate  # noqa: E402
 from medhier.runtime import init_ray  # noqa: E402
-from medhier.score import predict_dataset  # noqa: E402
-from medhier.taxonomy import Taxonomy  # noqa: E402
-from medhier.train import fit  # noqa: E402
+from medhier.infer.batch import predict_dataset  # noqa: E402
+from medhier.classify.taxonomy import Taxonomy  # noqa: E402
+from medhier.train.loop import fit  # noqa: E402
 from common import head_archive, machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")

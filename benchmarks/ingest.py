@@ -50,10 +50,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from medhier import synthetic  # noqa: E402
+from medhier.synthetic import spine as synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from medhier.dicom import decode  # noqa: E402
-from medhier.preprocess import resize_image, to_uint8  # noqa: E402
+from medhier.io.dicom import decode  # noqa: E402
+from medhier.classify.presets import resize_image, to_uint8  # noqa: E402
 from common import archive_files, busy_share, cpu_by_role, cpu_times, machine, process_cpu, read_through  # noqa: E402
 
 
@@ -123,7 +123,7 @@ def _task_work(archive: str, image_size: int, workdir: str, overrides: tuple[str
     without Ray. The archive is listed once per call."""
     import pyarrow.parquet as pq
 
-    from medhier.data import decode_settings, write_manifest
+    from medhier.data.cache import decode_settings, write_manifest
 
     cfg = _config(image_size, overrides)
     manifest = os.path.join(workdir, "single-manifest")
@@ -152,7 +152,7 @@ def _task_pass(batches: list[dict], settings, sink: str | None) -> tuple[float, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from medhier.data import decode_batch
+    from medhier.data.cache import decode_batch
 
     n, t, cpu = 0, time.perf_counter(), _cpu_seconds()
     for batch in batches:
@@ -238,7 +238,7 @@ def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, over
     import pyarrow.parquet as pq
     import ray
 
-    from medhier.data import build_ingest, decode_settings, write_manifest, write_rows
+    from medhier.data.cache import build_ingest, decode_settings, write_manifest, write_rows
     from medhier.runtime import init_ray
 
     cfg = _config(image_size, overrides)

@@ -24,11 +24,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier import columns as C  # noqa: E402
-from medhier import synthetic  # noqa: E402
-from medhier.checkpoint import load_checkpoint  # noqa: E402
+from medhier.synthetic import spine as synthetic  # noqa: E402
+from medhier.train.checkpoint import load_checkpoint  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.runtime import init_ray, shutdown_ray  # noqa: E402
-from medhier.score import leaf_column, report_table, score_archive  # noqa: E402
+from medhier.infer.batch import leaf_column, report_table, score_archive  # noqa: E402
 from common import machine  # noqa: E402
 
 

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from medhier import synthetic  # noqa: E402
+from medhier.synthetic import spine as synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from common import archive_files, machine, make_checkpoint, read_through  # noqa: E402
 
@@ -68,7 +68,7 @@ def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batc
     """-> (images/s of the scoring stage, images/s of the whole run, whole-run seconds,
     images/s in the steady state after the model's first batch (its compilation))."""
     from medhier.runtime import init_ray, shutdown_ray
-    from medhier.score import SCORED_AT, report_table, score_archive
+    from medhier.infer.batch import SCORED_AT, report_table, score_archive
 
     cfg = load_config(None, ["runtime.progress=false", f"score.batch_size={batch}", f"score.compile={'true' if compile_ else 'false'}",
                              f"score.precision={precision}"])
@@ -95,7 +95,7 @@ def model_ceiling(checkpoint: str, batch: int, size: int, compile_: bool, workdi
                   seconds: float = 20.0) -> float:
     """Images/s of the model alone on preprocessed uint8 tensors in memory, all cores. int8
     calibrates on random images (the rate does not depend on what it calibrated on)."""
-    from medhier.score import Scorer
+    from medhier.infer.batch import Scorer
 
     torch.set_num_threads(os.cpu_count() or 1)
     images = np.random.default_rng(0).integers(0, 256, (2 * batch, size, size), dtype=np.uint8)
@@ -119,7 +119,7 @@ def naive(paths: list[str], checkpoint: str) -> float:
     import pydicom
     from PIL import Image
 
-    from medhier.checkpoint import load_checkpoint
+    from medhier.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the tutorial's .to(device)

@@ -41,8 +41,8 @@ BATCH = 32
 
 def _decode_one(path: str, cfg, image_size: int) -> np.ndarray:
     """One file -> the (S, S) uint8 image a decode task makes of it (first frame)."""
-    from medhier.dicom import decode
-    from medhier.preprocess import resize_image, to_uint8
+    from medhier.io.dicom import decode
+    from medhier.classify.presets import resize_image, to_uint8
 
     with open(path, "rb") as f:
         pixels = decode(f.read(), cfg.dicom).pixels[0]
@@ -52,7 +52,7 @@ def _decode_one(path: str, cfg, image_size: int) -> np.ndarray:
 def _decoder(checkpoint: str, paths: list[str], image_size: int, queue, consumers: int) -> None:
     """Decode ``paths`` as medhier's decode tasks do and put batches of BATCH uint8 images on
     ``queue``; then one None per consumer."""
-    from medhier.checkpoint import load_checkpoint
+    from medhier.train.checkpoint import load_checkpoint
 
     cfg = load_checkpoint(checkpoint).cfg
     batch = []
@@ -73,7 +73,7 @@ def _model(checkpoint: str, calibration: str, threads: int, image_size: int, sec
     (the same batch over and over for ``seconds``), then batches from ``queue`` until None."""
     import torch
 
-    from medhier.score import Scorer
+    from medhier.infer.batch import Scorer
 
     torch.set_num_threads(threads)
     scorer = Scorer(checkpoint, {}, precision="int8", compile=True, batch_size=BATCH, threads=threads,
@@ -134,7 +134,7 @@ def decode_cost(checkpoint: str, paths: list[str], image_size: int) -> tuple[flo
     """-> (ms of one core per image for read + decode + resize + uint8, transfer syntax counts)."""
     import pydicom
 
-    from medhier.checkpoint import load_checkpoint
+    from medhier.train.checkpoint import load_checkpoint
 
     cfg = load_checkpoint(checkpoint).cfg
     syntaxes = collections.Counter(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID.name for p in paths)

@@ -27,7 +27,8 @@ import requests
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from medhier import storage, synthetic  # noqa: E402
+from medhier.io import storage  # noqa: E402
+from medhier.synthetic import spine as synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from common import machine, make_checkpoint  # noqa: E402
 
@@ -109,7 +110,7 @@ def main() -> None:
             f"serve.replica_cpus={os.cpu_count() or 1}", *args.overrides]
     batched_cfg = load_config(None, [*base, "serve.route=/batched/"])
     unbatched_cfg = load_config(None, [*base, "serve.route=/unbatched/", "serve.max_batch_size=1", "serve.batch_wait_timeout_s=0"])
-    from medhier.serve import run, shutdown
+    from medhier.infer.serve import run, shutdown
 
     urls = {"batched": run(batched_cfg, checkpoint, blocking=False, name="bench-batched"),
             "unbatched": run(unbatched_cfg, checkpoint, blocking=False, name="bench-unbatched")}
@@ -125,7 +126,7 @@ def main() -> None:
         shutdown("bench-unbatched", batched_cfg.serve)
     batched, unbatched = results["batched"], results["unbatched"]
 
-    from medhier.checkpoint import load_checkpoint
+    from medhier.train.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
     s = batched_cfg.serve

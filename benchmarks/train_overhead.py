@@ -36,8 +36,8 @@ def step_times(settings: dict) -> list[float]:
     import torch.distributed as dist
 
     from medhier.config import ModelConfig, TaxonomyConfig
-    from medhier.model import HierarchicalLoss, build_model
-    from medhier.taxonomy import Taxonomy
+    from medhier.classify.model import HierarchicalLoss, build_model
+    from medhier.classify.taxonomy import Taxonomy
 
     torch.set_num_threads(1)
     device = torch.device(settings["device"])

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from medhier.config import Config, ConfigError, load_config
-from medhier.taxonomy import TaxonomyError
+from medhier.classify.taxonomy import TaxonomyError
 
 __all__ = ["main"]
 
@@ -110,9 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _synth(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier import synthetic
+    from medhier.synthetic import spine as synthetic
     from medhier.runtime import set_verbosity
-    from medhier.taxonomy import Taxonomy
+    from medhier.classify.taxonomy import Taxonomy
 
     set_verbosity(args.verbose)
     summary = synthetic.generate_archive(
@@ -134,7 +134,7 @@ def _synth(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _prepare(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.data import prepare
+    from medhier.data.cache import prepare
     from medhier.runtime import init_ray
 
     _require("archive", args.archive, cfg)
@@ -146,7 +146,7 @@ def _prepare(args: argparse.Namespace, cfg: Config) -> int:
 
 def _require(what: str, uri: str, cfg: Config, inside: str = "") -> None:
     """Fail before Ray starts (seconds) when an input is plainly missing."""
-    from medhier import storage
+    from medhier.io import storage
 
     target = storage.join(uri, inside) if inside else uri
     if not storage.exists(target, cfg.storage):
@@ -155,7 +155,7 @@ def _require(what: str, uri: str, cfg: Config, inside: str = "") -> None:
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.runtime import init_ray
-    from medhier.train import fit
+    from medhier.train.loop import fit
 
     _require("archive", args.archive, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
@@ -164,9 +164,9 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.metrics import summary_table
+    from medhier.classify.metrics import summary_table
     from medhier.runtime import init_ray
-    from medhier.train import evaluate_archive
+    from medhier.train.loop import evaluate_archive
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
@@ -178,7 +178,7 @@ def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
 
 def _tune(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.runtime import init_ray
-    from medhier.tune import search_space, tune
+    from medhier.train.tune import search_space, tune
 
     search_space(cfg)  # a bad search space fails here, before Ray starts
     _require("archive", args.archive, cfg)
@@ -189,7 +189,7 @@ def _tune(args: argparse.Namespace, cfg: Config) -> int:
 
 def _score(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.runtime import init_ray
-    from medhier.score import score_archive
+    from medhier.infer.batch import score_archive
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
@@ -204,8 +204,8 @@ def _score(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _explain(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier import storage
-    from medhier.explain import explain_dicom
+    from medhier.io import storage
+    from medhier.classify.explain import explain_dicom
     from medhier.runtime import set_verbosity
 
     set_verbosity(args.verbose)
@@ -224,7 +224,7 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     import dataclasses
 
     from medhier.runtime import init_ray
-    from medhier.serve import run
+    from medhier.infer.serve import run
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     if args.port is not None:

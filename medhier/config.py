@@ -89,7 +89,7 @@ class TaxonomyConfig:
     severity: list[str] = field(default_factory=list)
 
     def validate(self, name: str) -> None:
-        from medhier.taxonomy import Taxonomy, TaxonomyError  # the taxonomy owns its rules
+        from medhier.classify.taxonomy import Taxonomy, TaxonomyError  # the taxonomy owns its rules
 
         try:
             Taxonomy.from_config(self, where=name)
@@ -478,7 +478,7 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if path:
-        from medhier import storage  # a config may live in S3 next to the data
+        from medhier.io import storage  # a config may live in S3 next to the data
 
         try:
             text = storage.read_bytes(path).decode("utf-8")

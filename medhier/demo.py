@@ -59,11 +59,11 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 def run_demo(workdir: str, cfg: Config, verbose: bool = False) -> int:
     """Synthesise -> train -> score under ``workdir``; -> exit status."""
-    from medhier import synthetic
+    from medhier.synthetic import spine as synthetic
     from medhier.runtime import init_ray
-    from medhier.score import score_archive
-    from medhier.taxonomy import Taxonomy
-    from medhier.train import fit
+    from medhier.infer.batch import score_archive
+    from medhier.classify.taxonomy import Taxonomy
+    from medhier.train.loop import fit
 
     start = time.perf_counter()
     workdir = os.path.abspath(workdir)

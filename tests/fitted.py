@@ -9,12 +9,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhier.checkpoint import save_checkpoint
+from medhier.train.checkpoint import save_checkpoint
 from medhier.config import Config
-from medhier.dicom import decode
-from medhier.model import HierarchicalLoss, build_model
-from medhier.preprocess import eval_preset, resize_image, to_uint8
-from medhier.taxonomy import Taxonomy
+from medhier.io.dicom import decode
+from medhier.classify.model import HierarchicalLoss, build_model
+from medhier.classify.presets import eval_preset, resize_image, to_uint8
+from medhier.classify.taxonomy import Taxonomy
 
 
 def fitted_checkpoint(directory: str, cfg: Config, root: str, *, seed: int, steps: int, epoch: int) -> str:

@@ -299,7 +299,7 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def archive(workdir) -> Path:
-    from medhier import synthetic
+    from medhier.synthetic import spine as synthetic
 
     root = workdir / "archive"
     synthetic.generate_archive(str(root), N_IMAGES, seed=3, size=64)
@@ -370,7 +370,7 @@ def test_prepare_job_writes_the_cache(prepared, archive):
 
 
 def test_train_job_writes_a_loadable_best_checkpoint(trained):
-    from medhier.checkpoint import load_checkpoint
+    from medhier.train.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(str(trained / "best"))
     assert loaded.epoch == 0 and loaded.model_id
@@ -379,7 +379,7 @@ def test_train_job_writes_a_loadable_best_checkpoint(trained):
 
 
 def test_score_job_reports_one_row_per_file(scored, archive):
-    from medhier.score import report_table
+    from medhier.infer.batch import report_table
 
     report = report_table(str(scored)).to_pydict()
     assert sorted(report["path"]) == sorted(_archive_files(archive))
@@ -392,8 +392,8 @@ def test_score_job_reports_one_row_per_file(scored, archive):
 def test_nightly_cron_line_scores_only_what_is_new(cluster, trained, archive, scored, workdir):
     """The crontab line of deploy/cron/medhier-score.cron, run as cron runs it (its variables,
     bash, `\\%` unescaped) with this cluster's values: the next night scores only the new files."""
-    from medhier import synthetic
-    from medhier.score import report_table
+    from medhier.synthetic import spine as synthetic
+    from medhier.infer.batch import report_table
     from test_cluster_config import CRON_FILE, cron_command, read_crontab
 
     tonight = workdir / "archive-tonight"  # yesterday's files (same versions) plus new ones
@@ -436,7 +436,7 @@ def test_secrets_in_the_runtime_env_stay_out_of_outputs_and_logs(cluster, workdi
     reach its S3 reads and appear in nothing the job writes or logs."""
     import yaml
 
-    from medhier import synthetic
+    from medhier.synthetic import spine as synthetic
     from medhier.config import StorageConfig
 
     archive = f"{s3_bucket}/archive"
@@ -470,8 +470,8 @@ def test_secrets_in_the_runtime_env_stay_out_of_outputs_and_logs(cluster, workdi
 def test_scoring_survives_losing_a_node(cluster, trained, workdir):
     """Kill every process of the second node while a scoring job runs: the job must still
     succeed, with exactly one report row per file (none lost, none twice)."""
-    from medhier import synthetic
-    from medhier.score import report_table
+    from medhier.synthetic import spine as synthetic
+    from medhier.infer.batch import report_table
 
     archive = workdir / "kill-archive"
     synthetic.generate_archive(str(archive), N_KILL_IMAGES, seed=11, size=64)

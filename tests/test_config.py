@@ -92,7 +92,7 @@ def test_round_trip_and_redaction():
 
 
 def test_config_from_s3(s3_bucket, storage_cfg):
-    from medhier import storage
+    from medhier.io import storage
 
     uri = f"{s3_bucket}/configs/run.yaml"
     storage.write_text(uri, "preprocess:\n  image_size: 80\n", storage_cfg)

@@ -1,0 +1,1 @@
+"""Phantom generators for the demo, the tests and the benchmarks: lumbar-spine CT (``spine``)."""

@@ -1,0 +1,169 @@
+"""Self-describing checkpoints: a checkpoint alone rebuilds the model and its preprocessing.
+
+A checkpoint is a directory (local or S3) holding ``model.pt`` — a plain dict of tensors and
+JSON-like values, so that it loads with ``torch.load(weights_only=True)``: a checkpoint from
+storage is untrusted input — and ``meta.json``, the same metadata readable without torch.
+``model_id`` is a hash of the weights: it names the model in reports and ledgers, and is checked
+on load so that a corrupted file is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from medhier import __version__
+from medhier.io import storage
+from medhier.config import Config, StorageConfig
+from medhier.classify.taxonomy import Taxonomy
+
+__all__ = ["CHECKPOINT_FILE", "Loaded", "config_for_checkpoint", "load_checkpoint", "model_id_of", "save_checkpoint", "unwrap"]
+
+# Sections that define what the model sees and predicts: they always come from the checkpoint.
+MODEL_SECTIONS = ("taxonomy", "dicom", "preprocess", "model")
+
+CHECKPOINT_FILE = "model.pt"
+META_FILE = "meta.json"
+FORMAT = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names it."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / torch.compile wrappers."""
+    while True:
+        if hasattr(model, "module") and isinstance(model.module, nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_id_of(state_dict: dict[str, torch.Tensor]) -> str:
+    """Content hash (16 hex digits) of the weights: same weights, same id, on any machine."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        # Flatten first: a channels_last 1x1 conv weight counts as contiguous but has no unit stride.
+        flat = t.contiguous().reshape(-1)
+        h.update(flat.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
+
+
+def save_checkpoint(
+    directory: str,
+    model: nn.Module,
+    cfg: Config,
+    taxonomy: Taxonomy,
+    *,
+    epoch: int,
+    metrics: dict[str, Any] | None = None,
+    training_state: dict[str, Any] | None = None,
+) -> str:
+    """Write ``model.pt`` and ``meta.json`` into a local directory -> model_id.
+
+    ``training_state`` (optimizer, scheduler, scaler, early-stopping bookkeeping) is only needed
+    to resume training; scoring ignores it.
+    """
+    state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    model_id = model_id_of(state)
+    meta = {
+        "format": FORMAT,
+        "model_id": model_id,
+        "medhier_version": __version__,
+        "epoch": epoch,
+        "config": cfg.to_public_dict(),  # resolved config, secrets redacted
+        "taxonomy": taxonomy.to_dict(),
+        "metrics": _jsonable(metrics or {}),
+    }
+    os.makedirs(directory, exist_ok=True)
+    buf = io.BytesIO()
+    torch.save({**meta, "model_state": state, "training_state": training_state or {}}, buf)
+    storage.write_bytes(os.path.join(directory, CHECKPOINT_FILE), buf.getvalue())
+    storage.write_text(os.path.join(directory, META_FILE), json.dumps(meta, indent=2))
+    return model_id
+
+
+@dataclass
+class Loaded:
+    """A loaded checkpoint: the model in eval mode and everything needed to feed it."""
+
+    model: nn.Module
+    cfg: Config
+    taxonomy: Taxonomy
+    model_id: str
+    epoch: int
+    metrics: dict[str, Any]
+    training_state: dict[str, Any]
+    uri: str
+
+
+def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> Loaded:
+    """Load a checkpoint directory (or its ``model.pt``), local or ``s3://``.
+
+    The model is rebuilt from the checkpoint's own config and taxonomy; its weights must hash
+    to the recorded model_id. The patient salt is never stored: scoring uses its own.
+    """
+    from medhier.classify.model import build_model
+
+    file_uri = uri if uri.endswith(".pt") else storage.join(storage.normalize(uri), CHECKPOINT_FILE)
+    try:
+        raw = storage.read_bytes(file_uri, storage_cfg)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"checkpoint {uri!r} not found (looked for {file_uri})") from None
+    try:
+        data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"checkpoint {uri!r} is not a medhier checkpoint: {type(exc).__name__}: {exc}") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or "model_state" not in data:
+        raise CheckpointError(f"checkpoint {uri!r} is not a medhier checkpoint of format {FORMAT}")
+    state = data["model_state"]
+    if model_id_of(state) != data["model_id"]:
+        raise CheckpointError(f"checkpoint {uri!r}: weights do not match their recorded model_id (corrupted?)")
+    public = data["config"]
+    public["dicom"]["patient_salt"] = ""
+    cfg = Config.from_dict(public)
+    taxonomy = Taxonomy.from_dict(**data["taxonomy"])
+    model = build_model(cfg.model, taxonomy, load_pretrained=False)
+    model.load_state_dict(state)
+    model.eval()
+    return Loaded(model, cfg, taxonomy, data["model_id"], int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri)
+
+
+def config_for_checkpoint(user: Config, checkpoint_cfg: Config) -> Config:
+    """The config to run a checkpoint with: how images become model input (taxonomy, DICOM
+    windows, preprocessing, model) from the checkpoint, so scoring matches training; where data
+    lives and how to run (storage, data, train, runtime, ...) from the user. The patient salt
+    is the user's: it is never stored in a checkpoint."""
+    data = user.to_dict()
+    ckpt = checkpoint_cfg.to_dict()
+    for section in MODEL_SECTIONS:
+        data[section] = ckpt[section]
+    data["dicom"]["patient_salt"] = user.dicom.patient_salt
+    return Config.from_dict(data)
+
+
+def _jsonable(value: Any) -> Any:
+    """Metrics as plain JSON types (numpy scalars and NaN included), so weights_only can load them."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    return value

@@ -1,0 +1,327 @@
+"""Hyper-parameter search with Ray Tune over fine-tuning depth and learning rates.
+
+The pattern is Ray Train V2's: each Tune trial runs a small driver function that builds its own
+``TorchTrainer`` (:func:`medhier.train.train_on_cache`) with ``TuneReportCallback``, so every
+epoch's validation metrics reach Tune and ASHA can stop weak trials early. The cache is made
+once per search; trials only read it.
+
+Output layout::
+
+    OUTPUT/cache/               preprocessed cache (unless data.cache points elsewhere)
+    OUTPUT/tune/                Ray Tune experiment (restorable with --resume)
+    OUTPUT/trials/<trial>/      each trial's training run (checkpoints, best/, history.json)
+    OUTPUT/trials.parquet       one row per trial: parameters, best metric, epochs, stopped early
+    OUTPUT/search.png           the metric against each parameter
+    OUTPUT/best/                the best trial's best checkpoint (ready for `medhier score`)
+    OUTPUT/best_config.yaml     the best trial's resolved config
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medhier.io import storage
+from medhier.config import MINIMISED_METRICS, Config, ConfigError, TuneConfig
+
+__all__ = ["TuneSummary", "max_concurrent_trials", "search_space", "tune"]
+
+log = logging.getLogger(__name__)
+
+_DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
+
+
+def metric_and_mode(cfg: Config) -> tuple[str, str]:
+    metric = cfg.tune.metric or cfg.train.metric
+    return metric, "min" if metric in MINIMISED_METRICS else "max"
+
+
+def search_space(cfg: Config) -> dict[str, Any]:
+    """``tune.space`` (plain specs) -> Ray Tune sampling objects, keyed by dotted config key.
+
+    Every spec is checked against the config it will modify, so a bad key, distribution or value
+    fails here naming ``tune.space.<key>``, before any trial starts.
+    """
+    from ray import tune as rt
+
+    validate_space(cfg.tune, cfg)
+    space = {}
+    for key, spec in cfg.tune.space.items():
+        (kind, values), = spec.items()
+        if kind == "choice":
+            space[key] = rt.choice(list(values))
+        elif kind == "uniform":
+            space[key] = rt.uniform(*values)
+        elif kind == "loguniform":
+            space[key] = rt.loguniform(*values)
+        else:
+            space[key] = rt.randint(values[0], values[1] + 1)  # inclusive upper bound, as written
+    return space
+
+
+def validate_space(tune_cfg: TuneConfig, cfg: Config) -> None:
+    """Check every ``tune.space`` entry: a known config key, one distribution, values that the
+    config accepts. Raises ConfigError naming ``tune.space.<key>``."""
+    if not tune_cfg.space:
+        raise ConfigError("tune.space: empty; give at least one parameter, e.g. train.lr_head: {loguniform: [1.0e-4, 1.0e-2]}")
+    for key, spec in tune_cfg.space.items():
+        where = f"tune.space.{key}"
+        section, _, name = key.partition(".")
+        if section in ("tune", "storage", "runtime") or not name or not hasattr(getattr(cfg, section, None), name):
+            raise ConfigError(f"{where}: not a tunable config key (use section.key, e.g. train.lr_head)")
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in _DISTRIBUTIONS)}}}, got {spec!r}")
+        (kind, values), = spec.items()
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ConfigError(f"{where}.{kind}: expected a list, got {values!r}")
+        if kind != "choice":
+            if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or not values[0] < values[1]:
+                raise ConfigError(f"{where}.{kind}: expected [low, high] with low < high, got {values!r}")
+            if kind == "loguniform" and values[0] <= 0:
+                raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {values!r}")
+            if kind == "randint" and not all(isinstance(v, int) for v in values):
+                raise ConfigError(f"{where}.randint: bounds must be integers, got {values!r}")
+        candidates = values if kind == "choice" else list(values)
+        for value in candidates:
+            try:
+                apply_params(cfg, {key: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: value {value!r} is not valid for {key}: {exc}") from None
+
+
+def apply_params(cfg: Config, params: dict[str, Any]) -> Config:
+    """A copy of ``cfg`` with dotted keys set (and validated)."""
+    data = copy.deepcopy(cfg.to_dict())
+    for key, value in params.items():
+        section, name = key.split(".", 1)
+        if isinstance(value, np.generic):
+            value = value.item()
+        data[section][name] = value
+    return Config.from_dict(data)
+
+
+def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
+    """Trials that fit at once: by GPUs when trials use GPUs, else by CPUs, keeping a quarter of
+    the CPUs for Ray Data (trials that take every CPU starve their own input pipelines)."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    workers = cfg.train.num_workers
+    gpus = resources.get("GPU", 0)
+    if gpus >= 1 and cfg.train.use_gpu != "false":
+        return max(1, int(gpus // workers))
+    usable = resources.get("CPU", 1) * 0.75
+    return max(1, int(usable // (workers * cfg.train.cpus_per_worker)))
+
+
+def _trial(config: dict[str, Any]) -> None:
+    """One Tune trial: the base config with this trial's parameters, trained on the shared cache."""
+    import ray.tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from medhier.train.loop import train_on_cache
+
+    params = {k: v for k, v in config.items() if not k.startswith("_")}
+    cfg = apply_params(Config.from_dict(config["_base"]), params)
+    trial_dir = storage.join(config["_output"], "trials", ray.tune.get_context().get_trial_id())
+    train_on_cache(cfg, config["_cache"], trial_dir, callbacks=(TuneReportCallback(),))
+
+
+@dataclass
+class TuneSummary:
+    output: str
+    metric: str
+    mode: str
+    trials: list[dict[str, Any]]
+    best_trial: str
+    best_metric: float | None
+    best_checkpoint: str
+    concurrent: int
+    seconds: float
+
+    def table(self) -> str:
+        keys = [k for k in (self.trials[0] if self.trials else {}) if k.startswith("param:")]
+        head = f"{'trial':<14}" + "".join(f"{k[6:]:>22}" for k in keys) + f"{self.metric:>18}{'epochs':>8}  status"
+        lines = [head, "-" * len(head)]
+        for t in self.trials:
+            params = "".join(f"{_fmt(t[k]):>22}" for k in keys)
+            status = "stopped early" if t["stopped_early"] else t["status"].lower()
+            lines.append(f"{t['trial_id']:<14}{params}{_fmt(t['best_metric']):>18}{t['epochs']:>8}  {status}")
+        lines.append(f"best: {self.best_trial} ({self.metric} {_fmt(self.best_metric)}) -> {self.best_checkpoint}")
+        lines.append(f"{len(self.trials)} trials, up to {self.concurrent} at once, {self.seconds:,.0f} s")
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool = False) -> TuneSummary:
+    """Run (or with ``resume``, continue) the search; write trials.parquet, search.png, best/.
+
+    Needs Ray initialised.
+    """
+    import ray
+    from ray import tune as rt
+
+    from medhier.data.cache import prepare
+
+    start = time.perf_counter()
+    output = storage.normalize(output)
+    space = search_space(cfg)  # validates before anything runs
+    metric, mode = metric_and_mode(cfg)
+    cache = cfg.data.cache or storage.join(output, "cache")
+    prepare(cfg, archive, cache, labels)  # once per search; trials only read it
+    base = cfg.to_dict()
+    fs, root = storage.filesystem(output, cfg.storage)
+    trainable = rt.with_resources(_trial, {"cpu": 0.1})  # the trial driver mostly waits on its trainer
+    concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
+    experiment = storage.join(output, "tune")
+    if resume and not rt.Tuner.can_restore(f"{root}/tune", storage_filesystem=fs):
+        raise FileNotFoundError(f"--resume: no search to resume at {experiment}")
+    if resume:
+        # Finished trials keep their results; unfinished and errored ones continue from their
+        # last checkpoint (each trial's training resumes from its own run directory).
+        tuner = rt.Tuner.restore(f"{root}/tune", trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
+    else:
+        scheduler = (
+            rt.schedulers.ASHAScheduler(
+                time_attr="training_iteration",
+                max_t=cfg.train.epochs,
+                grace_period=cfg.tune.grace_period,
+                reduction_factor=cfg.tune.reduction_factor,
+            )
+            if cfg.tune.scheduler == "asha"
+            else rt.schedulers.FIFOScheduler()
+        )
+        tuner = rt.Tuner(
+            trainable,
+            param_space={**space, "_base": base, "_cache": cache, "_output": output},
+            tune_config=rt.TuneConfig(
+                metric=metric,
+                mode=mode,
+                scheduler=scheduler,
+                # The limit goes to the generator itself: Tune ignores max_concurrent_trials when
+                # a BasicVariantGenerator is passed in (it only warns).
+                search_alg=rt.search.BasicVariantGenerator(max_concurrent=concurrent, random_state=cfg.tune.seed),
+                num_samples=cfg.tune.num_samples,
+                trial_dirname_creator=lambda trial: trial.trial_id,
+            ),
+            run_config=rt.RunConfig(
+                name="tune",
+                storage_path=root,
+                storage_filesystem=fs,
+                failure_config=rt.FailureConfig(max_failures=cfg.tune.trial_max_failures),
+                verbose=1 if _verbose() else 0,
+            ),
+        )
+    results = tuner.fit()
+    trials = _trial_rows(results, cfg, output, metric, mode)
+    if not any(t["best_metric"] is not None and not math.isnan(t["best_metric"]) for t in trials):
+        raise RuntimeError(f"no trial reported {metric}; see the trial errors in {experiment}")
+    best = (min if mode == "min" else max)(
+        (t for t in trials if t["best_metric"] is not None and not math.isnan(t["best_metric"])), key=lambda t: t["best_metric"]
+    )
+    _write_outputs(cfg, output, trials, best, metric, mode)
+    return TuneSummary(output, metric, mode, trials, best["trial_id"], best["best_metric"],
+                       storage.join(output, "best"), concurrent, time.perf_counter() - start)
+
+
+def _verbose() -> bool:
+    from medhier.runtime import verbose
+
+    return verbose()
+
+
+def _trial_rows(results, cfg: Config, output: str, metric: str, mode: str) -> list[dict[str, Any]]:
+    rows = []
+    for result in results:
+        trial_id = result.path.rstrip("/").rsplit("/", 1)[-1]
+        history = result.metrics_dataframe
+        values = history[metric].astype(float).to_numpy() if history is not None and metric in history else np.array([])
+        values = values[~np.isnan(values)]
+        best = float(values.min() if mode == "min" else values.max()) if len(values) else float("nan")
+        epochs = int(history["epoch"].max() + 1) if history is not None and "epoch" in history and len(history) else 0
+        own_stop = bool(history["early_stop"].iloc[-1]) if history is not None and "early_stop" in history and len(history) else False
+        status = "ERROR" if result.error else "TERMINATED"
+        row = {
+            "trial_id": trial_id,
+            **{f"param:{k}": _plain(v) for k, v in result.config.items() if not k.startswith("_")},
+            "best_metric": best,
+            "epochs": epochs,
+            # ASHA ended it: no error, fewer epochs than asked, and not medhier's own early stopping
+            "stopped_early": bool(not result.error and epochs < cfg.train.epochs and not own_stop),
+            "status": status,
+            "error": str(result.error or ""),
+            "checkpoint": storage.join(output, "trials", trial_id, "best"),
+        }
+        rows.append(row)
+    return sorted(rows, key=lambda r: r["trial_id"])
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
+
+
+def _write_outputs(cfg: Config, output: str, trials: list[dict[str, Any]], best: dict[str, Any], metric: str, mode: str) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import yaml
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pylist(trials), sink)
+    storage.write_bytes(storage.join(output, "trials.parquet"), sink.getvalue().to_pybytes(), cfg.storage)
+    storage.write_bytes(storage.join(output, "search.png"), _plot(trials, cfg, metric), cfg.storage)
+    for name in ("model.pt", "meta.json"):
+        storage.write_bytes(storage.join(output, "best", name), storage.read_bytes(storage.join(best["checkpoint"], name), cfg.storage), cfg.storage)
+    params = {k[len("param:"):]: v for k, v in best.items() if k.startswith("param:")}
+    best_cfg = apply_params(cfg, params)
+    text = f"# best trial {best['trial_id']}: {metric} = {best['best_metric']:.6g}\n" + yaml.safe_dump(best_cfg.to_public_dict(), sort_keys=False)
+    storage.write_text(storage.join(output, "best_config.yaml"), text, cfg.storage)
+    storage.write_text(storage.join(output, "tune_summary.json"), json.dumps({"metric": metric, "mode": mode, "best": best}, indent=2, default=str), cfg.storage)
+
+
+def _plot(trials: list[dict[str, Any]], cfg: Config, metric: str) -> bytes:
+    """PNG: the trials' best metric against each parameter (log axis for loguniform ones)."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    keys = [k for k in cfg.tune.space]
+    fig = Figure(figsize=(4.2 * len(keys), 3.6))
+    FigureCanvasAgg(fig)
+    for i, key in enumerate(keys, 1):
+        ax = fig.add_subplot(1, len(keys), i)
+        xs = [t.get(f"param:{key}") for t in trials]
+        ys = [t["best_metric"] for t in trials]
+        early = [t["stopped_early"] for t in trials]
+        kind = next(iter(cfg.tune.space[key]))
+        if kind == "choice" and not all(isinstance(x, (int, float)) for x in xs):
+            labels = sorted({str(x) for x in xs})
+            xs = [labels.index(str(x)) for x in xs]
+            ax.set_xticks(range(len(labels)), labels)
+        for stopped, marker, label in ((False, "o", "ran to the end"), (True, "x", "stopped early")):
+            pts = [(x, y) for x, y, e in zip(xs, ys, early) if e == stopped]
+            if pts:
+                ax.scatter(*zip(*pts), marker=marker, label=label)
+        if kind == "loguniform":
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+        if i == 1:
+            ax.legend(fontsize=8)
+    fig.suptitle(f"Search: best {metric} per trial")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -1,0 +1,293 @@
+"""Archive scoring: report schema, every file accounted for, incremental runs, crash safety."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from medhier import columns as C
+from medhier.io import storage
+from medhier.synthetic import spine as synthetic
+from medhier.train.checkpoint import load_checkpoint
+from medhier.cli import EXIT_ERROR_RATE, main
+from medhier.config import load_config
+from medhier.io.dicom import decode
+from medhier.classify.presets import eval_preset, resize_image, to_uint8
+from medhier.infer.batch import FAIL_AFTER_ENV, leaf_column, report_schema, report_table, score_archive
+from tests.fitted import fitted_checkpoint
+
+pytestmark = pytest.mark.ray
+
+SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
+N = 24
+
+
+def _cfg(*overrides: str):
+    return load_config(SMOKE, ["runtime.progress=false", "score.batch_size=8", "data.decode_batch_size=8", *overrides])
+
+
+def _make_checkpoint(directory: str, seed: int, root: str) -> str:
+    return fitted_checkpoint(directory, _cfg(), root, seed=seed, steps=15, epoch=7)
+
+
+@pytest.fixture(scope="module")
+def source_archive(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("score-archive"))
+    synthetic.generate_archive(root, N, seed=9, size=64, compressed_fraction=0.3, monochrome1_fraction=0.2)
+    broken = synthetic.add_broken_files(root, seed=9)
+    return root, broken
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, source_archive):
+    return _make_checkpoint(str(tmp_path_factory.mktemp("ckpt")), 0, source_archive[0])
+
+
+@pytest.fixture()
+def archive(source_archive, tmp_path):
+    """A private copy, so that tests can add files."""
+    root, broken = source_archive
+    copy = str(tmp_path / "archive")
+    shutil.copytree(root, copy)
+    return copy, broken
+
+
+def _rows_per_file(output: str) -> Counter:
+    return Counter(report_table(output, columns=[C.PATH])[C.PATH].to_pylist())
+
+
+def test_report_has_one_row_per_file_with_the_documented_schema(archive, checkpoint, ray_session, tmp_path):
+    root, broken = archive
+    out = str(tmp_path / "out")
+    summary = score_archive(_cfg(), root, checkpoint, out)
+    loaded = load_checkpoint(checkpoint)
+    table = report_table(out)
+    schema = report_schema(loaded.taxonomy)
+    assert table.drop_columns([]).select(schema.names).schema == schema
+    rows = table.to_pylist()
+    assert Counter(r[C.PATH] for r in rows) == Counter({p: 1 for p in _listed(root)})
+    assert summary.files == N + len(broken) and summary.rows == N + len(broken)
+    assert summary.error_files == len(broken) and summary.images_ok == N
+
+    errors = {r[C.PATH]: r for r in rows if r[C.STATUS] == "error"}
+    assert {p: r["error_reason"] for p, r in errors.items()} == broken
+    assert all(r["main_label"] is None and r["leaf_prob"] is None and p in r["error_message"] for p, r in errors.items())
+    leaves = loaded.taxonomy.leaf_names
+    for r in (r for r in rows if r[C.STATUS] == "ok"):
+        probs = np.array([r[leaf_column(n)] for n in leaves])
+        assert probs.sum() == pytest.approx(1.0, abs=1e-3)
+        assert r["leaf_label"] == f"{r['main_label']}/{r['sub_label']}"  # the leaf lies in the main class
+        assert r["leaf_prob"] == pytest.approx(r["main_prob"] * r["sub_prob"], rel=1e-3)
+        assert r["model_id"] == loaded.model_id and r["model_version"] == "epoch-7"
+        assert r["run_id"] == summary.run_id and r["sop_instance_uid"] and r["study_instance_uid"]
+        assert len(r["patient_key"]) == 20
+    assert len({r["leaf_label"] for r in rows if r["leaf_label"]}) >= 2
+    text = json.dumps(rows, default=str)
+    assert "PHANTOM-" not in text and "Phantom^" not in text  # no raw patient ID or name
+
+    written = json.loads(Path(out, "summary.json").read_text())
+    assert written["run_id"] == summary.run_id and written["errors"] == dict(Counter(broken.values()))
+    studies = pa.parquet.read_table(Path(out, "studies", f"{loaded.model_id}__epoch-7.parquet")).to_pylist()
+    ok_rows = [r for r in rows if r[C.STATUS] == "ok"]
+    assert len(studies) == len({r[C.STUDY_INSTANCE_UID] for r in ok_rows})
+    rank = dict(zip(leaves, loaded.taxonomy.severity_rank))
+    for study in studies:
+        mine = [r for r in ok_rows if r[C.STUDY_INSTANCE_UID] == study[C.STUDY_INSTANCE_UID]]
+        worst = max(mine, key=lambda r: (rank[r["leaf_label"]], r["leaf_prob"]))
+        assert study["most_severe_leaf"] == worst["leaf_label"] and study["n_images"] == len(mine)
+        assert study["most_severe_prob"] == pytest.approx(worst["leaf_prob"])
+
+
+def _listed(root: str) -> list[str]:
+    return [o.path for page in storage.list_objects(root, exclude=load_config().data.exclude) for o in page]
+
+
+def test_predictions_equal_the_model_called_directly(archive, checkpoint, ray_session, tmp_path):
+    root, _ = archive
+    out = str(tmp_path / "out")
+    score_archive(_cfg("score.precision=fp32"), root, checkpoint, out)
+    loaded = load_checkpoint(checkpoint)
+    ok = [r for r in report_table(out).to_pylist() if r[C.STATUS] == "ok"]
+    images = []
+    for r in ok:
+        pixels = decode(Path(root, r[C.PATH]).read_bytes(), loaded.cfg.dicom).pixels[0]
+        images.append(to_uint8(resize_image(pixels, loaded.cfg.preprocess.image_size, loaded.cfg.preprocess.resize)))
+    with torch.no_grad():
+        direct = loaded.model(eval_preset(loaded.cfg.preprocess)(torch.from_numpy(np.stack(images)))).log_p_leaf.exp().numpy()
+    report = np.array([[r[leaf_column(n)] for n in loaded.taxonomy.leaf_names] for r in ok])
+    np.testing.assert_allclose(report, direct, atol=1e-5)
+
+
+def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, checkpoint, ray_session, tmp_path, capsys):
+    root, broken = archive
+    fp32_out, int8_out = str(tmp_path / "fp32"), str(tmp_path / "int8")
+    score_archive(_cfg("score.precision=fp32"), root, checkpoint, fp32_out)
+    summary = score_archive(_cfg("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8"),
+                            root, checkpoint, int8_out)
+    assert summary.precision == "int8" and summary.compiled
+    # N good images in the sample: 16 calibrate, 8 others check against fp32
+    check = summary.int8
+    assert check["calibration_images"] == 16 and check["images"] == 8 and check["actors"] == 1
+    assert check["leaf_agreement"] >= 0.95 and 0 < check["max_abs_diff"] < 0.1  # > 0: the model did run in int8
+    assert json.loads(Path(int8_out, "summary.json").read_text())["int8"] == check
+    assert "int8 vs fp32     same leaf on" in summary.table()
+
+    by_path = lambda out: {r[C.PATH]: r for r in report_table(out).to_pylist()}  # noqa: E731
+    fp32, int8 = by_path(fp32_out), by_path(int8_out)
+    assert fp32.keys() == int8.keys() and len(int8) == N + len(broken)  # every file, once
+    assert {p: r["error_reason"] for p, r in int8.items() if r[C.STATUS] == "error"} == broken
+    ok = [p for p, r in fp32.items() if r[C.STATUS] == "ok"]
+    leaves = load_checkpoint(checkpoint).taxonomy.leaf_names
+    same = np.mean([fp32[p]["leaf_label"] == int8[p]["leaf_label"] for p in ok])
+    diff = max(abs(fp32[p][leaf_column(n)] - int8[p][leaf_column(n)]) for p in ok for n in leaves)
+    assert same >= 0.9 and 0 < diff < 0.1, (same, diff)
+    assert all(int8[p]["leaf_label"].startswith(int8[p]["main_label"] + "/") for p in ok)
+
+
+def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_session, tmp_path):
+    root, broken = archive
+    out = str(tmp_path / "out")
+    first = score_archive(_cfg(), root, checkpoint, out)
+    second = score_archive(_cfg(), root, checkpoint, out)
+    assert second.files == 0 and second.already_scored == first.files
+    added = synthetic.generate_archive(str(tmp_path / "more"), 3, seed=77, size=64)
+    new_paths = [p for p in _listed(added.out)]
+    for p in new_paths:
+        target = Path(root, "new", p)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(added.out, p), target)
+    third = score_archive(_cfg(), root, checkpoint, out)
+    assert third.files == 3
+    counts = _rows_per_file(out)
+    assert all(v == 1 for v in counts.values()) and len(counts) == N + len(broken) + 3
+    # another model scores everything again: one row per file and model
+    other = _make_checkpoint(str(tmp_path / "other-ckpt"), 1, root)
+    fourth = score_archive(_cfg(), root, other, out)
+    assert fourth.files == N + len(broken) + 3
+    assert set(_rows_per_file(out).values()) == {2}
+
+
+def test_a_crashed_run_leaves_nothing_and_the_next_run_completes(archive, checkpoint, ray_session, tmp_path, monkeypatch):
+    root, broken = archive
+    out = str(tmp_path / "out")
+    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
+    with pytest.raises(Exception, match="injected failure"):
+        score_archive(_cfg("score.batch_size=4", "data.decode_batch_size=4"), root, checkpoint, out)
+    assert not Path(out, "report").exists() and not Path(out, "ledger").exists()
+    monkeypatch.delenv(FAIL_AFTER_ENV)
+    done = score_archive(_cfg(), root, checkpoint, out)
+    assert done.files == N + len(broken)
+    assert _rows_per_file(out) == Counter({p: 1 for p in _listed(root)})
+
+
+def test_commit_interrupted_before_the_ledger_is_rolled_forward(archive, checkpoint, ray_session, tmp_path):
+    root, _ = archive
+    out = str(tmp_path / "out")
+    first = score_archive(_cfg(), root, checkpoint, out)
+    os.remove(Path(out, "ledger", f"run_id={first.run_id}.parquet"))  # as if killed between the two
+    again = score_archive(_cfg(), root, checkpoint, out)
+    assert again.recovered_runs == [first.run_id] and again.files == 0
+    assert set(_rows_per_file(out).values()) == {1}
+
+
+def test_full_rescore_supersedes_earlier_rows_of_the_same_model(archive, checkpoint, ray_session, tmp_path):
+    root, broken = archive
+    out = str(tmp_path / "out")
+    first = score_archive(_cfg(), root, checkpoint, out)
+    full = score_archive(_cfg(), root, checkpoint, out, full=True)
+    assert full.files == N + len(broken)
+    runs = set(report_table(out, columns=["run_id"])["run_id"].to_pylist())
+    assert runs == {full.run_id} and first.run_id not in runs
+    assert set(_rows_per_file(out).values()) == {1}
+
+
+def test_cli_exit_code_follows_the_error_rate(archive, checkpoint, ray_session, tmp_path, capsys):
+    root, broken = archive
+    args = ["score", "--archive", root, "--checkpoint", checkpoint, "--config", SMOKE, "runtime.progress=false"]
+    rate = len(broken) / (N + len(broken))
+    assert main([*args, "--output", str(tmp_path / "a"), "--max-error-rate", str(rate + 0.01)]) == 0
+    assert main([*args, "--output", str(tmp_path / "b"), "--max-error-rate", str(rate - 0.01)]) == EXIT_ERROR_RATE
+    assert "exceeds --max-error-rate" in capsys.readouterr().err
+    assert main(["score", "--archive", str(tmp_path / "nowhere"), "--checkpoint", checkpoint, "--output", str(tmp_path / "c")]) == 2
+
+
+@pytest.mark.s3
+def test_scoring_an_s3_archive_into_s3(source_archive, checkpoint, ray_session, s3_bucket, storage_cfg):
+    root, broken = source_archive
+    for path in _listed(root):
+        storage.write_bytes(f"{s3_bucket}/archive/{path}", Path(root, path).read_bytes(), storage_cfg)
+    cfg = _cfg(f"storage.s3_endpoint={storage_cfg.s3_endpoint}")
+    summary = score_archive(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
+    table = report_table(f"{s3_bucket}/scores", storage_cfg)
+    assert Counter(table[C.PATH].to_pylist()) == Counter({p: 1 for p in _listed(root)})
+    assert table.num_rows == summary.rows == N + len(broken)
+    assert all(e for e in table[C.ETAG].to_pylist())  # S3 ETags recorded for the ledger
+    again = score_archive(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
+    assert again.files == 0
+
+
+def test_explain_and_sr_outputs_sit_beside_the_report(archive, checkpoint, ray_session, tmp_path):
+    from medhier.io.sr import read_sr
+
+    root, _ = archive
+    out = str(tmp_path / "out")
+    score_archive(_cfg("score.explain_min_prob=0.3"), root, checkpoint, out, explain=True, sr=True)
+    rows = report_table(out).to_pylist()
+    ok = [r for r in rows if r[C.STATUS] == "ok"]
+    chosen = [r for r in ok if r["main_label"] != "normal" and r["leaf_prob"] >= 0.3]
+    assert chosen, "the fixture model should flag some abnormal images"
+    for r in ok:
+        if r in chosen:
+            png = Path(out, r["explain_path"]).read_bytes()
+            assert png[:8] == b"\x89PNG\r\n\x1a\n"
+            assert all(0 <= r[k] <= 1 for k in ("explain_peak_y", "explain_peak_x", "explain_com_y", "explain_com_x"))
+        else:
+            assert r["explain_path"] is None and r["explain_peak_y"] is None
+        back = read_sr(Path(out, r["sr_path"]).read_bytes())
+        assert back["referenced_sop_instance_uid"] == r[C.SOP_INSTANCE_UID]
+        assert (back["main_label"], back["sub_label"]) == (r["main_label"], r["sub_label"])
+        assert back["main_prob"] == pytest.approx(r["main_prob"], abs=1e-4)
+        assert back["model_id"] == r["model_id"] and back["verification_flag"] == "UNVERIFIED"
+    assert all(r["sr_path"] is None for r in rows if r[C.STATUS] == "error")
+
+
+def test_a_cpu_scorer_leaves_its_node_a_cpu_for_the_decode_tasks(ray_session):
+    from medhier.infer.batch import scorer_resources
+
+    # the session's single node has 8 logical CPUs: 7 for the model, 1 for decoding beside it
+    assert scorer_resources("false") == (0, 7.0)
+
+
+def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_written(checkpoint):
+    import time
+
+    from medhier.infer.batch import SCORED_AT, SCORED_MS, Scorer, to_report
+
+    loaded = load_checkpoint(checkpoint)
+    size = loaded.cfg.preprocess.image_size
+    strings = lambda *v: np.array(v, dtype=object)  # noqa: E731
+    batch = {
+        C.PATH: strings("a.dcm", "broken.dcm"), C.SIZE: np.array([10, 3]), C.ETAG: strings("", ""), C.MTIME: np.array([1.0, 2.0]),
+        C.SOP_INSTANCE_UID: strings("1.2.3", ""), C.STUDY_INSTANCE_UID: strings("1.2", ""), C.SERIES_INSTANCE_UID: strings("1.2.4", ""),
+        C.FRAME: np.array([0, -1]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
+        C.STATUS: strings("ok", "error"), C.REASON: strings("", "truncated"), C.ERROR: strings("", "broken.dcm: truncated"),
+        C.IMAGE: strings(np.full((size, size), 128, np.uint8).tobytes(), b""),
+    }
+    scorer = Scorer(checkpoint, {}, precision="fp32")
+    before = int(time.time() * 1000)
+    scored = scorer(batch)
+    after = int(time.time() * 1000)
+    assert ((scored[SCORED_MS] >= before) & (scored[SCORED_MS] <= after)).all()  # error rows too
+    time.sleep(0.05)  # the report stage runs later: its own clock would say so
+    report = to_report(scored, loaded.taxonomy.to_dict(), loaded.model_id, "v1", "run-1")
+    stamps = report[SCORED_AT].cast(pa.int64()).to_numpy()
+    np.testing.assert_array_equal(stamps, scored[SCORED_MS])
+    assert report["status"].to_pylist() == ["ok", "error"] and report["error_reason"].to_pylist() == [None, "truncated"]

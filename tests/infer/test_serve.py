@@ -1,0 +1,242 @@
+"""The online endpoint over real HTTP: answers equal the Scorer's, rejections carry their reason,
+uploads are bounded, and concurrent requests share forward passes without mixing answers up."""
+
+from __future__ import annotations
+
+import csv
+import socket
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+from medhier.synthetic import spine as synthetic
+from medhier.train.checkpoint import load_checkpoint
+from medhier.config import load_config
+from medhier.io.dicom import decode
+from medhier.classify.presets import resize_image, to_uint8
+from medhier.infer.batch import Scorer
+from medhier.classify.taxonomy import Taxonomy
+from tests.fitted import fitted_checkpoint
+
+pytestmark = pytest.mark.ray
+
+SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
+N = 24  # phantoms: one per concurrent request
+MAX_UPLOAD_MB = 0.1  # a 64 px phantom is ~9 KB
+TIMEOUT = 60  # seconds per HTTP request; the first one waits for nothing but the replica
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _make_checkpoint(directory: str, root: str) -> str:
+    return fitted_checkpoint(directory, load_config(SMOKE), root, seed=0, steps=8, epoch=3)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("serve-archive"))
+    synthetic.generate_archive(root, N, seed=5, size=64, compressed_fraction=0.3, monochrome1_fraction=0.2)
+    broken = synthetic.add_broken_files(root, seed=5)
+    files = [row["path"] for row in csv.DictReader(open(Path(root, "labels.csv")))]
+    return root, files, broken
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, archive):
+    return _make_checkpoint(str(tmp_path_factory.mktemp("serve-ckpt")), archive[0])
+
+
+@pytest.fixture(scope="module")
+def expected(archive, checkpoint):
+    """What the Scorer itself says about every phantom: path -> (sop_instance_uid, p_main, p_leaf)."""
+    root, files, _ = archive
+    loaded = load_checkpoint(checkpoint)
+    images, uids = [], []
+    for path in files:
+        decoded = decode(Path(root, path).read_bytes(), loaded.cfg.dicom)
+        images.append(to_uint8(resize_image(decoded.pixels[0], loaded.cfg.preprocess.image_size, loaded.cfg.preprocess.resize)))
+        uids.append(decoded.meta["sop_instance_uid"])
+    out = Scorer(checkpoint, {}, precision="fp32").predict_images(np.stack(images))
+    return {path: (uid, out["p_main"][i], out["p_leaf"][i]) for i, (path, uid) in enumerate(zip(files, uids))}
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, checkpoint):
+    from ray import serve
+
+    from medhier.infer.serve import run, shutdown
+
+    cfg = load_config(SMOKE, [
+        "runtime.progress=false", "score.precision=fp32",  # fp32: answers comparable to 1e-5
+        f"serve.port={_free_port()}", f"serve.max_upload_mb={MAX_UPLOAD_MB}",
+        "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05",
+    ])
+    base = run(cfg, checkpoint, blocking=False, name="medhier-test")
+    yield base
+    shutdown("medhier-test", cfg.serve)  # the last app: stops Serve's HTTP proxy too, and waits for its port
+    with pytest.raises(requests.ConnectionError):
+        requests.get(base + "healthz", timeout=5)
+    serve.shutdown()  # whatever happened above, nothing of Serve outlives this module
+
+
+def _post(url: str, data: bytes, **kwargs) -> requests.Response:
+    return requests.post(url + "predict", data=data, headers={"Content-Type": "application/dicom"}, timeout=TIMEOUT, **kwargs)
+
+
+def _check_answer(body: dict, uid: str, p_main: np.ndarray, p_leaf: np.ndarray, tax: Taxonomy) -> None:
+    assert body["sop_instance_uid"] == uid and body["frame"] == 0
+    np.testing.assert_allclose([body["leaf_probs"][n] for n in tax.leaf_names], p_leaf, atol=1e-5)
+    np.testing.assert_allclose([body["main_probs"][m] for m in tax.mains], p_main, atol=1e-5)
+    # hierarchical: the leaf lies in the main class, P(leaf) = P(main) x P(sub | main)
+    assert body["leaf_label"] == f"{body['main_label']}/{body['sub_label']}"
+    assert body["sub_label"] in tax.subs[tax.mains.index(body["main_label"])]
+    assert body["leaf_prob"] == pytest.approx(body["main_prob"] * body["sub_prob"], rel=1e-5)
+    assert body["leaf_prob"] == pytest.approx(body["leaf_probs"][body["leaf_label"]])
+
+
+def test_a_phantom_is_answered_as_the_scorer_answers_it(url, archive, checkpoint, expected):
+    root, files, _ = archive
+    loaded = load_checkpoint(checkpoint)
+    uid, p_main, p_leaf = expected[files[0]]
+    response = _post(url, Path(root, files[0]).read_bytes())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    _check_answer(body, uid, p_main, p_leaf, loaded.taxonomy)
+    assert body["model_id"] == loaded.model_id and body["model_version"] == "epoch-3"
+    assert 0 < body["timing_ms"]["decode"] <= body["timing_ms"]["total"]
+
+
+def test_multipart_upload_and_raw_body_give_the_same_answer(url, archive):
+    root, files, _ = archive
+    data = Path(root, files[1]).read_bytes()
+    raw = _post(url, data)
+    octet = requests.post(url + "predict", data=data, headers={"Content-Type": "application/octet-stream"}, timeout=TIMEOUT)
+    form = requests.post(url + "predict", files={"file": ("IM0001.dcm", data, "application/dicom")}, timeout=TIMEOUT)
+    assert raw.status_code == octet.status_code == form.status_code == 200, form.text
+    answers = [r.json() for r in (raw, octet, form)]
+    for a in answers:
+        del a["timing_ms"], a["batch_size"]
+    assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("broken/truncated.dcm", "corrupt_pixels"),
+    ("broken/notes.txt", "not_dicom"),
+    ("broken/report_sr.dcm", "no_pixels"),
+    ("broken/bad_header.dcm", "corrupt_header"),
+])
+def test_a_file_medhier_cannot_decode_gets_422_with_its_reason(url, archive, name, reason):
+    root, _, broken = archive
+    assert broken[name] == reason
+    for response in (_post(url, Path(root, name).read_bytes()),
+                     requests.post(url + "predict", files={"file": (name, Path(root, name).read_bytes())}, timeout=TIMEOUT)):
+        assert response.status_code == 422
+        body = response.json()
+        assert body["error"] == reason and body["message"]
+
+
+def test_empty_and_malformed_requests_are_client_errors_that_say_what_to_send(url):
+    empty = _post(url, b"")
+    assert empty.status_code == 400 and empty.json()["error"] == "empty_body"
+    assert "multipart" in empty.json()["message"] and "application/dicom" in empty.json()["message"]
+    wrong_field = requests.post(url + "predict", files={"image": ("a.dcm", b"DICM")}, timeout=TIMEOUT)
+    assert wrong_field.status_code == 400 and wrong_field.json()["error"] == "missing_file"
+    assert "'file'" in wrong_field.json()["message"]
+
+
+def test_an_upload_over_the_limit_gets_413_and_the_endpoint_keeps_serving(url, archive):
+    root, files, _ = archive
+    too_big = b"\0" * int(MAX_UPLOAD_MB * 1024 * 1024 + 1)
+    declared = _post(url, too_big)  # Content-Length says so: refused before reading
+    assert declared.status_code == 413 and declared.json()["error"] == "upload_too_large"
+    assert "serve.max_upload_mb=0.1" in declared.json()["message"]
+
+    def chunks():  # chunked transfer: no Content-Length, the size shows only while reading
+        for start in range(0, len(too_big), 16384):
+            yield too_big[start : start + 16384]
+
+    chunked = _post(url, chunks())
+    assert chunked.status_code == 413 and chunked.json()["error"] == "upload_too_large"
+    assert _post(url, Path(root, files[2]).read_bytes()).status_code == 200
+
+
+def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(url, archive, checkpoint, expected):
+    root, files, _ = archive
+    tax = load_checkpoint(checkpoint).taxonomy
+    bodies = {path: Path(root, path).read_bytes() for path in files}
+    with ThreadPoolExecutor(max_workers=len(files)) as pool:
+        responses = dict(zip(files, pool.map(lambda path: _post(url, bodies[path]), files)))
+    for path, response in responses.items():
+        assert response.status_code == 200, response.text
+        _check_answer(response.json(), *expected[path], tax)
+    assert len({r.json()["leaf_label"] for r in responses.values()}) >= 2  # answers differ per image
+    assert max(r.json()["batch_size"] for r in responses.values()) > 1
+
+    health = requests.get(url + "healthz", timeout=TIMEOUT).json()
+    sizes = {int(n): count for n, count in health["batch_sizes"].items()}
+    assert max(sizes) > 1 and max(sizes) <= 8  # serve.max_batch_size
+    assert health["requests"] >= N
+
+
+def test_healthz_names_the_model_and_its_taxonomy(url, checkpoint):
+    loaded = load_checkpoint(checkpoint)
+    health = requests.get(url + "healthz", timeout=TIMEOUT)
+    assert health.status_code == 200
+    body = health.json()
+    assert body["model_id"] == loaded.model_id and body["model_version"] == "epoch-3"
+    assert body["taxonomy"] == loaded.taxonomy.to_dict()
+    assert body["leaves"] == list(loaded.taxonomy.leaf_names)
+
+
+def test_a_missing_checkpoint_fails_before_anything_is_deployed(tmp_path):
+    from medhier.infer.serve import build_app
+
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        build_app(load_config(SMOKE), str(tmp_path / "nowhere"))
+
+
+def test_stopping_waits_until_the_port_refuses_connections(caplog):
+    """Ray reports a killed proxy dead before its process lets go of the port: shutdown waits for it."""
+    import threading
+    import time
+
+    from medhier.config import ServeConfig
+    from medhier.infer.serve import _wait_closed
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    closed_at: list[float] = []
+
+    def close_later() -> None:
+        time.sleep(0.5)
+        closed_at.append(time.monotonic())
+        listener.close()
+
+    closer = threading.Thread(target=close_later)
+    closer.start()
+    _wait_closed(ServeConfig(host="0.0.0.0", port=port), timeout_s=30)
+    assert closed_at, "returned while the port still accepted connections"
+    closer.join()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+    with socket.create_server(("127.0.0.1", 0)) as still_open:
+        port = still_open.getsockname()[1]
+        _wait_closed(ServeConfig(host="127.0.0.1", port=port), timeout_s=0.3)
+    assert f"still accepts connections on 127.0.0.1:{port}" in caplog.text
+
+
+def test_the_url_for_a_wildcard_host_is_the_loopback_address():
+    from medhier.config import ServeConfig
+    from medhier.infer.serve import base_url
+
+    assert base_url(ServeConfig(host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000/"
+    assert base_url(ServeConfig(host="::", port=8000, route="/v1")) == "http://[::1]:8000/v1/"
+    assert base_url(ServeConfig(host="10.0.0.5", port=9000)) == "http://10.0.0.5:9000/"

@@ -1,0 +1,100 @@
+"""Checkpoints: self-describing, content-addressed, safe to load from untrusted storage."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from medhier.io import storage
+from medhier.train.checkpoint import CheckpointError, config_for_checkpoint, load_checkpoint, model_id_of, save_checkpoint
+from medhier.config import load_config
+from medhier.classify.model import build_model
+from medhier.classify.taxonomy import Taxonomy
+
+OVERRIDES = ["model.arch=resnet18", "model.pretrained=none", "model.head_channels=16", "model.hidden=8",
+             "preprocess.image_size=48", "dicom.windows.CT=bone", "dicom.patient_salt=never-stored"]
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    cfg = load_config(None, OVERRIDES)
+    tax = Taxonomy.from_dict({"normal": ["normal"], "lesion": ["benign", "malignant"]})
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tax).to(memory_format=torch.channels_last)
+    directory = str(tmp_path / "ckpt")
+    model_id = save_checkpoint(directory, model, cfg, tax, epoch=3, metrics={"auc": torch.tensor(0.9), "nan": float("nan")})
+    return cfg, tax, model, directory, model_id
+
+
+def test_round_trip_rebuilds_model_config_and_taxonomy(saved):
+    cfg, tax, model, directory, model_id = saved
+    loaded = load_checkpoint(directory)
+    assert loaded.model_id == model_id == model_id_of(model.state_dict())
+    assert loaded.taxonomy == tax and loaded.epoch == 3
+    assert loaded.metrics == {"auc": pytest.approx(0.9), "nan": None}
+    assert loaded.cfg.preprocess.image_size == 48 and loaded.cfg.dicom.windows == {"CT": "bone"}
+    assert not loaded.model.training
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    x = torch.randn(2, 3, 48, 48)
+    model.eval()
+    torch.testing.assert_close(loaded.model(x).log_p_leaf, model(x).log_p_leaf)
+    meta = json.loads(open(os.path.join(directory, "meta.json")).read())
+    assert meta["model_id"] == model_id and meta["taxonomy"]["classes"]["lesion"] == ["benign", "malignant"]
+
+
+def test_the_patient_salt_never_enters_a_checkpoint(saved):
+    cfg, _, _, directory, _ = saved
+    for name in os.listdir(directory):
+        assert b"never-stored" not in open(os.path.join(directory, name), "rb").read()
+    assert load_checkpoint(directory).cfg.dicom.patient_salt == ""
+
+
+def test_model_id_depends_only_on_the_weights(saved):
+    _, _, model, _, model_id = saved
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}  # memory layout is not content
+    assert model_id_of(state) == model_id
+    state["main_out.bias"] = state["main_out.bias"] + 1
+    assert model_id_of(state) != model_id
+
+
+def test_corrupted_or_foreign_files_are_refused(saved, tmp_path):
+    _, _, _, directory, _ = saved
+    path = os.path.join(directory, "model.pt")
+    data = torch.load(path, weights_only=True)
+    data["model_state"]["main_out.bias"] += 1
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="do not match their recorded model_id"):
+        load_checkpoint(directory)
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /dev/null",))
+
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    with open(evil / "model.pt", "wb") as f:
+        torch.save({"format": 1, "payload": Evil()}, f)
+    with pytest.raises(CheckpointError, match="not a medhier checkpoint"):
+        load_checkpoint(str(evil))  # weights_only refuses to run the pickled call
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_checkpoint(str(tmp_path / "nowhere"))
+
+
+def test_run_config_takes_model_sections_from_the_checkpoint(saved):
+    _, _, _, directory, _ = saved
+    user = load_config(None, ["preprocess.image_size=224", "dicom.patient_salt=site", "data.decode_batch_size=7"])
+    run = config_for_checkpoint(user, load_checkpoint(directory).cfg)
+    assert run.preprocess.image_size == 48 and run.model.arch == "resnet18"  # from the checkpoint
+    assert run.data.decode_batch_size == 7 and run.dicom.patient_salt == "site"  # from the user
+
+
+@pytest.mark.s3
+def test_checkpoint_from_s3(saved, s3_bucket, storage_cfg):
+    _, _, _, directory, model_id = saved
+    for name in os.listdir(directory):
+        storage.write_bytes(f"{s3_bucket}/run/best/{name}", open(os.path.join(directory, name), "rb").read(), storage_cfg)
+    assert load_checkpoint(f"{s3_bucket}/run/best", storage_cfg).model_id == model_id
