@@ -23,6 +23,7 @@ __all__ = [
     "DataConfig",
     "DicomConfig",
     "ModelConfig",
+    "PlaqueConfig",
     "PreprocessConfig",
     "RuntimeConfig",
     "ScoreConfig",
@@ -406,6 +407,39 @@ class TuneConfig:
 
 
 @dataclass
+class PlaqueConfig:
+    """Longitudinal plaque change (seed 003): which series are which sequence, registration."""
+
+    # Sequence name -> case-insensitive glob patterns on SeriesDescription. The first sequence
+    # (in this order) with a matching pattern claims a series, so list the specific before the
+    # general (CE-T1w before T1w).
+    sequences: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "CE-T1w": ["*CE*T1*", "*T1*CE*", "*T1*POST*", "*POST*T1*", "*T1*GAD*", "*T1*+C*"],
+            "T1w": ["*T1*"],
+            "T2w": ["*T2*"],
+            "TOF": ["*TOF*", "*MRA*"],
+        }
+    )
+    reference: str = "T1w"  # the sequence every other one is registered to; its grid is the visit's
+    register: bool = True  # false: the sequences are already registered (same scanner session, no motion)
+    min_visits: int = 2  # visits a patient needs for change rates; fewer are counted in the summary
+
+    def validate(self, name: str) -> None:
+        if not self.sequences:
+            raise ConfigError(f"{name}.sequences: name at least one sequence with its SeriesDescription patterns")
+        for seq, patterns in self.sequences.items():
+            if not patterns or not all(isinstance(p, str) and p for p in patterns):
+                raise ConfigError(f"{name}.sequences.{seq}: need a list of non-empty patterns, got {patterns!r}")
+        if self.reference not in self.sequences:
+            close = difflib.get_close_matches(self.reference, list(self.sequences), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{name}.reference: {self.reference!r} is not one of {name}.sequences {list(self.sequences)}{hint}")
+        if self.min_visits < 2:
+            raise ConfigError(f"{name}.min_visits: change needs at least 2 visits, got {self.min_visits}")
+
+
+@dataclass
 class RuntimeConfig:
     """How medhier talks to Ray."""
 
@@ -433,6 +467,7 @@ class Config:
     score: ScoreConfig = field(default_factory=ScoreConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    plaque: PlaqueConfig = field(default_factory=PlaqueConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).

@@ -33,7 +33,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 from medhier import columns as C
 from medhier.config import DicomConfig, window_from_spec
 
-__all__ = ["Decoded", "DicomRejected", "REASONS", "decode", "patient_key"]
+__all__ = ["Decoded", "DicomRejected", "REASONS", "decode", "patient_key", "read_dataset"]
 
 # Rejection reason codes (stable: they are report values) -> what they mean.
 REASONS: dict[str, str] = {
@@ -157,7 +157,20 @@ def patient_key(patient_id: str, issuer: str = "", salt: str = "") -> str:
 # -- reading -------------------------------------------------------------------------------
 
 
-def _read_dataset(data: bytes, source: str) -> Dataset:
+def read_dataset(data: bytes, *, source: str = "", pixels: bool = True) -> Dataset:
+    """Parse one DICOM object held in memory -> its pydicom Dataset, checked as :func:`decode`
+    checks it (preamble or a plausible raw dataset, every top-level element parsed, not cut
+    short, a transfer syntax recorded). ``pixels=False`` stops before the pixel data (an SR's
+    or a volume's header). Every medhier module that needs a DICOM header gets it here.
+
+    Raises :class:`DicomRejected` (``not_dicom``, ``corrupt_header``, ``corrupt_pixels``).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # odd values are normal in archives; see decode()
+        return _read_dataset(data, source, pixels=pixels)
+
+
+def _read_dataset(data: bytes, source: str, pixels: bool = True) -> Dataset:
     name = source or "object"
     if not data:
         raise DicomRejected("not_dicom", f"{name} is empty (0 bytes)")
@@ -165,7 +178,7 @@ def _read_dataset(data: bytes, source: str) -> Dataset:
     if not has_preamble and not _looks_like_raw_dataset(data):
         raise DicomRejected("not_dicom", f"{name}: no DICM preamble and no DICOM data element at the start")
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble)
+        ds = pydicom.dcmread(io.BytesIO(data), force=not has_preamble, stop_before_pixels=not pixels)
         # Parse every top-level element now so that a broken header fails here, cleanly.
         elements = list(ds.keys())
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError, OverflowError, NotImplementedError) as exc:
@@ -173,12 +186,12 @@ def _read_dataset(data: bytes, source: str) -> Dataset:
         raise DicomRejected(reason, f"{name}: {type(exc).__name__}: {exc}") from None
     if not elements:
         raise DicomRejected("not_dicom" if not has_preamble else "corrupt_header", f"{name}: no data elements")
-    _check_not_truncated(ds, name)
+    _check_not_truncated(ds, name, pixels)
     _ensure_transfer_syntax(ds)
     return ds
 
 
-def _check_not_truncated(ds: Dataset, name: str) -> None:
+def _check_not_truncated(ds: Dataset, name: str, pixels: bool = True) -> None:
     """pydicom stops quietly where a file ends early; the last element it read then holds fewer
     bytes than its declared length. Checking that one element costs microseconds, where
     parsing every value would double the decode time."""
@@ -188,7 +201,8 @@ def _check_not_truncated(ds: Dataset, name: str) -> None:
         if last.tag in (0x7FE00010, 0x7FE00008, 0x7FE00009):
             raise DicomRejected("corrupt_pixels", f"{name}: pixel data truncated ({len(value):,} of {length:,} bytes)")
         raise DicomRejected("corrupt_header", f"{name}: file ends inside element {last.tag} ({len(value)} of {length} bytes)")
-    if not any(k in ds for k in _PIXEL_KEYWORDS) and "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds:
+    # (A header read without its pixels has no pixel data by request.)
+    if pixels and not any(k in ds for k in _PIXEL_KEYWORDS) and "Rows" in ds and "Columns" in ds and "BitsAllocated" in ds:
         # An image's attributes without its pixels: the file was cut before the pixel data.
         raise DicomRejected("corrupt_pixels", f"{name}: image attributes present but no pixel data (truncated file?)")
 
