@@ -124,6 +124,7 @@ def make_sr(
     instance_number: int = 1,
     manufacturer: str = "medhier",
     device_serial: str = "",
+    source_name: str = "",
 ) -> bytes:
     """One classified image -> the bytes of a Comprehensive 3D SR file (Part 10, Explicit VR LE).
 
@@ -132,7 +133,7 @@ def make_sr(
     (P(sub | main), written exactly as given), optionally ``leaf_prob`` (P(main and sub);
     main_prob * sub_prob when absent), ``leaf_label`` (checked against main/sub) and ``frame``
     (0-based, as in the report; referenced only for a multi-frame source). Probabilities are in
-    [0, 1].
+    [0, 1]. ``source_name``: a name for messages (e.g. the source's path).
 
     The SR is in the source's study, in a series shared by every SR of that study from the same
     model; its SOP Instance UID is a function of the source SOP Instance UID, frame, ``model_id``
@@ -165,6 +166,7 @@ def make_sr(
         instance_number=instance_number,
         series_description=f"AI classification: {algorithm_name} {model_version}",
         private_schemes=_SCHEMES,
+        source_name=source_name,
     )
 
 

@@ -100,6 +100,7 @@ from highdicom.coding_schemes import CodingSchemeIdentificationItem
 from highdicom.sr.utils import find_content_items
 from pydicom.charset import python_encoding
 from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
@@ -124,9 +125,9 @@ _TEXT_VRS = ("PN", "LO", "SH", "ST", "LT", "UT", "UC")
 # Single Specific Character Set terms the SR may keep: known to highdicom (which checks the value)
 # and to pydicom (which encodes the text), without ISO 2022 code extensions. ISO_IR 13 is left
 # out: pydicom writes it as JIS X 0201, narrower than the shift_jis codec it is mapped to.
-_KEEPABLE_CHARSETS = {
-    v.value for v in hd.SpecificCharacterSetValues if not v.value.startswith("ISO 2022")
-} & set(python_encoding) - {"ISO_IR 13"}
+_KEEPABLE_CHARSETS = (
+    {v.value for v in hd.SpecificCharacterSetValues if not v.value.startswith("ISO 2022")} & set(python_encoding)
+) - {"ISO_IR 13"}
 _CID29_BY_MODALITY = {getattr(codes.cid29, name).value: getattr(codes.cid29, name) for name in codes.cid29.dir()}
 _PIXELS = CodedConcept(value="{pixels}", meaning="Pixels", scheme_designator="UCUM")
 
@@ -528,7 +529,8 @@ def read_report(data: bytes) -> Report:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             sr = hd.sr.srread(io.BytesIO(data))
-    except Exception as exc:  # highdicom and pydicom fail on foreign bytes in many ways
+    except (InvalidDicomError, EOFError, OSError, AttributeError, KeyError, IndexError, TypeError, ValueError,
+            NotImplementedError, RuntimeError) as exc:  # how pydicom and highdicom fail on foreign bytes
         raise ValueError(f"not a readable DICOM SR: {type(exc).__name__}: {exc}") from None
     report = sr.content
     if not isinstance(report, MeasurementReport):
