@@ -8,12 +8,14 @@ the input and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Sequence
 
-from medhier.config import Config, ConfigError, load_config
 from medhier.classify.taxonomy import TaxonomyError
+from medhier.config import Config, ConfigError, load_config
+from medhier.io import storage
 
 __all__ = ["main"]
 
@@ -109,53 +111,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
+# Each command imports the library it calls when it runs: torch and Ray take seconds to import,
+# and `medhier synth`, `--help` or a usage error should not wait for them.
+
+
 def _synth(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.synthetic import spine as synthetic
+    from medhier.classify.taxonomy import Taxonomy  # the phantoms need neither torch nor Ray: not loaded at start-up
     from medhier.runtime import set_verbosity
-    from medhier.classify.taxonomy import Taxonomy
+    from medhier.synthetic import spine
 
     set_verbosity(args.verbose)
-    summary = synthetic.generate_archive(
-        args.out,
-        args.n,
-        seed=args.seed,
-        size=args.size,
-        difficulty=args.difficulty,
-        taxonomy=Taxonomy.from_config(cfg.taxonomy),
-        storage_cfg=cfg.storage,
-        patient_salt=cfg.dicom.patient_salt,
-        workers=args.workers,
-    )
+    summary = spine.generate_archive(args.out, args.n, seed=args.seed, size=args.size, difficulty=args.difficulty,
+                                     taxonomy=Taxonomy.from_config(cfg.taxonomy), storage_cfg=cfg.storage,
+                                     patient_salt=cfg.dicom.patient_salt, workers=args.workers)
     print(summary.table())
     if args.broken:
-        broken = synthetic.add_broken_files(args.out, cfg.storage, seed=args.seed)
+        broken = spine.add_broken_files(args.out, cfg.storage, seed=args.seed)
         print(f"broken files     {len(broken)} under broken/ ({', '.join(sorted(set(broken.values())))})")
     return 0
 
 
 def _prepare(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.data.cache import prepare
+    from medhier.classify.api import prepare  # heavy (torch, Ray): only when this command runs
     from medhier.runtime import init_ray
 
     _require("archive", args.archive, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
-    summary = prepare(cfg, args.archive, args.output, labels_uri=args.labels, force=args.force)
-    print(summary.table())
+    print(prepare(cfg, args.archive, args.output, labels=args.labels, force=args.force).table())
     return 0
 
 
 def _require(what: str, uri: str, cfg: Config, inside: str = "") -> None:
     """Fail before Ray starts (seconds) when an input is plainly missing."""
-    from medhier.io import storage
-
     target = storage.join(uri, inside) if inside else uri
     if not storage.exists(target, cfg.storage):
         raise FileNotFoundError(f"{what} {uri!r} not found" + (f" (no {inside} in it)" if inside else ""))
 
 
 def _train(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import fit  # heavy (torch, Ray): only when this command runs
     from medhier.runtime import init_ray
-    from medhier.train.loop import fit
 
     _require("archive", args.archive, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
@@ -164,21 +159,21 @@ def _train(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _evaluate(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import evaluate_archive  # heavy (torch, Ray): only when this command runs
     from medhier.classify.metrics import summary_table
     from medhier.runtime import init_ray
-    from medhier.train.loop import evaluate_archive
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
-    metrics = evaluate_archive(cfg, args.checkpoint, args.archive, args.output, labels=args.labels)
-    print(summary_table(metrics))
+    print(summary_table(evaluate_archive(cfg, args.checkpoint, args.archive, args.output, labels=args.labels)))
     return 0
 
 
 def _tune(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import tune  # heavy (torch, Ray): only when this command runs
     from medhier.runtime import init_ray
-    from medhier.train.tune import search_space, tune
+    from medhier.train.tune import search_space
 
     search_space(cfg)  # a bad search space fails here, before Ray starts
     _require("archive", args.archive, cfg)
@@ -188,13 +183,13 @@ def _tune(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _score(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.score import score  # heavy (torch, Ray): only when this command runs
     from medhier.runtime import init_ray
-    from medhier.infer.batch import score_archive
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
-    summary = score_archive(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr)
+    summary = score(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr)
     print(summary.table())
     limit = args.max_error_rate if args.max_error_rate is not None else cfg.score.max_error_rate
     if limit >= 0 and summary.error_rate > limit:
@@ -204,8 +199,7 @@ def _score(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _explain(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.io import storage
-    from medhier.classify.explain import explain_dicom
+    from medhier.classify.explain import explain_dicom  # heavy (torch): only when this command runs
     from medhier.runtime import set_verbosity
 
     set_verbosity(args.verbose)
@@ -221,21 +215,20 @@ def _explain(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _serve(args: argparse.Namespace, cfg: Config) -> int:
-    import dataclasses
-
-    from medhier.runtime import init_ray
+    from medhier.classify.task import CLASSIFY  # heavy (torch, Ray): only when this command runs
     from medhier.infer.serve import run
+    from medhier.runtime import init_ray
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     if args.port is not None:
         cfg = dataclasses.replace(cfg, serve=dataclasses.replace(cfg.serve, port=args.port))
     init_ray(cfg.runtime, verbose=args.verbose)
-    run(cfg, args.checkpoint, blocking=True)
+    run(cfg, args.checkpoint, CLASSIFY, blocking=True)
     return 0
 
 
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.demo import demo_config, run_demo
+    from medhier.demo import demo_config, run_demo  # heavy (torch, Ray): only when this command runs
 
     # the demo's embedded defaults, unless a config file is given; overrides apply either way
     return run_demo(args.workdir, cfg if args.config else demo_config(args.overrides), verbose=args.verbose)

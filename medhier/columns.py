@@ -1,6 +1,6 @@
-"""Column names of the rows that flow between stages (constants, never scattered strings).
-
-Listing -> decode -> cache rows -> training batches -> report rows all use these names.
+"""Column names of the rows that flow between the platform's stages (constants, never scattered
+strings): listing -> decode -> cache rows -> training batches -> report rows. A task's own columns
+(the classifier's labels and predictions) live in its package.
 """
 
 # Identity of the source object.
@@ -28,21 +28,19 @@ WINDOW_SOURCE = "window_source"  # config:<modality> | file | percentile | minma
 STATUS = "status"
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
-REASON = "reason"  # short rejection code, see medhier.dicom.REASONS
+REASON = "reason"  # short rejection code, see medhier.io.dicom.REASONS
 ERROR = "error"  # human-readable message
 
 # Preprocessed image: uint8, image_size x image_size, one grey channel, row-major bytes.
 IMAGE = "image"
 
-# Labels (names as in the manifest; indices as in the taxonomy; -1 = unlabelled).
-MAIN = "main"
-SUB = "sub"
-MAIN_LABEL = "main_label"
-SUB_LABEL = "sub_label"  # index within the main class
-LEAF_LABEL = "leaf_label"  # global leaf index
-SPLIT = "split"  # train | val | test
-
+SPLIT = "split"  # train | val | test (patient-level)
 SPLITS = ("train", "val", "test")
+
+# Every report row of a batch job (a task adds its own prediction columns).
+ERROR_REASON, ERROR_MESSAGE = "error_reason", "error_message"  # the rejection code and message; null on ok rows
+MODEL_ID, MODEL_VERSION = "model_id", "model_version"  # the weights' content hash; its label
+RUN_ID, SCORED_AT = "run_id", "scored_at"  # the run; when the model scored the row's batch
 
 # Columns every decoded row carries besides the image and labels, in report order.
 META_COLUMNS = (

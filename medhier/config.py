@@ -17,6 +17,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from medhier.io import storage
+from medhier.io.storage import StorageConfig, StorageConfigError
+
 __all__ = [
     "Config",
     "ConfigError",
@@ -54,27 +57,6 @@ WINDOW_PRESETS: dict[str, tuple[float, float]] = {
 
 
 @dataclass
-class StorageConfig:
-    """Where object storage lives. Credentials never go here: boto3 and pyarrow read the standard
-    AWS environment variables, profile or instance role, so no secret is ever written out with the
-    resolved config."""
-
-    s3_endpoint: str = ""  # e.g. http://127.0.0.1:5000 for MinIO/moto; empty = AWS
-    s3_region: str = ""  # empty = AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
-    s3_anonymous: bool = False  # public buckets
-    list_threads: int = 8  # parallel S3 listing of sub-prefixes
-    read_threads: int = 16  # concurrent object GETs inside one decode task
-
-    def validate(self, name: str) -> None:
-        if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
-            raise ConfigError(
-                f"{name}.s3_endpoint: {self.s3_endpoint!r} must start with http:// or https://"
-            )
-        _positive(name, "list_threads", self.list_threads)
-        _positive(name, "read_threads", self.read_threads)
-
-
-@dataclass
 class TaxonomyConfig:
     """The class hierarchy: main class -> its subclasses, in display order."""
 
@@ -90,7 +72,9 @@ class TaxonomyConfig:
     severity: list[str] = field(default_factory=list)
 
     def validate(self, name: str) -> None:
-        from medhier.classify.taxonomy import Taxonomy, TaxonomyError  # the taxonomy owns its rules
+        # Deferred on purpose: the platform loads this module and must not load a task package;
+        # the taxonomy's own rules check the section.
+        from medhier.classify.taxonomy import Taxonomy, TaxonomyError
 
         try:
             Taxonomy.from_config(self, where=name)
@@ -486,7 +470,10 @@ class Config:
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
-            getattr(self, f.name).validate(f.name)
+            try:
+                getattr(self, f.name).validate(f.name)
+            except StorageConfigError as exc:
+                raise ConfigError(str(exc)) from None
 
     def to_public_dict(self) -> dict[str, Any]:
         """Like :meth:`to_dict` but with secrets redacted: what gets written next to outputs."""
@@ -513,9 +500,7 @@ def load_config(
     """
     data: dict[str, Any] = {}
     if path:
-        from medhier.io import storage  # a config may live in S3 next to the data
-
-        try:
+        try:  # a config may live in S3 next to the data
             text = storage.read_bytes(path).decode("utf-8")
         except FileNotFoundError as exc:
             raise ConfigError(f"config file {path!r} not found") from exc

@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 import time
 
+from medhier.classify.api import fit
+from medhier.classify.score import score
+from medhier.classify.taxonomy import Taxonomy
 from medhier.config import Config, load_config
+from medhier.runtime import init_ray
+from medhier.synthetic import spine as synthetic
 
 __all__ = ["DEMO_CONFIG", "demo_config", "run_demo"]
 
@@ -59,12 +64,6 @@ def demo_config(overrides: list[str] | tuple[str, ...] = ()) -> Config:
 
 def run_demo(workdir: str, cfg: Config, verbose: bool = False) -> int:
     """Synthesise -> train -> score under ``workdir``; -> exit status."""
-    from medhier.synthetic import spine as synthetic
-    from medhier.runtime import init_ray
-    from medhier.infer.batch import score_archive
-    from medhier.classify.taxonomy import Taxonomy
-    from medhier.train.loop import fit
-
     start = time.perf_counter()
     workdir = os.path.abspath(workdir)
     archive, run, scores = (os.path.join(workdir, d) for d in ("archive", "run", "scores"))
@@ -84,7 +83,7 @@ def run_demo(workdir: str, cfg: Config, verbose: bool = False) -> int:
     print(result.table())
 
     _stage(f"3/3 scoring the archive -> {scores}")
-    scored = score_archive(cfg, archive, result.best_checkpoint, scores)
+    scored = score(cfg, archive, result.best_checkpoint, scores)
     print(scored.table())
     print(f"\ndemo finished in {time.perf_counter() - start:,.0f} s; query the report with e.g.\n"
           f"  python -c \"import pandas as pd; print(pd.read_parquet('{scores}/report').groupby('leaf_label').size())\"")

@@ -3,12 +3,17 @@ local instance; quiet logs unless verbose; Ray Data progress bars on request."""
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
+from collections.abc import Callable
+from typing import TypeVar
 
 from medhier.config import RuntimeConfig
 
-__all__ = ["init_ray", "set_verbosity", "shutdown_ray", "verbose"]
+__all__ = ["execute_pipeline", "init_ray", "release_failed_pipeline", "set_verbosity", "shutdown_ray", "verbose"]
+
+T = TypeVar("T")
 
 _QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "pydicom", "botocore", "urllib3", "filelock")
 
@@ -34,7 +39,7 @@ def set_verbosity(verbose: bool) -> None:
 
 def init_ray(cfg: RuntimeConfig, verbose: bool = False) -> None:
     """Start or join Ray once per process; later calls are no-ops."""
-    import ray
+    import ray  # seconds to import: `medhier synth` and `explain` never start Ray
     from ray.data import DataContext
 
     set_verbosity(verbose)
@@ -71,10 +76,21 @@ def default_local_cpus() -> int:
 
 
 def shutdown_ray() -> None:
-    import ray
+    import ray  # as in init_ray
 
     if ray.is_initialized():
         ray.shutdown()
+
+
+def execute_pipeline(run: Callable[[], T]) -> T:
+    """``run()``, which builds and consumes a Ray Data pipeline; if it raises, the pipeline's
+    actors are released (:func:`release_failed_pipeline`) before the exception goes on. Build the
+    datasets inside ``run``: references held by the caller's own frame would keep them alive."""
+    try:
+        return run()
+    except BaseException as exc:
+        release_failed_pipeline(exc)
+        raise
 
 
 def release_failed_pipeline(exc: BaseException) -> None:
@@ -88,8 +104,6 @@ def release_failed_pipeline(exc: BaseException) -> None:
     the locals of every finished frame reachable from the tracebacks (file and line numbers stay
     for the report) and collects the cycles that keep the executor alive.
     """
-    import gc
-
     pending, seen = [exc], set()
     while pending:
         e = pending.pop()

@@ -9,12 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medhier.train.checkpoint import save_checkpoint
-from medhier.config import Config
-from medhier.io.dicom import decode
-from medhier.classify.model import HierarchicalLoss, build_model
-from medhier.classify.presets import eval_preset, resize_image, to_uint8
+from medhier.classify.model import HierarchicalLoss
+from medhier.classify.presets import eval_preset
+from medhier.classify.task import CLASSIFY
 from medhier.classify.taxonomy import Taxonomy
+from medhier.config import Config
+from medhier.io.image import decode_images
+from medhier.train.checkpoint import save_checkpoint
 
 
 def fitted_checkpoint(directory: str, cfg: Config, root: str, *, seed: int, steps: int, epoch: int) -> str:
@@ -22,11 +23,11 @@ def fitted_checkpoint(directory: str, cfg: Config, root: str, *, seed: int, step
     (decoded and preprocessed as scoring does) and save it to ``directory`` -> ``directory``."""
     tax = Taxonomy.from_config(cfg.taxonomy)
     torch.manual_seed(seed)
-    model = build_model(cfg.model, tax)
+    model = CLASSIFY.build_model(cfg)
     images, mains, leaves = [], [], []
     for row in csv.DictReader(open(Path(root, "labels.csv"))):
-        pixels = decode(Path(root, row["path"]).read_bytes(), cfg.dicom).pixels[0]
-        images.append(to_uint8(resize_image(pixels, cfg.preprocess.image_size)))
+        _, (image,) = decode_images(Path(root, row["path"]).read_bytes(), cfg.dicom, cfg.preprocess.image_size)
+        images.append(image)
         main, _, leaf = tax.encode(row["main"], row["sub"])
         mains.append(main)
         leaves.append(leaf)
@@ -38,5 +39,5 @@ def fitted_checkpoint(directory: str, cfg: Config, root: str, *, seed: int, step
         opt.zero_grad()
         loss.backward()
         opt.step()
-    save_checkpoint(directory, model.eval(), cfg, tax, epoch=epoch)
+    save_checkpoint(directory, model.eval(), cfg, CLASSIFY, epoch=epoch)
     return directory

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medhier.cli import EXIT_USAGE, main
 from medhier.config import Config, load_config
@@ -20,8 +21,18 @@ def test_demo_config_is_configs_demo_yaml():
 
 
 @pytest.mark.parametrize("name", ["smoke.yaml", "demo.yaml", "spine.yaml"])
-def test_shipped_configs_load(name):
-    load_config(str(ROOT / "configs" / name))
+def test_shipped_configs_load_with_every_value_they_set(name):
+    path = ROOT / "configs" / name
+    resolved = load_config(str(path)).to_dict()
+    written = yaml.safe_load(path.read_text())
+    assert written, f"{name} sets nothing"
+    for section, values in written.items():
+        for key, value in values.items():
+            got = resolved[section][key]
+            if isinstance(got, float):
+                assert got == pytest.approx(float(value)), f"{section}.{key}"
+            else:
+                assert got == value, f"{section}.{key}"
 
 
 def test_readme_documents_every_config_key():

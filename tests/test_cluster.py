@@ -370,9 +370,10 @@ def test_prepare_job_writes_the_cache(prepared, archive):
 
 
 def test_train_job_writes_a_loadable_best_checkpoint(trained):
+    from medhier.classify.task import CLASSIFY
     from medhier.train.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(str(trained / "best"))
+    loaded = load_checkpoint(str(trained / "best"), CLASSIFY)
     assert loaded.epoch == 0 and loaded.model_id
     assert loaded.cfg.preprocess.image_size == 64
     assert (trained / "metrics.json").exists()

@@ -27,11 +27,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib import colormaps
+from PIL import Image
 from torch import nn
 
-from medhier.train.checkpoint import unwrap
 from medhier.classify.model import STAGES, Outputs, predict
+from medhier.classify.presets import eval_preset
+from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.classify.taxonomy import Taxonomy
+from medhier.config import StorageConfig
+from medhier.io import storage
+from medhier.io.image import decode_images
+from medhier.train.checkpoint import load_checkpoint, unwrap
 
 __all__ = [
     "LEVELS",
@@ -230,9 +237,6 @@ def _is_channels_last(model: nn.Module) -> bool:
 def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> bytes:
     """PNG bytes of ``heatmap`` (S, S) float in [0, 1], coloured with matplotlib's 'jet', blended
     with weight ``alpha`` over the grey windowed ``image`` (S, S) uint8. -> an S x S RGB PNG."""
-    from matplotlib import colormaps
-    from PIL import Image
-
     image = np.asarray(image)
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if image.ndim != 2 or image.shape != heatmap.shape:
@@ -278,7 +282,7 @@ def explain_dicom(
     data: bytes,
     output_dir: str,
     *,
-    storage_cfg=None,
+    storage_cfg: StorageConfig | None = None,
     level: str = "both",
     target: str | None = None,
     stage: str = "layer4",
@@ -295,27 +299,19 @@ def explain_dicom(
 
     -> JSON-able dict: model_id, frame, stage, the prediction (main/sub/leaf names with
     p_main, p_sub = P(sub | main), p_leaf) and per level the explained class, its probability,
-    the PNG's URI and its :func:`heat_summary`. Raises ``medhier.dicom.DicomRejected``
+    the PNG's URI and its :func:`heat_summary`. Raises ``medhier.io.dicom.DicomRejected``
     unchanged for a file that cannot be decoded, ValueError for a bad level, stage or target.
     """
-    from medhier.io import storage
-    from medhier.train.checkpoint import load_checkpoint
-    from medhier.config import StorageConfig
-    from medhier.io.dicom import decode
-    from medhier.classify.presets import eval_preset, resize_image, to_uint8
-
     if level not in (*LEVELS, "both"):
         raise ValueError(f"explain level {level!r}: choose from {[*LEVELS, 'both']}")
     levels = list(LEVELS) if level == "both" else [level]
     _check_stage(stage)
-    if isinstance(storage_cfg, dict):
-        storage_cfg = StorageConfig(**storage_cfg)
-    loaded = load_checkpoint(checkpoint, storage_cfg)
-    tax, cfg = loaded.taxonomy, loaded.cfg
+    loaded = load_checkpoint(checkpoint, CLASSIFY, storage_cfg)
+    tax, cfg = taxonomy_of(loaded), loaded.cfg
     targets = _dicom_targets(tax, level, target)  # before decoding: a typo fails fast
 
-    decoded = decode(data, cfg.dicom, source=source)
-    image = to_uint8(resize_image(decoded.pixels[0], cfg.preprocess.image_size, cfg.preprocess.resize))
+    decoded, images = decode_images(data, cfg.dicom, cfg.preprocess.image_size, cfg.preprocess.resize, source=source)
+    image = images[0]
     x = eval_preset(cfg.preprocess)(torch.from_numpy(image)[None])
 
     result: dict[str, Any] = {"checkpoint": checkpoint, "model_id": loaded.model_id, "frame": int(decoded.frames[0]), "stage": stage, "maps": {}}

@@ -21,8 +21,10 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from medhier.config import ModelConfig
+from medhier.io import storage
 from medhier.classify.taxonomy import Taxonomy
 
 __all__ = [
@@ -30,9 +32,9 @@ __all__ = [
     "HierarchicalResNet",
     "Outputs",
     "PretrainedWeightsError",
-    "autocast_dtype",
     "build_model",
     "predict",
+    "untie_shared_modules",
 ]
 
 log = logging.getLogger(__name__)
@@ -256,8 +258,6 @@ def _pretrained_state(cfg: ModelConfig, weights, storage_cfg) -> dict[str, torch
                 f"machine that has it and pass model.pretrained=/path/to/{weights.url.rsplit('/', 1)[-1]} "
                 "(or an s3:// URI), or model.pretrained=none to train from scratch"
             ) from None
-    from medhier.io import storage
-
     try:
         raw = storage.read_bytes(cfg.pretrained, storage_cfg)
     except FileNotFoundError:
@@ -283,28 +283,55 @@ def _pretrained_state(cfg: ModelConfig, weights, storage_cfg) -> dict[str, torch
     return {k: (state[k] if k in state and not k.startswith("fc.") else v) for k, v in expected.items()}
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for a ``precision`` setting (auto/bf16/fp16/fp32) on ``device``;
-    None means fp32 (no autocast)."""
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16 if device.type == "cuda" else torch.bfloat16  # no fp16 autocast on CPU
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    # CPU: bf16 pays off only with native bf16 matrix units (AMX / AVX512-BF16)
-    return torch.bfloat16 if _cpu_has_bf16() else None
+# -- int8: one module per call ----------------------------------------------------------------
 
 
-def _cpu_has_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
+class _BasicBlock(BasicBlock):
+    """torchvision's block, but with one ReLU module per use: the quantizer matches conv → add →
+    relu patterns per module, and one ReLU module called twice reads as one pattern with two
+    outputs ("Input partition has more than one output node")."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu_a(self.bn1(self.conv1(x)))
+        return self.relu_b(self.bn2(self.conv2(out)) + identity)
+
+
+class _Bottleneck(Bottleneck):
+    """See :class:`_BasicBlock`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu_a(self.bn1(self.conv1(x)))
+        out = self.relu_b(self.bn2(self.conv2(out)))
+        return self.relu_c(self.bn3(self.conv3(out)) + identity)
+
+
+class _CBAM(CBAM):
+    """medhier's CBAM with its shared MLP run once on both poolings (concatenated along the
+    batch), for the same reason as :class:`_BasicBlock`: the same function, one call. Only in the
+    int8 copy: training keeps the two calls, so that its runs stay bit-for-bit as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        avg, peak = self.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])).chunk(2)
+        x = x * torch.sigmoid(avg + peak)
+        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(pooled))
+
+
+def untie_shared_modules(model: nn.Module) -> None:
+    """Give every module call its own module, in place, so that int8 export quantization
+    (:func:`medhier.infer.int8.quantize`, which works on a copy) matches every pattern."""
+    for module in model.modules():
+        if type(module) is CBAM:
+            module.__class__ = _CBAM
+        elif type(module) is BasicBlock:
+            module.__class__ = _BasicBlock
+            module.relu_a, module.relu_b = nn.ReLU(), nn.ReLU()
+        elif type(module) is Bottleneck:
+            module.__class__ = _Bottleneck
+            module.relu_a, module.relu_b, module.relu_c = nn.ReLU(), nn.ReLU(), nn.ReLU()
+
 
 
 # -- predictions and loss ------------------------------------------------------------------

@@ -1,11 +1,7 @@
-"""From decoded pixels to network input.
-
-Two halves, on two kinds of hardware:
-
-* CPU, once per image (in the decode tasks): a windowed [0, 1] image -> resized to
-  ``image_size`` (aspect-preserving pad by default) -> uint8. That is what the cache stores.
-* Training device, per batch: uint8 -> [0, 1] -> augmentation (``train_preset``) or nothing
-  (``eval_preset``) -> 3 channels -> ImageNet normalisation.
+"""The classifier's paired presets, on the training or scoring device, per batch:
+uint8 (B, S, S) images (as ``medhier.io.image`` makes them, once per image on the CPU) -> [0, 1]
+-> augmentation (``train_preset``) or nothing (``eval_preset``) -> 3 channels -> ImageNet
+normalisation.
 
 Augmentation follows the seeds (rotation +-15 deg, shifts 0.1, shear, zoom 0.9-1.1, flips,
 Gaussian blur, black fill) and draws its parameters per sample while transforming the whole
@@ -16,47 +12,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 from medhier.config import PreprocessConfig
 
-__all__ = ["EvalPreset", "TrainPreset", "eval_preset", "resize_image", "to_uint8", "train_preset"]
-
-
-# -- CPU: decoded image -> cached uint8 ----------------------------------------------------
-
-
-def resize_image(pixels: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
-    """(H, W) float32 in [0, 1] -> (size, size) float32.
-
-    ``pad``: scale the longer side to ``size`` and centre on black (keeps anatomy's proportions);
-    ``stretch``: scale both sides to ``size``; ``crop``: scale the shorter side, centre-crop.
-    Downscaling is antialiased (Pillow widens its filter support by the scale factor).
-    """
-    h, w = pixels.shape
-    image = Image.fromarray(np.ascontiguousarray(pixels, dtype=np.float32), mode="F")
-    if mode == "stretch":
-        return np.asarray(image.resize((size, size), Image.BILINEAR))
-    scale = size / (max(h, w) if mode == "pad" else min(h, w))
-    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-    resized = np.asarray(image.resize((new_w, new_h), Image.BILINEAR))
-    if mode == "crop":
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        return resized[top : top + size, left : left + size]
-    out = np.zeros((size, size), dtype=np.float32)
-    top, left = (size - new_h) // 2, (size - new_w) // 2
-    out[top : top + new_h, left : left + new_w] = resized
-    return out
-
-
-def to_uint8(pixels: np.ndarray) -> np.ndarray:
-    """[0, 1] float -> uint8 (0..255), rounded. 256 grey levels after windowing lose nothing a
-    classifier can use, and make the cache 4x smaller than float32."""
-    return np.rint(np.clip(pixels, 0.0, 1.0) * 255.0).astype(np.uint8)
+__all__ = ["EvalPreset", "TrainPreset", "eval_preset", "train_preset"]
 
 
 # -- training device: uint8 batch -> normalised 3-channel tensor ----------------------------

@@ -15,65 +15,16 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
-
-from medhier.classify.model import CBAM
-
-
-class _BasicBlock(BasicBlock):
-    """torchvision's block, but with one ReLU module per use: the quantizer matches conv → add →
-    relu patterns per module, and one ReLU module called twice reads as one pattern with two
-    outputs ("Input partition has more than one output node")."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu_a(self.bn1(self.conv1(x)))
-        return self.relu_b(self.bn2(self.conv2(out)) + identity)
-
-
-class _Bottleneck(Bottleneck):
-    """See :class:`_BasicBlock`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu_a(self.bn1(self.conv1(x)))
-        out = self.relu_b(self.bn2(self.conv2(out)))
-        return self.relu_c(self.bn3(self.conv3(out)) + identity)
-
-
-class _CBAM(CBAM):
-    """medhier's CBAM with its shared MLP run once on both poolings (concatenated along the
-    batch), for the same reason as :class:`_BasicBlock`: the same function, one call. Only in the
-    int8 copy: training keeps the two calls, so that its runs stay bit-for-bit as before."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        avg, peak = self.mlp(torch.cat([x.mean((2, 3), keepdim=True), x.amax((2, 3), keepdim=True)])).chunk(2)
-        x = x * torch.sigmoid(avg + peak)
-        pooled = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
-        return x * torch.sigmoid(self.spatial(pooled))
-
-
-def _untie_shared_modules(model: nn.Module) -> None:
-    """Give every module call its own module (in place; :func:`quantize` works on a copy)."""
-    for module in model.modules():
-        if type(module) is CBAM:
-            module.__class__ = _CBAM
-        elif type(module) is BasicBlock:
-            module.__class__ = _BasicBlock
-            module.relu_a, module.relu_b = nn.ReLU(), nn.ReLU()
-        elif type(module) is Bottleneck:
-            module.__class__ = _Bottleneck
-            module.relu_a, module.relu_b, module.relu_c = nn.ReLU(), nn.ReLU(), nn.ReLU()
-
 
 class _AsTuple(nn.Module):
-    """The model with its :class:`~medhier.model.Outputs` as a tuple (what export traces)."""
+    """The model with its dataclass of outputs as a tuple of tensors (what export traces)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -81,24 +32,24 @@ class _AsTuple(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.model(x)
-        return out.main_logits, out.log_p_main, out.log_p_sub, out.log_p_leaf
+        return tuple(getattr(out, f.name) for f in fields(out))
 
 
 class Int8Model(nn.Module):
-    """A quantized, compiled model with the fp32 model's interface (``Outputs``), for batches of
-    exactly ``batch_size`` images (the graph is exported for one shape; callers pad)."""
+    """A quantized, compiled model with the fp32 model's interface (its outputs dataclass,
+    ``output_type``), for batches of exactly ``batch_size`` images (the graph is exported for one
+    shape; callers pad)."""
 
-    def __init__(self, compiled: nn.Module, batch_size: int):
+    def __init__(self, compiled: nn.Module, batch_size: int, output_type: type):
         super().__init__()
         self.compiled = compiled
         self.batch_size = batch_size
+        self.output_type = output_type
 
     def forward(self, x: torch.Tensor):
-        from medhier.classify.model import Outputs
-
         if x.shape[0] != self.batch_size:
             raise ValueError(f"int8 model: batches of exactly {self.batch_size} images, got {x.shape[0]}")
-        return Outputs(*self.compiled(x))
+        return self.output_type(*self.compiled(x))
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -109,18 +60,21 @@ def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [images[order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
 
 
-def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compile: bool = True) -> Int8Model:
-    """int8 copy of ``model`` (left untouched), calibrated on ``calibration`` (N, 3, S, S),
+def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compile: bool = True,
+             prepare: Callable[[nn.Module], None] | None = None) -> Int8Model:
+    """int8 copy of ``model`` (left untouched), calibrated on ``calibration`` (N, C, S, S),
     preprocessed as for inference, and compiled with inductor for batches of ``batch_size``.
-    ``compile=False`` keeps the converted graph as it is: quantize/dequantize steps around fp32
-    operators, which computes what the int8 kernels compute, slowly (for tests)."""
+    The model returns a dataclass of tensors; the int8 copy returns the same dataclass.
+    ``prepare``: the task's in-place rewrite of the copy into a form the quantizer matches (e.g.
+    one module per call). ``compile=False`` keeps the converted graph as it is: quantize/dequantize
+    steps around fp32 operators, which computes what the int8 kernels compute, slowly (for tests)."""
     if not len(calibration):
         raise ValueError("int8 quantization needs at least one calibration image")
     # torchao registers an enum with torch's pytree at import and torch logs a warning about it.
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
-    try:
+    try:  # torchao and inductor load only for int8 scoring (seconds), under the quieted logger
         import torch._inductor.config as inductor_config
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
@@ -128,10 +82,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compi
         pytree_log.setLevel(level)
 
     fp32 = copy.deepcopy(model).float().eval()
-    _untie_shared_modules(fp32)
+    if prepare is not None:
+        prepare(fp32)
     batches = _batches(calibration.float(), batch_size)
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     with torch.no_grad():
+        output_type = type(fp32(batches[0][:1]))  # the dataclass the int8 copy must return too
         exported = torch.export.export(_AsTuple(fp32), (batches[0],)).module()
         prepared = prepare_pt2e(exported, quantizer)
         for batch in batches:
@@ -140,7 +96,7 @@ def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compi
     inductor_config.freezing = True  # fold the int8 weights and their scales into the kernels
     # inductor's int8 lowering copies a tensor with torch.tensor() and warns about it, once per conv
     warnings.filterwarnings("ignore", message="To copy construct from a tensor", module=r"torch\._inductor\.mkldnn_lowerings")
-    return Int8Model(torch.compile(converted) if compile else converted, batch_size)
+    return Int8Model(torch.compile(converted) if compile else converted, batch_size, output_type)
 
 
 @dataclass

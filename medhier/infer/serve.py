@@ -1,16 +1,19 @@
-"""The online endpoint: one DICOM in, one hierarchical prediction out, on Ray Serve.
+"""The online endpoint: one DICOM in, the model's answer out, on Ray Serve.
 
     POST {route}predict   body: the DICOM file (raw, or multipart form field ``file``)
-    GET  {route}healthz   model_id, model_version, taxonomy, batch-size counts of this replica
+    GET  {route}healthz   model_id, model_version, the task's self-description (the classifier's
+                          taxonomy), batch-size counts of this replica
 
-Each replica loads the checkpoint once (through :class:`medhier.score.Scorer`, the model stage
-that archive scoring uses) and decodes and preprocesses every request itself, with the
+Each replica loads the checkpoint once (in a :class:`medhier.infer.actor.ModelActor`, the model
+stage that archive scoring uses) and decodes and preprocesses every request itself, with the
 checkpoint's DICOM and preprocessing settings, so that the endpoint sees exactly what training
 and archive scoring saw. Concurrent requests share forward passes: ``@serve.batch`` groups
 those that arrive within ``serve.batch_wait_timeout_s``, and every group that arrives while a
 pass runs joins the next one, up to ``serve.max_batch_size`` images. Replicas autoscale between
-``serve.min_replicas`` and ``serve.max_replicas`` on ongoing requests. Answers use the report's
-vocabulary (main_label, main_prob, sub_label, ...).
+``serve.min_replicas`` and ``serve.max_replicas`` on ongoing requests. The task words the
+answer (the classifier: the report's main_label, main_prob, sub_label, ... from the same
+function that makes report rows). Multipart uploads are parsed by python-multipart, through
+Starlette.
 
 Started by ``medhier serve --checkpoint URI`` through :func:`run`.
 """
@@ -23,34 +26,44 @@ import sys
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from email import message_from_bytes
-from email.message import Message
-from email.utils import collapse_rfc2231_value
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+import ray
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
 
 from medhier import columns as C
-from medhier.io import storage
 from medhier.config import Config, ServeConfig
+from medhier.infer.actor import ActorSettings, InferTask, ModelActor
+from medhier.io import storage
 from medhier.io.dicom import DicomRejected
-from medhier.runtime import verbose
-from medhier.infer.batch import LEAF_LABEL, LEAF_PROB, MAIN_LABEL, MAIN_PROB, MODEL_ID, MODEL_VERSION, P_LEAF, P_MAIN, PRED_LEAF, PRED_MAIN, SUB_LABEL, SUB_PROB
+from medhier.io.image import decode_images
+from medhier.runtime import init_ray, verbose
+from medhier.train.checkpoint import CHECKPOINT_FILE, config_for_checkpoint
 
-__all__ = ["Endpoint", "base_url", "build_app", "run", "shutdown"]
+__all__ = ["Endpoint", "ServeTask", "base_url", "build_app", "run", "shutdown"]
 
 log = logging.getLogger(__name__)
 
-MAIN_PROBS, LEAF_PROBS = "main_probs", "leaf_probs"  # {name: probability} for every class
 BATCH_SIZE = "batch_size"  # images in the forward pass that answered this request
 TIMING_MS = "timing_ms"  # {"decode", "model", "total"} milliseconds inside the replica
 MIB = 1024 * 1024  # serve.max_upload_mb counts mebibytes
 
 _DEFAULTS = ServeConfig()
-_api = FastAPI(title="medhier", description="Hierarchical classification of one DICOM image")
+_api = FastAPI(title="medhier", description="One DICOM image in, the model's answer out")
+
+
+class ServeTask(InferTask, Protocol):
+    """A task whose models answer one image per request."""
+
+    def answer(self, cfg: Config, predictions: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        """Row ``i`` of a forward pass's prediction arrays -> the JSON answer's prediction fields."""
 
 
 # Everything the routes call is defined above the deployment class: @serve.ingress copies the
@@ -97,75 +110,58 @@ def _too_large(size: str, limit: int, max_upload_mb: float) -> _Refused:
                     f"(serve.max_upload_mb={max_upload_mb:g}); send one DICOM object per request")
 
 
-def _upload(body: bytes, content_type: str) -> tuple[bytes, str]:
-    """(DICOM bytes, a name for messages) from a raw body or a multipart/form-data body."""
+async def _upload(request: Request, body: bytes) -> tuple[bytes, str]:
+    """(DICOM bytes, a name for messages) from a raw body or a multipart/form-data body, which
+    Starlette parses with python-multipart (the body is already read and bounded)."""
+    content_type = request.headers.get("content-type", "")
     if not content_type.lower().startswith("multipart/form-data"):
         # Raw: whatever the declared type (application/dicom, octet-stream, none, or curl's
         # default form type), the decoder decides whether the bytes are DICOM.
         return body, "request body"
-    header = Message()
-    header["content-type"] = content_type
-    boundary = header.get_param("boundary")
-    if not isinstance(boundary, str) or not boundary:
-        raise _Refused(400, "bad_multipart", "multipart/form-data without a boundary parameter")
-    for name, filename, content in _multipart_parts(body, boundary.encode("latin-1")):
-        if name == "file":
-            if not content:
-                raise _Refused(400, "empty_body", f"the multipart field 'file' ({filename or 'no filename'}) is empty")
-            return content, f"upload {filename!r}" if filename else "multipart field 'file'"
-    raise _Refused(400, "missing_file", "the multipart form has no field named 'file': send the DICOM as "
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+    except (MultiPartException, HTTPException) as exc:
+        raise _Refused(400, "bad_multipart", f"malformed multipart/form-data body: {getattr(exc, 'message', None) or exc.detail}") from None
+    upload = form.get("file")
+    if isinstance(upload, UploadFile):
+        content = await upload.read()
+        await form.close()
+        if not content:
+            raise _Refused(400, "empty_body", f"the multipart field 'file' ({upload.filename or 'no filename'}) is empty")
+        return content, f"upload {upload.filename!r}" if upload.filename else "multipart field 'file'"
+    await form.close()
+    if upload is None and not _has_close_delimiter(body, content_type):
+        # python-multipart keeps only the parts that ended: a cut-off upload loses its file
+        raise _Refused(400, "bad_multipart", "multipart body ends before its closing boundary (truncated upload?)")
+    raise _Refused(400, "missing_file", "the multipart form has no file field named 'file': send the DICOM as "
                    "-F file=@image.dcm, or as the raw body with Content-Type: application/dicom")
 
 
-def _multipart_parts(body: bytes, boundary: bytes):
-    """Yield (field name, filename, content) of a multipart/form-data body (RFC 7578/2046).
-
-    Splitting on the boundary is exact for binary content; the part headers go through the
-    standard library's MIME header parser. (python-multipart, FastAPI's own parser, is not a
-    dependency of medhier.)
-    """
-    delimiter = b"\r\n--" + boundary
-    body = b"\r\n" + body  # the first delimiter has no CRLF of its own before it
-    pos = body.find(delimiter)
-    if pos < 0:
-        raise _Refused(400, "bad_multipart", "multipart body without its boundary")
-    while True:
-        pos += len(delimiter)
-        if body[pos : pos + 2] == b"--":  # the close delimiter
-            return
-        head_start = body.find(b"\r\n", pos)
-        head_end = body.find(b"\r\n\r\n", head_start)
-        end = body.find(delimiter, head_end)
-        if head_start < 0 or head_end < 0 or end < 0:
-            raise _Refused(400, "bad_multipart", "multipart body ends inside a part (truncated upload?)")
-        headers = message_from_bytes(body[head_start + 2 : head_end + 4])
-        name, filename = (headers.get_param(key, header="content-disposition") for key in ("name", "filename"))
-        yield (collapse_rfc2231_value(name) if name else None, collapse_rfc2231_value(filename) if filename else None,
-               body[head_end + 4 : end])
-        pos = end
+def _has_close_delimiter(body: bytes, content_type: str) -> bool:
+    boundary = content_type.partition("boundary=")[2].split(";")[0].strip().strip('"')
+    return bool(boundary) and f"--{boundary}--".encode("latin-1") in body
 
 
-@serve.deployment(name="classifier")
+@serve.deployment(name="medhier")
 @serve.ingress(_api)
 class Endpoint:
-    """One replica: the checkpoint's model, its DICOM/preprocessing settings and a batch queue.
+    """One replica: the checkpoint's model (in a :class:`ModelActor`, the model stage archive
+    scoring uses), its DICOM/preprocessing settings and a batch queue.
 
     ``cfg``: ``Config.to_dict()`` of the user's config (model-defining sections are replaced by
     the checkpoint's). ``checkpoint``: a checkpoint URI, local (absolute) or ``s3://``.
+    ``task``: the checkpoint's task, which words the answers.
     """
 
-    def __init__(self, cfg: dict[str, Any], checkpoint: str):
-        import torch
-
-        from medhier.train.checkpoint import config_for_checkpoint
-        from medhier.infer.batch import Scorer
-
+    def __init__(self, cfg: dict[str, Any], checkpoint: str, task: ServeTask):
         user = Config.from_dict(cfg)
         serve_cfg = user.serve
         on_cpu = serve_cfg.replica_gpus == 0 or not torch.cuda.is_available()
-        self.scorer = Scorer(
-            checkpoint,
-            user.to_dict()["storage"],
+        self.model = ModelActor(task, checkpoint, user.storage, ActorSettings(
             precision=user.score.precision,
             channels_last=user.train.channels_last,
             # torch would start one thread per core of the node, oversubscribing the CPUs that
@@ -173,14 +169,13 @@ class Endpoint:
             threads=max(1, round(serve_cfg.replica_cpus)) if on_cpu else 0,
             compile=user.score.compile == "true",  # "auto" is about archive sizes: off here
             batch_size=serve_cfg.max_batch_size,
-        )
-        run_cfg = config_for_checkpoint(user, self.scorer.checkpoint_cfg)
-        self.model_version = user.score.model_version or f"epoch-{self.scorer.epoch}"
-        if run_cfg.dicom.frames == "all":
+        ))
+        self.task, loaded = task, self.model.loaded
+        self.cfg = config_for_checkpoint(user, loaded)
+        self.model_version = user.score.model_version or f"epoch-{loaded.epoch}"
+        if self.cfg.dicom.frames == "all":
             # One request, one image: a multi-frame object is answered for its middle frame.
-            run_cfg.dicom.frames = "middle"
-        self.dicom_cfg, self.preprocess_cfg = run_cfg.dicom, run_cfg.preprocess
-        self.taxonomy = self.scorer.taxonomy
+            self.cfg.dicom.frames = "middle"
         self.max_upload_mb = serve_cfg.max_upload_mb
         # The decorator's arguments are fixed when this module is imported; the config's come now.
         self._score_batch.set_max_batch_size(serve_cfg.max_batch_size)
@@ -197,14 +192,13 @@ class Endpoint:
 
     @_api.get("/healthz")
     async def healthz(self) -> dict[str, Any]:
-        """Which model answers, its classes, and how this replica has batched so far."""
+        """Which model answers, what it predicts, and how this replica has batched so far."""
         return {
             "status": "ok",
-            MODEL_ID: self.scorer.model_id,
-            MODEL_VERSION: self.model_version,
-            "taxonomy": self.taxonomy.to_dict(),
-            "leaves": list(self.taxonomy.leaf_names),
-            "image_size": self.scorer.image_size,
+            C.MODEL_ID: self.model.model_id,
+            C.MODEL_VERSION: self.model_version,
+            **self.model.loaded.task_meta,
+            "image_size": self.model.image_size,
             "requests": sum(n * count for n, count in self.batch_sizes.items()),
             "batch_sizes": {str(n): count for n, count in sorted(self.batch_sizes.items())},
         }
@@ -215,7 +209,7 @@ class Endpoint:
         413 over serve.max_upload_mb, 400 for an empty or malformed request."""
         start = time.perf_counter()
         try:
-            data, source = _upload(await _read_body(request, self.max_upload_mb), request.headers.get("content-type", ""))
+            data, source = await _upload(request, await _read_body(request, self.max_upload_mb))
             image, meta, frame = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._prepare, data, source)
         except _Refused as refused:
             return refused.response()
@@ -239,12 +233,9 @@ class Endpoint:
 
     def _prepare(self, data: bytes, source: str) -> tuple[np.ndarray, dict[str, Any], int]:
         """DICOM bytes -> (uint8 (S, S) model input, metadata, frame number); raises DicomRejected."""
-        from medhier.io.dicom import decode
-        from medhier.classify.presets import resize_image, to_uint8
-
-        decoded = decode(data, self.dicom_cfg, source=source)
-        size, mode = self.preprocess_cfg.image_size, self.preprocess_cfg.resize
-        return to_uint8(resize_image(decoded.pixels[0], size, mode)), decoded.meta, decoded.frames[0]
+        p = self.cfg.preprocess
+        decoded, images = decode_images(data, self.cfg.dicom, p.image_size, p.resize, source=source)
+        return images[0], decoded.meta, decoded.frames[0]
 
     @serve.batch(max_batch_size=_DEFAULTS.max_batch_size, batch_wait_timeout_s=_DEFAULTS.batch_wait_timeout_s)
     async def _score_batch(self, images: list[np.ndarray]) -> list[asyncio.Future]:
@@ -269,7 +260,7 @@ class Endpoint:
             batch, self._waiting = self._waiting[: self.max_batch_size], self._waiting[self.max_batch_size :]
             start = time.perf_counter()
             try:
-                out = await loop.run_in_executor(self._model_pool, self.scorer.predict_images, np.stack([image for image, _ in batch]))
+                out = await loop.run_in_executor(self._model_pool, self.model.predict_images, np.stack([image for image, _ in batch]))
             except Exception as exc:  # the requests of this pass fail (HTTP 500); the next pass runs
                 for _, future in batch:
                     if not future.done():
@@ -282,21 +273,7 @@ class Endpoint:
                     future.set_result({**self._answer(out, i), BATCH_SIZE: len(batch), "_model_ms": model_ms})
 
     def _answer(self, out: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-        tax = self.taxonomy
-        main, leaf = int(out[PRED_MAIN][i]), int(out[PRED_LEAF][i])
-        p_main, p_leaf = out[P_MAIN][i].astype(float), out[P_LEAF][i].astype(float)
-        return {
-            MAIN_LABEL: tax.mains[main],
-            MAIN_PROB: p_main[main],
-            SUB_LABEL: tax.leaves[leaf][1],
-            SUB_PROB: p_leaf[leaf] / p_main[main] if p_main[main] > 0 else 0.0,  # P(sub | main)
-            LEAF_LABEL: tax.leaf_names[leaf],
-            LEAF_PROB: p_leaf[leaf],  # P(main) x P(sub | main)
-            MAIN_PROBS: dict(zip(tax.mains, p_main.tolist())),
-            LEAF_PROBS: dict(zip(tax.leaf_names, p_leaf.tolist())),
-            MODEL_ID: self.scorer.model_id,
-            MODEL_VERSION: self.model_version,
-        }
+        return {**self.task.answer(self.cfg, out, i), C.MODEL_ID: self.model.model_id, C.MODEL_VERSION: self.model_version}
 
 
 def _route_prefix(route: str) -> str:
@@ -321,11 +298,10 @@ def _logging_config() -> dict:
     return {"log_level": "INFO" if verbose() else "WARNING", "enable_access_log": verbose()}
 
 
-def build_app(cfg: Config, checkpoint: str):
-    """The Serve application for ``checkpoint`` (a URI, local or s3://), sized by ``cfg.serve``:
-    autoscaling replicas of ``replica_cpus``/``replica_gpus`` each, batching as configured."""
-    from medhier.train.checkpoint import CHECKPOINT_FILE
-
+def build_app(cfg: Config, checkpoint: str, task: ServeTask):
+    """The Serve application for ``checkpoint`` (a URI, local or s3://) of ``task``, sized by
+    ``cfg.serve``: autoscaling replicas of ``replica_cpus``/``replica_gpus`` each, batching as
+    configured."""
     if cfg.score.precision == "int8":  # refused here, not in a replica that retries in a loop
         raise ValueError("medhier serve: score.precision=int8 is calibrated on images sampled from an archive, which an "
                          "endpoint does not have; serve with score.precision=auto, bf16 or fp32")
@@ -347,22 +323,18 @@ def build_app(cfg: Config, checkpoint: str):
         ray_actor_options={"num_cpus": s.replica_cpus, "num_gpus": s.replica_gpus},
         # An access line per request only with --verbose: quiet logs by default.
         logging_config=_logging_config(),
-    ).bind(cfg.to_dict(), uri)
+    ).bind(cfg.to_dict(), uri, task)
 
 
-def run(cfg: Config, checkpoint: str, *, blocking: bool = True, name: str = "medhier") -> str:
-    """Serve ``checkpoint`` on ``cfg.serve.host:port`` under application ``name`` -> base URL.
+def run(cfg: Config, checkpoint: str, task: ServeTask, *, blocking: bool = True, name: str = "medhier") -> str:
+    """Serve ``checkpoint`` of ``task`` on ``cfg.serve.host:port`` under application ``name`` -> base URL.
 
     Starts (or joins) Ray from ``cfg.runtime`` when it is not initialised. Returns once every
     replica is up; with ``blocking`` it first waits for Ctrl-C and then shuts the app down.
     """
-    import ray
-
-    from medhier.runtime import init_ray
-
     if not ray.is_initialized():
         init_ray(cfg.runtime)
-    app = build_app(cfg, checkpoint)
+    app = build_app(cfg, checkpoint, task)
     # HTTP options are fixed for the life of Serve on a cluster: a Serve already running
     # elsewhere keeps its own host and port (Ray logs a warning).
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=_logging_config())

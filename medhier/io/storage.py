@@ -13,17 +13,17 @@ import os
 import queue
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
 import pyarrow.fs as pafs
 
-from medhier.config import StorageConfig
 
 __all__ = [
     "ObjectInfo",
+    "StorageConfig",
     "delete",
     "exists",
     "filesystem",
@@ -32,9 +32,36 @@ __all__ = [
     "list_objects",
     "normalize",
     "read_bytes",
+    "reader",
     "relative_to",
     "write_bytes",
 ]
+
+
+class StorageConfigError(ValueError):
+    """A storage setting is wrong; the message names the key (``medhier.config`` makes it a ConfigError)."""
+
+
+@dataclass
+class StorageConfig:
+    """Where object storage lives. Credentials never go here: boto3 and pyarrow read the standard
+    AWS environment variables, profile or instance role, so no secret is ever written out with the
+    resolved config."""
+
+    s3_endpoint: str = ""  # e.g. http://127.0.0.1:5000 for MinIO/moto; empty = AWS
+    s3_region: str = ""  # empty = AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
+    s3_anonymous: bool = False  # public buckets
+    list_threads: int = 8  # parallel S3 listing of sub-prefixes
+    read_threads: int = 16  # concurrent object GETs inside one decode task
+
+    def validate(self, name: str) -> None:
+        if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
+            raise StorageConfigError(
+                f"{name}.s3_endpoint: {self.s3_endpoint!r} must start with http:// or https://"
+            )
+        for key in ("list_threads", "read_threads"):
+            if getattr(self, key) <= 0:
+                raise StorageConfigError(f"{name}.{key}: must be > 0, got {getattr(self, key)}")
 
 
 @dataclass(frozen=True)
@@ -100,7 +127,7 @@ def _region(cfg: StorageConfig) -> str:
 
 def s3_client(cfg: StorageConfig | None = None):
     """A boto3 S3 client for the configured endpoint (used for listing with ETags)."""
-    import boto3
+    import boto3  # half a second to import, and only S3 listing needs it
     from botocore import UNSIGNED
     from botocore.config import Config as BotoConfig
 
@@ -131,6 +158,18 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
         if "not exist" in str(exc) or "NoSuchKey" in str(exc) or "NoSuchBucket" in str(exc):
             raise FileNotFoundError(f"{uri}: {exc}") from None
         raise
+
+
+def reader(root: str, cfg: StorageConfig | None = None) -> Callable[[str], bytes]:
+    """A function that reads the object at a listed path (relative to ``root``) -> its bytes.
+    Decode tasks read through it, whatever kind of archive ``root`` is."""
+    fs, base = filesystem(root, cfg)
+
+    def read(rel: str) -> bytes:
+        with fs.open_input_stream(f"{base}/{rel}") as f:
+            return f.read()
+
+    return read
 
 
 def write_bytes(uri: str, data: bytes, cfg: StorageConfig | None = None) -> None:

@@ -5,6 +5,12 @@ JSON-like values, so that it loads with ``torch.load(weights_only=True)``: a che
 storage is untrusted input — and ``meta.json``, the same metadata readable without torch.
 ``model_id`` is a hash of the weights: it names the model in reports and ledgers, and is checked
 on load so that a corrupted file is refused.
+
+The metadata names the task that trained the model (``task``), the config sections that define
+what the model sees and predicts (``model_sections``: they always come from the checkpoint when
+it runs) and the task's own self-description (``task_meta``: the classifier's taxonomy, the
+segmentation model's label set and sequences). The platform rebuilds the model through the
+task the caller hands it, and refuses a checkpoint of another task.
 """
 
 from __future__ import annotations
@@ -14,28 +20,50 @@ import io
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
 from medhier import __version__
-from medhier.io import storage
 from medhier.config import Config, StorageConfig
-from medhier.classify.taxonomy import Taxonomy
+from medhier.io import storage
 
-__all__ = ["CHECKPOINT_FILE", "Loaded", "config_for_checkpoint", "load_checkpoint", "model_id_of", "save_checkpoint", "unwrap"]
-
-# Sections that define what the model sees and predicts: they always come from the checkpoint.
-MODEL_SECTIONS = ("taxonomy", "dicom", "preprocess", "model")
+__all__ = [
+    "CHECKPOINT_FILE",
+    "META_FILE",
+    "CheckpointError",
+    "Loaded",
+    "ModelTask",
+    "config_for_checkpoint",
+    "load_checkpoint",
+    "model_id_of",
+    "save_checkpoint",
+    "unwrap",
+]
 
 CHECKPOINT_FILE = "model.pt"
 META_FILE = "meta.json"
-FORMAT = 1
+FORMAT = 2  # 1: the classifier's, before checkpoints named their task (still read)
+_FORMAT_1 = {"task": "classify", "model_sections": ("taxonomy", "dicom", "preprocess", "model")}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names it."""
+
+
+class ModelTask(Protocol):
+    """What a task tells the platform about its models."""
+
+    name: str  # recorded in checkpoints ("classify", "plaque-seg")
+    model_sections: tuple[str, ...]  # config sections that define the model's input and output
+
+    def build_model(self, cfg: Config, *, pretrained: bool = True) -> nn.Module:
+        """The untrained model for ``cfg``; ``pretrained=False`` skips any pretrained weights
+        (a checkpoint's are about to be loaded)."""
+
+    def describe(self, cfg: Config) -> dict[str, Any]:
+        """JSON-able self-description stored with the weights (``task_meta``)."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -67,7 +95,7 @@ def save_checkpoint(
     directory: str,
     model: nn.Module,
     cfg: Config,
-    taxonomy: Taxonomy,
+    task: ModelTask,
     *,
     epoch: int,
     metrics: dict[str, Any] | None = None,
@@ -82,11 +110,13 @@ def save_checkpoint(
     model_id = model_id_of(state)
     meta = {
         "format": FORMAT,
+        "task": task.name,
         "model_id": model_id,
         "medhier_version": __version__,
         "epoch": epoch,
         "config": cfg.to_public_dict(),  # resolved config, secrets redacted
-        "taxonomy": taxonomy.to_dict(),
+        "model_sections": list(task.model_sections),
+        "task_meta": task.describe(cfg),
         "metrics": _jsonable(metrics or {}),
     }
     os.makedirs(directory, exist_ok=True)
@@ -103,7 +133,9 @@ class Loaded:
 
     model: nn.Module
     cfg: Config
-    taxonomy: Taxonomy
+    task: str
+    task_meta: dict[str, Any]
+    model_sections: tuple[str, ...]
     model_id: str
     epoch: int
     metrics: dict[str, Any]
@@ -111,14 +143,10 @@ class Loaded:
     uri: str
 
 
-def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> Loaded:
-    """Load a checkpoint directory (or its ``model.pt``), local or ``s3://``.
-
-    The model is rebuilt from the checkpoint's own config and taxonomy; its weights must hash
-    to the recorded model_id. The patient salt is never stored: scoring uses its own.
-    """
-    from medhier.classify.model import build_model
-
+def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> dict[str, Any]:
+    """The verified contents of a checkpoint (``model.pt`` of a directory, local or ``s3://``):
+    the weights hash to the recorded model_id. Raises FileNotFoundError or CheckpointError
+    naming the checkpoint."""
     file_uri = uri if uri.endswith(".pt") else storage.join(storage.normalize(uri), CHECKPOINT_FILE)
     try:
         raw = storage.read_bytes(file_uri, storage_cfg)
@@ -128,29 +156,42 @@ def load_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_loca
         data = torch.load(io.BytesIO(raw), map_location=map_location, weights_only=True)
     except Exception as exc:
         raise CheckpointError(f"checkpoint {uri!r} is not a medhier checkpoint: {type(exc).__name__}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT or "model_state" not in data:
-        raise CheckpointError(f"checkpoint {uri!r} is not a medhier checkpoint of format {FORMAT}")
-    state = data["model_state"]
-    if model_id_of(state) != data["model_id"]:
+    if not isinstance(data, dict) or data.get("format") not in (1, FORMAT) or "model_state" not in data:
+        raise CheckpointError(f"checkpoint {uri!r} is not a medhier checkpoint of format 1 or {FORMAT}")
+    if data["format"] == 1:
+        data = {**data, **_FORMAT_1, "task_meta": {"taxonomy": data["taxonomy"]}}
+    if model_id_of(data["model_state"]) != data["model_id"]:
         raise CheckpointError(f"checkpoint {uri!r}: weights do not match their recorded model_id (corrupted?)")
+    return data
+
+
+def load_checkpoint(uri: str, task: ModelTask, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> Loaded:
+    """Load a checkpoint of ``task`` (a directory or its ``model.pt``, local or ``s3://``).
+
+    The model is rebuilt by the task from the checkpoint's own config; its weights must hash to
+    the recorded model_id. The patient salt is never stored: scoring uses its own.
+    """
+    data = read_checkpoint(uri, storage_cfg, map_location)
+    if data["task"] != task.name:
+        raise CheckpointError(f"checkpoint {uri!r} holds a {data['task']!r} model, not a {task.name!r} one")
     public = data["config"]
     public["dicom"]["patient_salt"] = ""
     cfg = Config.from_dict(public)
-    taxonomy = Taxonomy.from_dict(**data["taxonomy"])
-    model = build_model(cfg.model, taxonomy, load_pretrained=False)
-    model.load_state_dict(state)
+    model = task.build_model(cfg, pretrained=False)
+    model.load_state_dict(data["model_state"])
     model.eval()
-    return Loaded(model, cfg, taxonomy, data["model_id"], int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri)
+    return Loaded(model, cfg, data["task"], data["task_meta"], tuple(data["model_sections"]), data["model_id"],
+                  int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri)
 
 
-def config_for_checkpoint(user: Config, checkpoint_cfg: Config) -> Config:
-    """The config to run a checkpoint with: how images become model input (taxonomy, DICOM
-    windows, preprocessing, model) from the checkpoint, so scoring matches training; where data
-    lives and how to run (storage, data, train, runtime, ...) from the user. The patient salt
-    is the user's: it is never stored in a checkpoint."""
+def config_for_checkpoint(user: Config, loaded: Loaded) -> Config:
+    """The config to run a checkpoint with: the sections that define the model's input and
+    output (its ``model_sections``: DICOM windows, preprocessing, model, taxonomy...) from the
+    checkpoint, so inference matches training; where data lives and how to run (storage, data,
+    score, runtime, ...) from the user. The patient salt is the user's: it is never stored."""
     data = user.to_dict()
-    ckpt = checkpoint_cfg.to_dict()
-    for section in MODEL_SECTIONS:
+    ckpt = loaded.cfg.to_dict()
+    for section in loaded.model_sections:
         data[section] = ckpt[section]
     data["dicom"]["patient_salt"] = user.dicom.patient_salt
     return Config.from_dict(data)

@@ -19,6 +19,7 @@ Output layout::
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import math
@@ -27,9 +28,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.tune
+import yaml
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from ray import tune as rt
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from medhier.io import storage
 from medhier.config import MINIMISED_METRICS, Config, ConfigError, TuneConfig
+from medhier.io import storage
+from medhier.runtime import verbose
+from medhier.train.loop import TrainTask, train_on_cache
 
 __all__ = ["TuneSummary", "max_concurrent_trials", "search_space", "tune"]
 
@@ -49,8 +61,6 @@ def search_space(cfg: Config) -> dict[str, Any]:
     Every spec is checked against the config it will modify, so a bad key, distribution or value
     fails here naming ``tune.space.<key>``, before any trial starts.
     """
-    from ray import tune as rt
-
     validate_space(cfg.tune, cfg)
     space = {}
     for key, spec in cfg.tune.space.items():
@@ -122,15 +132,10 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: the base config with this trial's parameters, trained on the shared cache."""
-    import ray.tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from medhier.train.loop import train_on_cache
-
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = apply_params(Config.from_dict(config["_base"]), params)
     trial_dir = storage.join(config["_output"], "trials", ray.tune.get_context().get_trial_id())
-    train_on_cache(cfg, config["_cache"], trial_dir, callbacks=(TuneReportCallback(),))
+    train_on_cache(cfg, config["_cache"], trial_dir, config["_task"], callbacks=(TuneReportCallback(),))
 
 
 @dataclass
@@ -164,22 +169,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool = False) -> TuneSummary:
-    """Run (or with ``resume``, continue) the search; write trials.parquet, search.png, best/.
-
-    Needs Ray initialised.
+def tune(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool = False) -> TuneSummary:
+    """Run (or with ``resume``, continue) the search of ``task`` on a committed ``cache`` (made
+    once; trials only read it); write trials.parquet, search.png, best/. Needs Ray initialised.
     """
-    import ray
-    from ray import tune as rt
-
-    from medhier.data.cache import prepare
-
     start = time.perf_counter()
     output = storage.normalize(output)
     space = search_space(cfg)  # validates before anything runs
     metric, mode = metric_and_mode(cfg)
-    cache = cfg.data.cache or storage.join(output, "cache")
-    prepare(cfg, archive, cache, labels)  # once per search; trials only read it
     base = cfg.to_dict()
     fs, root = storage.filesystem(output, cfg.storage)
     trainable = rt.with_resources(_trial, {"cpu": 0.1})  # the trial driver mostly waits on its trainer
@@ -204,7 +201,7 @@ def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool 
         )
         tuner = rt.Tuner(
             trainable,
-            param_space={**space, "_base": base, "_cache": cache, "_output": output},
+            param_space={**space, "_base": base, "_cache": cache, "_output": output, "_task": task},
             tune_config=rt.TuneConfig(
                 metric=metric,
                 mode=mode,
@@ -220,7 +217,7 @@ def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool 
                 storage_path=root,
                 storage_filesystem=fs,
                 failure_config=rt.FailureConfig(max_failures=cfg.tune.trial_max_failures),
-                verbose=1 if _verbose() else 0,
+                verbose=1 if verbose() else 0,
             ),
         )
     results = tuner.fit()
@@ -233,12 +230,6 @@ def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool 
     _write_outputs(cfg, output, trials, best, metric, mode)
     return TuneSummary(output, metric, mode, trials, best["trial_id"], best["best_metric"],
                        storage.join(output, "best"), concurrent, time.perf_counter() - start)
-
-
-def _verbose() -> bool:
-    from medhier.runtime import verbose
-
-    return verbose()
 
 
 def _trial_rows(results, cfg: Config, output: str, metric: str, mode: str) -> list[dict[str, Any]]:
@@ -272,10 +263,6 @@ def _plain(value: Any) -> Any:
 
 
 def _write_outputs(cfg: Config, output: str, trials: list[dict[str, Any]], best: dict[str, Any], metric: str, mode: str) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import yaml
-
     sink = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pylist(trials), sink)
     storage.write_bytes(storage.join(output, "trials.parquet"), sink.getvalue().to_pybytes(), cfg.storage)
@@ -291,11 +278,6 @@ def _write_outputs(cfg: Config, output: str, trials: list[dict[str, Any]], best:
 
 def _plot(trials: list[dict[str, Any]], cfg: Config, metric: str) -> bytes:
     """PNG: the trials' best metric against each parameter (log axis for loguniform ones)."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     keys = [k for k in cfg.tune.space]
     fig = Figure(figsize=(4.2 * len(keys), 3.6))
     FigureCanvasAgg(fig)

@@ -19,6 +19,7 @@ from medhier.io.dicom import DicomRejected
 from medhier.classify.explain import explain_batch, explain_dicom, grad_cam, heat_summary, overlay_png, resolve_target
 from medhier.classify.model import build_model, predict
 from medhier.classify.presets import eval_preset
+from medhier.classify.task import CLASSIFY
 from medhier.classify.taxonomy import Taxonomy
 
 torch.set_num_threads(2)  # the machine has 2 cores, shared
@@ -284,7 +285,7 @@ def checkpoint(tmp_path_factory):
     """A small random-weight checkpoint with its own DICOM window and image size (64 px)."""
     directory = str(tmp_path_factory.mktemp("explain") / "ckpt")
     cfg = load_config(None, CKPT_OVERRIDES)
-    save_checkpoint(directory, _model(), cfg, TAX, epoch=1)
+    save_checkpoint(directory, _model(), cfg, CLASSIFY, epoch=1)
     return directory
 
 
@@ -296,7 +297,7 @@ def _png_size(path: str) -> tuple[int, int]:
 
 def test_explain_dicom_writes_both_maps_of_the_image_scoring_sees(checkpoint, tmp_path):
     from medhier.io.dicom import decode
-    from medhier.classify.presets import resize_image, to_uint8
+    from medhier.io.image import resize_image, to_uint8
 
     data = _dicom(size=96)  # the checkpoint's preprocessing resizes it to 64 px
     result = explain_dicom(checkpoint, data, str(tmp_path / "out"))
@@ -407,7 +408,7 @@ def _lesion_phantoms(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndar
     DICOM -> (uint8 images (n, 96, 96), lesion masks (n, 96, 96), leaf indices (n,))."""
     from medhier.config import DicomConfig
     from medhier.io.dicom import decode
-    from medhier.classify.presets import resize_image, to_uint8
+    from medhier.io.image import resize_image, to_uint8
 
     dicom_cfg = DicomConfig(windows={"CT": "bone"})
     rng = np.random.default_rng(seed)

@@ -1,4 +1,4 @@
-"""Preprocessing: the CPU resize to the cache, and the batched train/eval presets."""
+"""The classifier's batched train/eval presets on the device."""
 
 from __future__ import annotations
 
@@ -7,37 +7,9 @@ import pytest
 import torch
 
 from medhier.config import PreprocessConfig
-from medhier.classify.presets import eval_preset, resize_image, to_uint8, train_preset
+from medhier.classify.presets import eval_preset, train_preset
 
 NO_AUGMENT = dict(rotation_deg=0, shift=0, shear_deg=0, zoom=[1, 1], hflip=0, vflip=0, blur_prob=0)
-
-
-def test_pad_keeps_aspect_ratio_and_centres_on_black():
-    wide = np.ones((50, 100), np.float32)
-    out = resize_image(wide, 64, "pad")
-    assert out.shape == (64, 64)
-    assert np.all(out[:16] == 0) and np.all(out[48:] == 0)  # 64x32 band in the middle
-    np.testing.assert_allclose(out[17:47], 1, atol=1e-6)
-
-
-@pytest.mark.parametrize("mode", ["pad", "stretch", "crop"])
-@pytest.mark.parametrize("shape", [(512, 512), (300, 500), (37, 91), (8, 8)])
-def test_resize_modes_give_square_images(mode, shape):
-    image = np.random.default_rng(0).random(shape, dtype=np.float32)
-    out = resize_image(image, 48, mode)
-    assert out.shape == (48, 48) and out.dtype == np.float32
-    assert 0 <= out.min() and out.max() <= 1
-
-
-def test_downscaling_is_antialiased():
-    # A 1-pixel checkerboard averages to grey when shrunk; without antialiasing it aliases.
-    board = (np.indices((512, 512)).sum(0) % 2).astype(np.float32)
-    out = resize_image(board, 64, "stretch")
-    assert abs(out.mean() - 0.5) < 0.02 and out.std() < 0.05
-
-
-def test_to_uint8_rounds_and_clips():
-    np.testing.assert_array_equal(to_uint8(np.array([-1, 0, 0.5, 1 / 255 * 0.49, 1, 2], np.float32)), [0, 0, 128, 0, 255, 255])
 
 
 def _batch(b=4, s=32, seed=0):

@@ -12,21 +12,19 @@ import pyarrow.parquet as pq
 import pytest
 
 from medhier import columns as C
-from medhier.io import storage
-from medhier.synthetic import spine as synthetic
-from medhier.config import Config, ConfigError, load_config
-from medhier.data.cache import (
-    CacheInfo,
-    assign_split,
-    check_preprocess_matches,
-    load_cache,
-    prepare,
-    read_labels,
-    write_manifest,
-)
-from medhier.io.dicom import decode
-from medhier.classify.presets import resize_image, to_uint8
+from medhier.classify.api import prepare
+from medhier.classify.labels import LEAF_INDEX, MAIN, MAIN_INDEX, SUB, SUB_INDEX, HierarchicalLabels
 from medhier.classify.taxonomy import Taxonomy, TaxonomyError
+from medhier.config import Config, ConfigError, load_config
+from medhier.data.cache import CacheInfo, check_preprocess_matches, load_cache
+from medhier.data.cache import prepare as prepare_unlabelled
+from medhier.data.labels import read_labels
+from medhier.data.manifest import write_manifest
+from medhier.data.splits import assign_split
+from medhier.io import storage
+from medhier.io.dicom import decode
+from medhier.io.image import resize_image, to_uint8
+from medhier.synthetic import spine as synthetic
 
 pytestmark = pytest.mark.ray
 
@@ -91,14 +89,14 @@ def test_labels_splits_and_metadata(prepared):
     patients: dict[str, set[str]] = {}
     for row in ok:
         expected = truth[row[C.PATH]]
-        assert (row[C.MAIN], row[C.SUB]) == (expected["main"], expected["sub"])
-        assert (row[C.MAIN_LABEL], row[C.SUB_LABEL], row[C.LEAF_LABEL]) == tax.encode(expected["main"], expected["sub"])
+        assert (row[MAIN], row[SUB]) == (expected["main"], expected["sub"])
+        assert (row[MAIN_INDEX], row[SUB_INDEX], row[LEAF_INDEX]) == tax.encode(expected["main"], expected["sub"])
         assert row[C.PATIENT_KEY] == expected["patient_key"]
         assert row[C.SPLIT] == assign_split(row[C.PATIENT_KEY], 0, 0.7, 0.15)
         patients.setdefault(row[C.PATIENT_KEY], set()).add(row[C.SPLIT])
         assert row[C.MODALITY] == "CT" and row[C.SOP_INSTANCE_UID]
     assert all(len(s) == 1 for s in patients.values())  # no patient in two splits
-    assert sum(summary.counts["split_leaves"]["train"].values()) == summary.counts["splits"]["train"]
+    assert sum(summary.counts["split_classes"]["train"].values()) == summary.counts["splits"]["train"]
     assert "PHANTOM" not in json.dumps(ok, default=str)  # no raw patient ID anywhere in the rows
 
 
@@ -128,10 +126,10 @@ def test_cache_is_reused_and_rebuilt_when_inputs_change(prepared, tmp_path):
 
 def test_load_cache_reads_one_split_of_labelled_rows(prepared):
     _, _, cache, summary = prepared
-    ds, info = load_cache(cache, None, "train", columns=[C.IMAGE, C.LEAF_LABEL])
+    ds, info = load_cache(cache, None, "train", columns=[C.IMAGE, LEAF_INDEX])
     rows = ds.take_all()
     assert len(rows) == summary.counts["splits"]["train"]
-    assert all(r[C.LEAF_LABEL] >= 0 and len(r[C.IMAGE]) == 48 * 48 for r in rows)
+    assert all(r[LEAF_INDEX] >= 0 and len(r[C.IMAGE]) == 48 * 48 for r in rows)
     with pytest.raises(FileNotFoundError, match="no committed cache"):
         load_cache(cache + "-missing", None)
 
@@ -145,21 +143,21 @@ def test_labels_by_sop_uid_and_unlabelled_rows(archive, ray_session, tmp_path):
     labelled = ok_labels[: N_IMAGES // 2]
     table = pa.table({
         C.SOP_INSTANCE_UID: [uids[r["path"]] for r in labelled] + ["1.2.3.999"],
-        C.MAIN: [r["main"] for r in labelled] + ["normal"],
-        C.SUB: [r["sub"] for r in labelled] + [""],  # empty sub: the main's single subclass
+        MAIN: [r["main"] for r in labelled] + ["normal"],
+        SUB: [r["sub"] for r in labelled] + [""],  # empty sub: the main's single subclass
     })
     manifest = str(tmp_path / "labels.parquet")
     pq.write_table(table, manifest)
-    summary = prepare(_cfg(), root, str(tmp_path / "cache"), labels_uri=manifest)
+    summary = prepare(_cfg(), root, str(tmp_path / "cache"), labels=manifest)
     assert summary.counts["unlabelled"] == N_IMAGES - len(labelled)
     assert summary.counts["labels_without_file"] == 1
-    rows = _rows(str(tmp_path / "cache"), "ok", columns=[C.PATH, C.MAIN, C.SUB]).to_pylist()
+    rows = _rows(str(tmp_path / "cache"), "ok", columns=[C.PATH, MAIN, SUB]).to_pylist()
     by_path = {r["path"]: r for r in labelled}
     for row in rows:
         if row[C.PATH] in by_path:
-            assert (row[C.MAIN], row[C.SUB]) == (by_path[row[C.PATH]]["main"], by_path[row[C.PATH]]["sub"])
+            assert (row[MAIN], row[SUB]) == (by_path[row[C.PATH]]["main"], by_path[row[C.PATH]]["sub"])
         else:
-            assert row[C.MAIN] == ""
+            assert row[MAIN] == ""
 
 
 BAD_LABELS = [
@@ -176,7 +174,7 @@ def test_bad_labels_name_the_file_and_line(tmp_path, text, error, message):
     path = tmp_path / "labels.csv"
     path.write_text(text)
     with pytest.raises(error, match=message):
-        read_labels(str(path), Taxonomy.from_config(Config().taxonomy), Config().storage)
+        read_labels(str(path), HierarchicalLabels(Taxonomy.from_config(Config().taxonomy)), Config().storage)
 
 
 def test_manifest_is_written_in_bounded_files(archive, tmp_path):
@@ -218,10 +216,24 @@ def test_prepare_from_s3_archive_into_s3_cache(archive, ray_session, s3_bucket, 
     assert summary.counts["ok"] == N_IMAGES and summary.counts["reasons"] == dict(__import__("collections").Counter(broken.values()))
     info = CacheInfo.read(cache, cfg.storage)
     assert info is not None and info.archive == s3_root
-    ds, _ = load_cache(cache, cfg.storage, "train", columns=[C.LEAF_LABEL])
+    ds, _ = load_cache(cache, cfg.storage, "train", columns=[LEAF_INDEX])
     assert ds.count() == summary.counts["splits"]["train"]
 
 
 def test_missing_archive_is_named(ray_session, tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-archive"):
         prepare(_cfg(), str(tmp_path / "no-such-archive"), str(tmp_path / "cache"))
+
+
+def test_a_cache_without_a_codec_holds_no_labels_and_cannot_train(archive, ray_session, tmp_path):
+    """The platform alone (no task's labels codec): every object still yields its row, and the
+    cache refuses to serve labelled rows it does not have."""
+    root, broken = archive
+    cache = str(tmp_path / "cache")
+    summary = prepare_unlabelled(_cfg(), root, cache)
+    assert summary.counts["ok"] == N_IMAGES and summary.counts["errors"] == len(broken)
+    assert summary.counts["unlabelled"] == N_IMAGES and summary.counts["split_classes"] == {}
+    assert MAIN_INDEX not in _rows(cache, "ok").column_names
+    with pytest.raises(ValueError, match="holds no labels"):
+        load_cache(cache, None, "train")
+    assert load_cache(cache, None, "train", labelled_only=False)[0].count() == summary.counts["splits"]["train"]

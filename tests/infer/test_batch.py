@@ -14,14 +14,17 @@ import pytest
 import torch
 
 from medhier import columns as C
-from medhier.io import storage
-from medhier.synthetic import spine as synthetic
-from medhier.train.checkpoint import load_checkpoint
+from medhier.classify.presets import eval_preset
+from medhier.classify.report import leaf_column
+from medhier.classify.score import score
+from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.cli import EXIT_ERROR_RATE, main
 from medhier.config import load_config
-from medhier.io.dicom import decode
-from medhier.classify.presets import eval_preset, resize_image, to_uint8
-from medhier.infer.batch import FAIL_AFTER_ENV, leaf_column, report_schema, report_table, score_archive
+from medhier.infer.batch import report_schema, report_table, score_archive
+from medhier.io import storage
+from medhier.io.image import decode_images
+from medhier.synthetic import spine as synthetic
+from medhier.train.checkpoint import load_checkpoint
 from tests.fitted import fitted_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -67,10 +70,10 @@ def _rows_per_file(output: str) -> Counter:
 def test_report_has_one_row_per_file_with_the_documented_schema(archive, checkpoint, ray_session, tmp_path):
     root, broken = archive
     out = str(tmp_path / "out")
-    summary = score_archive(_cfg(), root, checkpoint, out)
-    loaded = load_checkpoint(checkpoint)
+    summary = score(_cfg(), root, checkpoint, out)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     table = report_table(out)
-    schema = report_schema(loaded.taxonomy)
+    schema = report_schema(CLASSIFY, loaded.cfg)
     assert table.drop_columns([]).select(schema.names).schema == schema
     rows = table.to_pylist()
     assert Counter(r[C.PATH] for r in rows) == Counter({p: 1 for p in _listed(root)})
@@ -80,7 +83,7 @@ def test_report_has_one_row_per_file_with_the_documented_schema(archive, checkpo
     errors = {r[C.PATH]: r for r in rows if r[C.STATUS] == "error"}
     assert {p: r["error_reason"] for p, r in errors.items()} == broken
     assert all(r["main_label"] is None and r["leaf_prob"] is None and p in r["error_message"] for p, r in errors.items())
-    leaves = loaded.taxonomy.leaf_names
+    leaves = taxonomy_of(loaded).leaf_names
     for r in (r for r in rows if r[C.STATUS] == "ok"):
         probs = np.array([r[leaf_column(n)] for n in leaves])
         assert probs.sum() == pytest.approx(1.0, abs=1e-3)
@@ -91,14 +94,14 @@ def test_report_has_one_row_per_file_with_the_documented_schema(archive, checkpo
         assert len(r["patient_key"]) == 20
     assert len({r["leaf_label"] for r in rows if r["leaf_label"]}) >= 2
     text = json.dumps(rows, default=str)
-    assert "PHANTOM-" not in text and "Phantom^" not in text  # no raw patient ID or name
+    assert "PHANTOM" not in text  # no raw patient ID (PHANTOM-0001), name (PHANTOM^P0001) or issuer
 
     written = json.loads(Path(out, "summary.json").read_text())
     assert written["run_id"] == summary.run_id and written["errors"] == dict(Counter(broken.values()))
     studies = pa.parquet.read_table(Path(out, "studies", f"{loaded.model_id}__epoch-7.parquet")).to_pylist()
     ok_rows = [r for r in rows if r[C.STATUS] == "ok"]
     assert len(studies) == len({r[C.STUDY_INSTANCE_UID] for r in ok_rows})
-    rank = dict(zip(leaves, loaded.taxonomy.severity_rank))
+    rank = dict(zip(leaves, taxonomy_of(loaded).severity_rank))
     for study in studies:
         mine = [r for r in ok_rows if r[C.STUDY_INSTANCE_UID] == study[C.STUDY_INSTANCE_UID]]
         worst = max(mine, key=lambda r: (rank[r["leaf_label"]], r["leaf_prob"]))
@@ -113,24 +116,24 @@ def _listed(root: str) -> list[str]:
 def test_predictions_equal_the_model_called_directly(archive, checkpoint, ray_session, tmp_path):
     root, _ = archive
     out = str(tmp_path / "out")
-    score_archive(_cfg("score.precision=fp32"), root, checkpoint, out)
-    loaded = load_checkpoint(checkpoint)
+    score(_cfg("score.precision=fp32"), root, checkpoint, out)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     ok = [r for r in report_table(out).to_pylist() if r[C.STATUS] == "ok"]
     images = []
     for r in ok:
-        pixels = decode(Path(root, r[C.PATH]).read_bytes(), loaded.cfg.dicom).pixels[0]
-        images.append(to_uint8(resize_image(pixels, loaded.cfg.preprocess.image_size, loaded.cfg.preprocess.resize)))
+        _, (image,) = decode_images(Path(root, r[C.PATH]).read_bytes(), loaded.cfg.dicom, loaded.cfg.preprocess.image_size, loaded.cfg.preprocess.resize)
+        images.append(image)
     with torch.no_grad():
         direct = loaded.model(eval_preset(loaded.cfg.preprocess)(torch.from_numpy(np.stack(images)))).log_p_leaf.exp().numpy()
-    report = np.array([[r[leaf_column(n)] for n in loaded.taxonomy.leaf_names] for r in ok])
+    report = np.array([[r[leaf_column(n)] for n in taxonomy_of(loaded).leaf_names] for r in ok])
     np.testing.assert_allclose(report, direct, atol=1e-5)
 
 
 def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, checkpoint, ray_session, tmp_path, capsys):
     root, broken = archive
     fp32_out, int8_out = str(tmp_path / "fp32"), str(tmp_path / "int8")
-    score_archive(_cfg("score.precision=fp32"), root, checkpoint, fp32_out)
-    summary = score_archive(_cfg("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8"),
+    score(_cfg("score.precision=fp32"), root, checkpoint, fp32_out)
+    summary = score(_cfg("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8"),
                             root, checkpoint, int8_out)
     assert summary.precision == "int8" and summary.compiled
     # N good images in the sample: 16 calibrate, 8 others check against fp32
@@ -145,7 +148,7 @@ def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, chec
     assert fp32.keys() == int8.keys() and len(int8) == N + len(broken)  # every file, once
     assert {p: r["error_reason"] for p, r in int8.items() if r[C.STATUS] == "error"} == broken
     ok = [p for p, r in fp32.items() if r[C.STATUS] == "ok"]
-    leaves = load_checkpoint(checkpoint).taxonomy.leaf_names
+    leaves = taxonomy_of(load_checkpoint(checkpoint, CLASSIFY)).leaf_names
     same = np.mean([fp32[p]["leaf_label"] == int8[p]["leaf_label"] for p in ok])
     diff = max(abs(fp32[p][leaf_column(n)] - int8[p][leaf_column(n)]) for p in ok for n in leaves)
     assert same >= 0.9 and 0 < diff < 0.1, (same, diff)
@@ -155,8 +158,8 @@ def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, chec
 def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_session, tmp_path):
     root, broken = archive
     out = str(tmp_path / "out")
-    first = score_archive(_cfg(), root, checkpoint, out)
-    second = score_archive(_cfg(), root, checkpoint, out)
+    first = score(_cfg(), root, checkpoint, out)
+    second = score(_cfg(), root, checkpoint, out)
     assert second.files == 0 and second.already_scored == first.files
     added = synthetic.generate_archive(str(tmp_path / "more"), 3, seed=77, size=64)
     new_paths = [p for p in _listed(added.out)]
@@ -164,36 +167,68 @@ def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_sessio
         target = Path(root, "new", p)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(Path(added.out, p), target)
-    third = score_archive(_cfg(), root, checkpoint, out)
+    third = score(_cfg(), root, checkpoint, out)
     assert third.files == 3
     counts = _rows_per_file(out)
     assert all(v == 1 for v in counts.values()) and len(counts) == N + len(broken) + 3
     # another model scores everything again: one row per file and model
     other = _make_checkpoint(str(tmp_path / "other-ckpt"), 1, root)
-    fourth = score_archive(_cfg(), root, other, out)
+    fourth = score(_cfg(), root, other, out)
     assert fourth.files == N + len(broken) + 3
     assert set(_rows_per_file(out).values()) == {2}
 
 
-def test_a_crashed_run_leaves_nothing_and_the_next_run_completes(archive, checkpoint, ray_session, tmp_path, monkeypatch):
+class FailAfter:
+    """A test-only annotator: the model actor fails in its third batch, as a crashed node would."""
+
+    def __init__(self, batches: int):
+        self.batches, self.seen = batches, 0
+
+    def __call__(self, actor, batch, ok, images, result):
+        self.seen += 1
+        if self.seen > self.batches:
+            raise RuntimeError(f"injected failure after {self.batches} batches")
+        return {}
+
+
+def test_a_crashed_run_leaves_nothing_and_the_next_run_completes(archive, checkpoint, ray_session, tmp_path):
     root, broken = archive
     out = str(tmp_path / "out")
-    monkeypatch.setenv(FAIL_AFTER_ENV, "2")
     with pytest.raises(Exception, match="injected failure"):
-        score_archive(_cfg("score.batch_size=4", "data.decode_batch_size=4"), root, checkpoint, out)
+        score_archive(_cfg("score.batch_size=4", "data.decode_batch_size=4"), root, checkpoint, out, CLASSIFY,
+                      annotator=lambda run: FailAfter(2))
     assert not Path(out, "report").exists() and not Path(out, "ledger").exists()
-    monkeypatch.delenv(FAIL_AFTER_ENV)
-    done = score_archive(_cfg(), root, checkpoint, out)
+    done = score(_cfg(), root, checkpoint, out)
     assert done.files == N + len(broken)
     assert _rows_per_file(out) == Counter({p: 1 for p in _listed(root)})
+    assert done.removed_runs == []  # the crashed run's heartbeat is fresh: it may still be running
+
+
+def test_a_commit_keeps_no_second_copy_and_dead_runs_do_not_pile_up(archive, checkpoint, ray_session, tmp_path):
+    """After the commit the run's folder keeps its record (config, summary, marker), not its rows;
+    the folders of runs that died before their commit (stale heartbeat) go, a live one stays."""
+    import json as _json
+    import time
+
+    root, _ = archive
+    out = Path(tmp_path / "out")
+    dead, alive = out / "runs" / "20200101T000000Z-dead00", out / "runs" / "29990101T000000Z-alive0"
+    for folder, age in ((dead, 3600), (alive, 0)):
+        (folder / "staging").mkdir(parents=True)
+        (folder / "staging" / "part.parquet").write_bytes(b"rows of a run that never committed")
+        (folder / "_ALIVE").write_text(_json.dumps({"host": "h", "pid": 1, "time": time.time() - age}))
+    summary = score(_cfg(), root, checkpoint, str(out))
+    assert summary.removed_runs == [dead.name]
+    assert not dead.exists() and (alive / "staging").exists()
+    assert sorted(p.name for p in (out / "runs" / summary.run_id).iterdir()) == ["_ALIVE", "_COMMITTED", "config.yaml", "summary.json"]
 
 
 def test_commit_interrupted_before_the_ledger_is_rolled_forward(archive, checkpoint, ray_session, tmp_path):
     root, _ = archive
     out = str(tmp_path / "out")
-    first = score_archive(_cfg(), root, checkpoint, out)
+    first = score(_cfg(), root, checkpoint, out)
     os.remove(Path(out, "ledger", f"run_id={first.run_id}.parquet"))  # as if killed between the two
-    again = score_archive(_cfg(), root, checkpoint, out)
+    again = score(_cfg(), root, checkpoint, out)
     assert again.recovered_runs == [first.run_id] and again.files == 0
     assert set(_rows_per_file(out).values()) == {1}
 
@@ -201,8 +236,8 @@ def test_commit_interrupted_before_the_ledger_is_rolled_forward(archive, checkpo
 def test_full_rescore_supersedes_earlier_rows_of_the_same_model(archive, checkpoint, ray_session, tmp_path):
     root, broken = archive
     out = str(tmp_path / "out")
-    first = score_archive(_cfg(), root, checkpoint, out)
-    full = score_archive(_cfg(), root, checkpoint, out, full=True)
+    first = score(_cfg(), root, checkpoint, out)
+    full = score(_cfg(), root, checkpoint, out, full=True)
     assert full.files == N + len(broken)
     runs = set(report_table(out, columns=["run_id"])["run_id"].to_pylist())
     assert runs == {full.run_id} and first.run_id not in runs
@@ -225,21 +260,21 @@ def test_scoring_an_s3_archive_into_s3(source_archive, checkpoint, ray_session, 
     for path in _listed(root):
         storage.write_bytes(f"{s3_bucket}/archive/{path}", Path(root, path).read_bytes(), storage_cfg)
     cfg = _cfg(f"storage.s3_endpoint={storage_cfg.s3_endpoint}")
-    summary = score_archive(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
+    summary = score(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
     table = report_table(f"{s3_bucket}/scores", storage_cfg)
     assert Counter(table[C.PATH].to_pylist()) == Counter({p: 1 for p in _listed(root)})
     assert table.num_rows == summary.rows == N + len(broken)
     assert all(e for e in table[C.ETAG].to_pylist())  # S3 ETags recorded for the ledger
-    again = score_archive(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
+    again = score(cfg, f"{s3_bucket}/archive", checkpoint, f"{s3_bucket}/scores")
     assert again.files == 0
 
 
 def test_explain_and_sr_outputs_sit_beside_the_report(archive, checkpoint, ray_session, tmp_path):
-    from medhier.io.sr import read_sr
+    from medhier.classify.sr import read_sr
 
     root, _ = archive
     out = str(tmp_path / "out")
-    score_archive(_cfg("score.explain_min_prob=0.3"), root, checkpoint, out, explain=True, sr=True)
+    score(_cfg("score.explain_min_prob=0.3"), root, checkpoint, out, explain=True, sr=True)
     rows = report_table(out).to_pylist()
     ok = [r for r in rows if r[C.STATUS] == "ok"]
     chosen = [r for r in ok if r["main_label"] != "normal" and r["leaf_prob"] >= 0.3]
@@ -260,18 +295,19 @@ def test_explain_and_sr_outputs_sit_beside_the_report(archive, checkpoint, ray_s
 
 
 def test_a_cpu_scorer_leaves_its_node_a_cpu_for_the_decode_tasks(ray_session):
-    from medhier.infer.batch import scorer_resources
+    from medhier.infer.actor import actor_resources
 
     # the session's single node has 8 logical CPUs: 7 for the model, 1 for decoding beside it
-    assert scorer_resources("false") == (0, 7.0)
+    assert actor_resources("false") == (0, 7.0)
 
 
 def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_written(checkpoint):
     import time
 
-    from medhier.infer.batch import SCORED_AT, SCORED_MS, Scorer, to_report
+    from medhier.infer.actor import SCORED_MS, ActorSettings, ModelActor
+    from medhier.infer.batch import to_report
 
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     size = loaded.cfg.preprocess.image_size
     strings = lambda *v: np.array(v, dtype=object)  # noqa: E731
     batch = {
@@ -281,13 +317,13 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
         C.STATUS: strings("ok", "error"), C.REASON: strings("", "truncated"), C.ERROR: strings("", "broken.dcm: truncated"),
         C.IMAGE: strings(np.full((size, size), 128, np.uint8).tobytes(), b""),
     }
-    scorer = Scorer(checkpoint, {}, precision="fp32")
+    actor = ModelActor(CLASSIFY, checkpoint, loaded.cfg.storage, ActorSettings(precision="fp32"))
     before = int(time.time() * 1000)
-    scored = scorer(batch)
+    scored = actor(batch)
     after = int(time.time() * 1000)
     assert ((scored[SCORED_MS] >= before) & (scored[SCORED_MS] <= after)).all()  # error rows too
     time.sleep(0.05)  # the report stage runs later: its own clock would say so
-    report = to_report(scored, loaded.taxonomy.to_dict(), loaded.model_id, "v1", "run-1")
-    stamps = report[SCORED_AT].cast(pa.int64()).to_numpy()
+    report = to_report(scored, CLASSIFY, loaded.cfg, loaded.model_id, "v1", "run-1")
+    stamps = report[C.SCORED_AT].cast(pa.int64()).to_numpy()
     np.testing.assert_array_equal(stamps, scored[SCORED_MS])
     assert report["status"].to_pylist() == ["ok", "error"] and report["error_reason"].to_pylist() == [None, "truncated"]

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from medhier.config import ConfigError, ModelConfig, TaxonomyConfig, load_config
-from medhier.infer.int8 import _CBAM, Int8AgreementError, _batches, _untie_shared_modules, agreement, check_agreement, quantize
-from medhier.classify.model import build_model, predict
+from medhier.classify.model import _CBAM, build_model, predict, untie_shared_modules
+from medhier.infer.int8 import Int8AgreementError, _batches, agreement, check_agreement, quantize
+from medhier.classify.task import CLASSIFY
 from medhier.classify.taxonomy import Taxonomy
 
 TAX = Taxonomy.from_config(TaxonomyConfig())
@@ -34,7 +35,7 @@ def test_untied_modules_compute_the_same_function(arch):
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         before = model(x).log_p_leaf
-        _untie_shared_modules(model)
+        untie_shared_modules(model)
         after = model(x).log_p_leaf
     blocks = [m for m in model.modules() if hasattr(m, "relu_a")]
     assert len(blocks) == (8 if arch == "resnet18" else 16)  # every residual block
@@ -55,7 +56,7 @@ def test_the_quantized_graph_matches_fp32_for_every_head(head, attention):
     model = _model(head=head, attention=attention)
     torch.manual_seed(1)
     calibration, held_out = torch.randn(12, 3, 64, 64), torch.randn(8, 3, 64, 64)
-    q = quantize(model, calibration, batch_size=8, compile=False)
+    q = quantize(model, calibration, batch_size=8, compile=False, prepare=untie_shared_modules)
     targets = [str(n.target) for n in q.compiled.graph.nodes if n.op == "call_function"]
     layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     assert targets.count("quantized_decomposed.dequantize_per_channel.default") == layers  # every weight is int8
@@ -116,4 +117,4 @@ def test_serve_refuses_int8(tmp_path):
     from medhier.infer.serve import build_app
 
     with pytest.raises(ValueError, match="int8"):
-        build_app(load_config(None, ["score.precision=int8"]), str(tmp_path))
+        build_app(load_config(None, ["score.precision=int8"]), str(tmp_path), CLASSIFY)

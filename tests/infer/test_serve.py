@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import requests
 
+from medhier.classify.task import CLASSIFY, taxonomy_of
+from medhier.classify.taxonomy import Taxonomy
+from medhier.config import load_config
+from medhier.infer.actor import ActorSettings, ModelActor
+from medhier.io.image import decode_images
 from medhier.synthetic import spine as synthetic
 from medhier.train.checkpoint import load_checkpoint
-from medhier.config import load_config
-from medhier.io.dicom import decode
-from medhier.classify.presets import resize_image, to_uint8
-from medhier.infer.batch import Scorer
-from medhier.classify.taxonomy import Taxonomy
 from tests.fitted import fitted_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -55,15 +55,16 @@ def checkpoint(tmp_path_factory, archive):
 
 @pytest.fixture(scope="module")
 def expected(archive, checkpoint):
-    """What the Scorer itself says about every phantom: path -> (sop_instance_uid, p_main, p_leaf)."""
+    """What archive scoring's model actor says about every phantom: path -> (sop_instance_uid, p_main, p_leaf)."""
     root, files, _ = archive
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     images, uids = [], []
     for path in files:
-        decoded = decode(Path(root, path).read_bytes(), loaded.cfg.dicom)
-        images.append(to_uint8(resize_image(decoded.pixels[0], loaded.cfg.preprocess.image_size, loaded.cfg.preprocess.resize)))
+        decoded, (image,) = decode_images(Path(root, path).read_bytes(), loaded.cfg.dicom, loaded.cfg.preprocess.image_size,
+                                          loaded.cfg.preprocess.resize)
+        images.append(image)
         uids.append(decoded.meta["sop_instance_uid"])
-    out = Scorer(checkpoint, {}, precision="fp32").predict_images(np.stack(images))
+    out = ModelActor(CLASSIFY, checkpoint, loaded.cfg.storage, ActorSettings(precision="fp32")).predict_images(np.stack(images))
     return {path: (uid, out["p_main"][i], out["p_leaf"][i]) for i, (path, uid) in enumerate(zip(files, uids))}
 
 
@@ -78,7 +79,7 @@ def url(ray_session, checkpoint):
         f"serve.port={_free_port()}", f"serve.max_upload_mb={MAX_UPLOAD_MB}",
         "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05",
     ])
-    base = run(cfg, checkpoint, blocking=False, name="medhier-test")
+    base = run(cfg, checkpoint, CLASSIFY, blocking=False, name="medhier-test")
     yield base
     shutdown("medhier-test", cfg.serve)  # the last app: stops Serve's HTTP proxy too, and waits for its port
     with pytest.raises(requests.ConnectionError):
@@ -103,12 +104,12 @@ def _check_answer(body: dict, uid: str, p_main: np.ndarray, p_leaf: np.ndarray, 
 
 def test_a_phantom_is_answered_as_the_scorer_answers_it(url, archive, checkpoint, expected):
     root, files, _ = archive
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     uid, p_main, p_leaf = expected[files[0]]
     response = _post(url, Path(root, files[0]).read_bytes())
     assert response.status_code == 200, response.text
     body = response.json()
-    _check_answer(body, uid, p_main, p_leaf, loaded.taxonomy)
+    _check_answer(body, uid, p_main, p_leaf, taxonomy_of(loaded))
     assert body["model_id"] == loaded.model_id and body["model_version"] == "epoch-3"
     assert 0 < body["timing_ms"]["decode"] <= body["timing_ms"]["total"]
 
@@ -151,6 +152,32 @@ def test_empty_and_malformed_requests_are_client_errors_that_say_what_to_send(ur
     assert "'file'" in wrong_field.json()["message"]
 
 
+def _form(boundary: str, *parts: bytes, close: bool = True) -> bytes:
+    body = b"".join(b"--" + boundary.encode() + b"\r\n" + part + b"\r\n" for part in parts)
+    return body + (b"--" + boundary.encode() + b"--\r\n" if close else b"")
+
+
+FILE_PART = b'Content-Disposition: form-data; name="file"; filename="a.dcm"\r\nContent-Type: application/dicom\r\n\r\n'
+
+
+@pytest.mark.parametrize("content_type, body, error, says", [
+    # what python-multipart (through Starlette) refuses
+    ("multipart/form-data", _form("xyz", FILE_PART + b"DICM"), "bad_multipart", "boundary"),
+    ("multipart/form-data; boundary=xyz", b"--xyz\r\nno headers, no blank line, no end", "bad_multipart", "Invalid multipart"),
+    ("multipart/form-data; boundary=xyz", _form("xyz", b'Content-Disposition: form-data\r\n\r\nno name'), "bad_multipart", "name"),
+    ("multipart/form-data; boundary=xyz", _form("xyz", FILE_PART + b"one", FILE_PART + b"two"), "bad_multipart", "Too many files"),
+    # cut off inside the file part: the part never ended, so no file arrived
+    ("multipart/form-data; boundary=xyz", _form("xyz", FILE_PART + b"DICM half a file", close=False)[:-2], "bad_multipart", "truncated"),
+    # well-formed, but not what the endpoint needs
+    ("multipart/form-data; boundary=xyz", _form("xyz", b'Content-Disposition: form-data; name="file"\r\n\r\ntext'), "missing_file", "'file'"),
+    ("multipart/form-data; boundary=xyz", _form("xyz", FILE_PART), "empty_body", "is empty"),
+])
+def test_malformed_multipart_bodies_are_400_naming_the_problem(url, content_type, body, error, says):
+    response = requests.post(url + "predict", data=body, headers={"Content-Type": content_type}, timeout=TIMEOUT)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == error and says in response.json()["message"]
+
+
 def test_an_upload_over_the_limit_gets_413_and_the_endpoint_keeps_serving(url, archive):
     root, files, _ = archive
     too_big = b"\0" * int(MAX_UPLOAD_MB * 1024 * 1024 + 1)
@@ -169,7 +196,7 @@ def test_an_upload_over_the_limit_gets_413_and_the_endpoint_keeps_serving(url, a
 
 def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(url, archive, checkpoint, expected):
     root, files, _ = archive
-    tax = load_checkpoint(checkpoint).taxonomy
+    tax = taxonomy_of(load_checkpoint(checkpoint, CLASSIFY))
     bodies = {path: Path(root, path).read_bytes() for path in files}
     with ThreadPoolExecutor(max_workers=len(files)) as pool:
         responses = dict(zip(files, pool.map(lambda path: _post(url, bodies[path]), files)))
@@ -186,20 +213,20 @@ def test_concurrent_requests_share_forward_passes_and_each_gets_its_own_answer(u
 
 
 def test_healthz_names_the_model_and_its_taxonomy(url, checkpoint):
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     health = requests.get(url + "healthz", timeout=TIMEOUT)
     assert health.status_code == 200
     body = health.json()
     assert body["model_id"] == loaded.model_id and body["model_version"] == "epoch-3"
-    assert body["taxonomy"] == loaded.taxonomy.to_dict()
-    assert body["leaves"] == list(loaded.taxonomy.leaf_names)
+    assert body["taxonomy"] == taxonomy_of(loaded).to_dict()
+    assert body["leaves"] == list(taxonomy_of(loaded).leaf_names)
 
 
 def test_a_missing_checkpoint_fails_before_anything_is_deployed(tmp_path):
     from medhier.infer.serve import build_app
 
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        build_app(load_config(SMOKE), str(tmp_path / "nowhere"))
+        build_app(load_config(SMOKE), str(tmp_path / "nowhere"), CLASSIFY)
 
 
 def test_stopping_waits_until_the_port_refuses_connections(caplog):

@@ -8,32 +8,38 @@ import os
 import pytest
 import torch
 
+from medhier.classify.task import CLASSIFY, taxonomy_of
+from medhier.classify.taxonomy import Taxonomy
+from medhier.config import load_config
 from medhier.io import storage
 from medhier.train.checkpoint import CheckpointError, config_for_checkpoint, load_checkpoint, model_id_of, save_checkpoint
-from medhier.config import load_config
-from medhier.classify.model import build_model
-from medhier.classify.taxonomy import Taxonomy
 
 OVERRIDES = ["model.arch=resnet18", "model.pretrained=none", "model.head_channels=16", "model.hidden=8",
-             "preprocess.image_size=48", "dicom.windows.CT=bone", "dicom.patient_salt=never-stored"]
+             "preprocess.image_size=48", "dicom.windows.CT=bone", "dicom.patient_salt=never-stored",
+             "taxonomy.classes={normal: [normal], lesion: [benign, malignant]}"]
 
 
 @pytest.fixture()
 def saved(tmp_path):
     cfg = load_config(None, OVERRIDES)
-    tax = Taxonomy.from_dict({"normal": ["normal"], "lesion": ["benign", "malignant"]})
+    tax = Taxonomy.from_config(cfg.taxonomy)
     torch.manual_seed(0)
-    model = build_model(cfg.model, tax).to(memory_format=torch.channels_last)
+    model = CLASSIFY.build_model(cfg).to(memory_format=torch.channels_last)
     directory = str(tmp_path / "ckpt")
-    model_id = save_checkpoint(directory, model, cfg, tax, epoch=3, metrics={"auc": torch.tensor(0.9), "nan": float("nan")})
+    model_id = save_checkpoint(directory, model, cfg, CLASSIFY, epoch=3, metrics={"auc": torch.tensor(0.9), "nan": float("nan")})
     return cfg, tax, model, directory, model_id
+
+
+def load(directory: str, storage_cfg=None):
+    return load_checkpoint(directory, CLASSIFY, storage_cfg)
 
 
 def test_round_trip_rebuilds_model_config_and_taxonomy(saved):
     cfg, tax, model, directory, model_id = saved
-    loaded = load_checkpoint(directory)
+    loaded = load(directory)
     assert loaded.model_id == model_id == model_id_of(model.state_dict())
-    assert loaded.taxonomy == tax and loaded.epoch == 3
+    assert taxonomy_of(loaded) == tax and loaded.epoch == 3 and loaded.task == "classify"
+    assert loaded.model_sections == ("taxonomy", "dicom", "preprocess", "model")
     assert loaded.metrics == {"auc": pytest.approx(0.9), "nan": None}
     assert loaded.cfg.preprocess.image_size == 48 and loaded.cfg.dicom.windows == {"CT": "bone"}
     assert not loaded.model.training
@@ -43,14 +49,35 @@ def test_round_trip_rebuilds_model_config_and_taxonomy(saved):
     model.eval()
     torch.testing.assert_close(loaded.model(x).log_p_leaf, model(x).log_p_leaf)
     meta = json.loads(open(os.path.join(directory, "meta.json")).read())
-    assert meta["model_id"] == model_id and meta["taxonomy"]["classes"]["lesion"] == ["benign", "malignant"]
+    assert meta["model_id"] == model_id and meta["task"] == "classify"
+    assert meta["task_meta"]["taxonomy"]["classes"]["lesion"] == ["benign", "malignant"]
+
+
+def test_a_checkpoint_of_another_task_is_refused(saved):
+    class Segmenter:
+        name = "plaque-seg"
+
+    with pytest.raises(CheckpointError, match="holds a 'classify' model, not a 'plaque-seg' one"):
+        load_checkpoint(saved[3], Segmenter())
+
+
+def test_a_format_1_checkpoint_of_medhier_0_1_still_loads(saved):
+    """Checkpoints written before they named their task: the classifier's, taxonomy at the top."""
+    _, tax, model, directory, model_id = saved
+    path = os.path.join(directory, "model.pt")
+    data = torch.load(path, weights_only=True)
+    old = {k: v for k, v in data.items() if k not in ("task", "model_sections", "task_meta")}
+    torch.save({**old, "format": 1, "taxonomy": data["task_meta"]["taxonomy"]}, path)
+    loaded = load(directory)
+    assert loaded.model_id == model_id and taxonomy_of(loaded) == tax and loaded.task == "classify"
+    assert loaded.model_sections == ("taxonomy", "dicom", "preprocess", "model")
 
 
 def test_the_patient_salt_never_enters_a_checkpoint(saved):
     cfg, _, _, directory, _ = saved
     for name in os.listdir(directory):
         assert b"never-stored" not in open(os.path.join(directory, name), "rb").read()
-    assert load_checkpoint(directory).cfg.dicom.patient_salt == ""
+    assert load(directory).cfg.dicom.patient_salt == ""
 
 
 def test_model_id_depends_only_on_the_weights(saved):
@@ -68,7 +95,7 @@ def test_corrupted_or_foreign_files_are_refused(saved, tmp_path):
     data["model_state"]["main_out.bias"] += 1
     torch.save(data, path)
     with pytest.raises(CheckpointError, match="do not match their recorded model_id"):
-        load_checkpoint(directory)
+        load(directory)
 
     class Evil:
         def __reduce__(self):
@@ -79,15 +106,15 @@ def test_corrupted_or_foreign_files_are_refused(saved, tmp_path):
     with open(evil / "model.pt", "wb") as f:
         torch.save({"format": 1, "payload": Evil()}, f)
     with pytest.raises(CheckpointError, match="not a medhier checkpoint"):
-        load_checkpoint(str(evil))  # weights_only refuses to run the pickled call
+        load(str(evil))  # weights_only refuses to run the pickled call
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        load_checkpoint(str(tmp_path / "nowhere"))
+        load(str(tmp_path / "nowhere"))
 
 
 def test_run_config_takes_model_sections_from_the_checkpoint(saved):
     _, _, _, directory, _ = saved
     user = load_config(None, ["preprocess.image_size=224", "dicom.patient_salt=site", "data.decode_batch_size=7"])
-    run = config_for_checkpoint(user, load_checkpoint(directory).cfg)
+    run = config_for_checkpoint(user, load(directory))
     assert run.preprocess.image_size == 48 and run.model.arch == "resnet18"  # from the checkpoint
     assert run.data.decode_batch_size == 7 and run.dicom.patient_salt == "site"  # from the user
 
@@ -97,4 +124,4 @@ def test_checkpoint_from_s3(saved, s3_bucket, storage_cfg):
     _, _, _, directory, model_id = saved
     for name in os.listdir(directory):
         storage.write_bytes(f"{s3_bucket}/run/best/{name}", open(os.path.join(directory, name), "rb").read(), storage_cfg)
-    assert load_checkpoint(f"{s3_bucket}/run/best", storage_cfg).model_id == model_id
+    assert load(f"{s3_bucket}/run/best", storage_cfg).model_id == model_id

@@ -11,12 +11,15 @@ import numpy as np
 import pytest
 
 from medhier import columns as C
-from medhier.synthetic import spine as synthetic
-from medhier.train.checkpoint import load_checkpoint
+from medhier.classify.api import fit
+from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
+from medhier.classify.report import P_MAIN
+from medhier.classify.task import CLASSIFY
 from medhier.config import load_config
 from medhier.data.cache import load_cache
-from medhier.infer.batch import predict_dataset
-from medhier.train.loop import FAIL_AT_ENV, fit
+from medhier.infer.actor import predict_dataset
+from medhier.synthetic import spine as synthetic
+from medhier.train.checkpoint import load_checkpoint
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -48,19 +51,19 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     assert result.test_metrics["hierarchy"]["consistency"] == 1.0
 
     cfg = _cfg()
-    rows = {k: [] for k in ("p_main", C.MAIN_LABEL)}
+    rows = {k: [] for k in (P_MAIN, MAIN_INDEX)}
     for split in ("val", "test"):
-        ds, _ = load_cache(os.path.join(out, "cache"), cfg.storage, split, columns=[C.IMAGE, C.MAIN_LABEL, C.LEAF_LABEL])
-        pred = predict_dataset(ds, os.path.join(out, "best"), cfg, keep=[C.MAIN_LABEL])
-        rows["p_main"].append(pred["p_main"])
-        rows[C.MAIN_LABEL].append(pred[C.MAIN_LABEL])
-    truth = np.concatenate(rows[C.MAIN_LABEL])
-    accuracy = float((np.concatenate(rows["p_main"]).argmax(1) == truth).mean())
+        ds, _ = load_cache(os.path.join(out, "cache"), cfg.storage, split, columns=[C.IMAGE, MAIN_INDEX, LEAF_INDEX])
+        pred = predict_dataset(ds, CLASSIFY, os.path.join(out, "best"), cfg)
+        rows[P_MAIN].append(pred[P_MAIN])
+        rows[MAIN_INDEX].append(pred[MAIN_INDEX])
+    truth = np.concatenate(rows[MAIN_INDEX])
+    accuracy = float((np.concatenate(rows[P_MAIN]).argmax(1) == truth).mean())
     majority = max(Counter(truth.tolist()).values()) / len(truth)
     assert len(truth) >= 40 and majority < 0.5
     assert accuracy >= 0.5, f"held-out main accuracy {accuracy:.2f} (chance {majority:.2f})"
 
-    loaded = load_checkpoint(os.path.join(out, "best"))
+    loaded = load_checkpoint(os.path.join(out, "best"), CLASSIFY)
     assert loaded.epoch == result.best_epoch
     metrics = json.loads(Path(out, "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["model_id"] == loaded.model_id
@@ -76,18 +79,53 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     assert load_config(os.path.join(out, "config.yaml")).model.arch == "resnet18"
 
 
-def test_worker_failure_resumes_from_the_last_checkpoint_without_repeating_epochs(archive, ray_session, tmp_path, monkeypatch):
+class KillWorkerOnce:
+    """A test-only training hook: the worker of ``rank`` dies (its process exits) before ``step``
+    of ``epoch``, once: a marker file makes the restarted worker group go on."""
+
+    def __init__(self, epoch: int, step: int, rank: int, marker: str):
+        self.epoch, self.step, self.rank, self.marker = epoch, step, rank, marker
+
+    def __call__(self, ctx, epoch: int, step: int) -> None:
+        if (epoch, step, ctx.env.rank) == (self.epoch, self.step, self.rank) and not os.path.exists(self.marker):
+            Path(self.marker).write_text("injected")
+            os._exit(1)
+
+
+def test_worker_failure_resumes_from_the_last_checkpoint_without_repeating_epochs(archive, ray_session, tmp_path):
     out = str(tmp_path / "run")
-    monkeypatch.setenv(FAIL_AT_ENV, "2:1:1")  # epoch 2, step 1, rank 1: the worker process dies
-    result = fit(_cfg("train.epochs=4", "model.head=flat"), archive, out)
-    assert Path(out, ".injected-failure").exists()
+    marker = str(tmp_path / "injected-failure")
+    result = fit(_cfg("train.epochs=4", "model.head=flat"), archive, out, hooks=(KillWorkerOnce(2, 1, 1, marker),))
+    assert Path(marker).exists()
     assert result.epochs_run == 4
     assert result.resumed_at == [2]  # restarted at epoch 2: epochs 0 and 1 were not run again
     assert [h["epoch"] for h in json.loads(Path(out, "history.json").read_text())] == [0, 1, 2, 3]
     assert result.test_metrics["hierarchy"]["consistency"] == 1.0  # the flat baseline, too
 
     # A later run with the same output continues where the last one ended.
-    monkeypatch.delenv(FAIL_AT_ENV)
     again = fit(_cfg("train.epochs=5", "model.head=flat"), archive, out)
     assert again.resumed_at == [2, 4] and again.epochs_run == 5
     assert [h["epoch"] for h in json.loads(Path(out, "history.json").read_text())] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("epochs, warmup_epochs, steps_per_epoch", [(20, 1.0, 7), (12, 0.5, 30), (3, 0.0, 5), (4, 1.0, 1), (5, 2.0, 3)])
+def test_the_schedule_is_linear_warm_up_then_cosine_to_zero(epochs, warmup_epochs, steps_per_epoch):
+    """torch's LinearLR + CosineAnnealingLR give the curve medhier 0.1 wrote by hand: (k+1)/w of
+    the rate during warm-up, then 0.5 (1 + cos(pi t / T)) down to 0 at the last step."""
+    import math
+
+    import torch
+
+    from medhier.config import TrainConfig
+    from medhier.train.loop import warmup_cosine
+
+    tc = TrainConfig(epochs=epochs, warmup_epochs=warmup_epochs)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = warmup_cosine(optimizer, tc, steps_per_epoch)
+    warmup = max(1, int(warmup_epochs * steps_per_epoch)) if warmup_epochs else 0
+    total = max(warmup + 1, epochs * steps_per_epoch)
+    for k in range(total):
+        expected = (k + 1) / warmup if k < warmup else 0.5 * (1 + math.cos(math.pi * (k - warmup) / (total - warmup)))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-9), k
+        optimizer.step()
+        scheduler.step()

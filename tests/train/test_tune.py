@@ -8,9 +8,10 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from medhier.synthetic import spine as synthetic
+from medhier.classify.api import tune
 from medhier.config import ConfigError, load_config
-from medhier.train.tune import max_concurrent_trials, search_space, tune
+from medhier.synthetic import spine as synthetic
+from medhier.train.tune import max_concurrent_trials, search_space
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
 
@@ -98,9 +99,9 @@ def test_tiny_search_records_every_trial_stops_some_early_and_leaves_nothing(ray
     assert load_config(str(Path(out, "best_config.yaml"))).train.warmup_epochs == 0.5
 
     # the best checkpoint is ready for scoring
-    from medhier.infer.batch import score_archive
+    from medhier.classify.score import score
 
-    scored = score_archive(_cfg(), archive, str(Path(out, "best")), str(tmp_path / "scores"))
+    scored = score(_cfg(), archive, str(Path(out, "best")), str(tmp_path / "scores"))
     assert scored.files == 80 and scored.images_ok == 80
 
     # no placement group or training actor outlives the search (Ray issue 54305)
