@@ -11,7 +11,8 @@ Image geometry
 Every series is ``SIZE`` x ``SIZE`` = 64 x 64 pixels of ``PIXEL_MM`` = 0.5 mm (a 32 mm field of
 view) and ``SLICES`` = 10 axial slices of ``SLICE_MM`` = 2 mm (contiguous), in LPS patient
 coordinates: ImageOrientationPatient 1\\0\\0\\0\\1\\0 (rows run to the patient's left, columns to
-posterior), slices ordered from inferior to superior (InstanceNumber 1 is the lowest). All four
+posterior), slices ordered from head to feet (InstanceNumber 1 is the highest: the order
+:mod:`medhier.io.volume` gives, so index k of every array here is its slice k). All four
 sequences of a visit share the grid and the FrameOfReferenceUID (one scanner session); the
 patient lies elsewhere in the scanner at every visit (the whole anatomy is shifted by up to
 +-4 mm per axis and the field of view by +-2 mm in-plane against the vessel), and the slab is
@@ -166,11 +167,11 @@ the patient, the visit, the series and the instance.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import functools
 import io
 import math
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 
@@ -186,6 +187,7 @@ from medhier.config import StorageConfig
 from medhier.io import storage
 from medhier.io.dicom import patient_key
 from medhier.plaque import labels as L
+from medhier.plaque.measure import measure
 
 __all__ = [
     "CORE_MAX_ANGLE_DEG",
@@ -198,6 +200,7 @@ __all__ = [
     "SIZE",
     "SLICES",
     "SLICE_MM",
+    "BROKEN_KINDS",
     "Anatomy",
     "Covariates",
     "PatientPlan",
@@ -207,9 +210,13 @@ __all__ = [
     "Rates",
     "VisitImages",
     "VisitPlan",
+    "RATE_MEASUREMENTS",
+    "add_broken_series",
     "generate_plaque_archive",
+    "measure_truth",
     "plan_plaque_archive",
     "rate_function",
+    "render_labels",
     "render_visit",
     "risk_score",
     "series_bytes",
@@ -526,7 +533,7 @@ class VisitPlan:
         """(SLICES, 3) float64 ImagePositionPatient (centre of the first pixel) of each slice, mm."""
         ox, oy, oz = self.offset_mm
         half = (SIZE - 1) / 2 * PIXEL_MM
-        z = oz + (np.arange(SLICES) - self.centre_slice) * SLICE_MM
+        z = oz - (np.arange(SLICES) - self.centre_slice) * SLICE_MM  # head to feet
         x = np.full(SLICES, ox + self.fov_shift_mm[0] - half)
         y = np.full(SLICES, oy + self.fov_shift_mm[1] - half)
         return np.round(np.column_stack([x, y, z]), 6)
@@ -812,6 +819,13 @@ def render_visit(patient: PatientPlan, visit: VisitPlan, *, noise: bool = True, 
     return VisitImages(images=images, labels=labels, purity=purity, positions=positions)
 
 
+def render_labels(visit: VisitPlan) -> tuple[np.ndarray, np.ndarray]:
+    """Only the truth of ``visit``: (labels, purity) as :func:`render_visit` returns them, at a
+    quarter of its cost."""
+    codes = _tissue_codes(visit.geometry, _anatomy_points(visit.positions(), np.asarray(visit.offset_mm), np.eye(4)))
+    return _majority(_LABEL_OF[codes])
+
+
 _GRID = (SLICES, _SUB, SIZE, _SUB, SIZE, _SUB)  # sub-samples: (slice, z-third, row, y-third, column, x-third)
 
 
@@ -987,11 +1001,13 @@ def series_bytes(patient: PatientPlan, visit: VisitPlan, sequence: str, pixels: 
         "WindowCenter": _ds((low + high) / 2),
         "WindowWidth": _ds(max(high - low, 1.0)),
     }
+    template = Dataset(dict(_sequence_elements(sequence)))
+    for keyword, value in per_series.items():
+        setattr(template, keyword, value)
+    template.SeriesNumber = series_number
     out = []
     for k, position in enumerate(visit.positions()):
-        ds = Dataset(dict(_sequence_elements(sequence)))
-        for keyword, value in per_series.items():
-            setattr(ds, keyword, value)
+        ds = Dataset(template)  # a shallow copy: the slice's own elements replace, never modify
         sop = _uid(ns, pid, v, sequence, "sop", k + 1)
         ds.file_meta = FileMetaDataset()
         ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
@@ -1000,7 +1016,6 @@ def series_bytes(patient: PatientPlan, visit: VisitPlan, sequence: str, pixels: 
         ds.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
         ds.file_meta.ImplementationVersionName = "MEDHIER_SYNTH"
         ds.SOPInstanceUID = sop
-        ds.SeriesNumber = series_number
         ds.InstanceNumber = k + 1
         ds.ImagePositionPatient = [_ds(x) for x in position]
         ds.SliceLocation = _ds(position[2])
@@ -1070,58 +1085,92 @@ def _ds(x: float) -> str:
 # -- truth ---------------------------------------------------------------------------------------------
 
 
-def truth_tables(plans: list[PatientPlan], patient_salt: str = "") -> dict[str, pa.Table]:
+# Each rate and the measurement (medhier.plaque.measure column) whose change per year it is.
+RATE_MEASUREMENTS = {
+    "wall_thickening_mm_per_year": "max_wall_thickness_mm",
+    "stenosis_change_pct_per_year": "stenosis_area_pct",
+    "lipid_growth_mm3_per_year": "lipid_core_volume_mm3",
+    "haemorrhage_change_mm3_per_year": "haemorrhage_volume_mm3",
+    "cap_thickness_change_mm_per_year": "min_cap_thickness_mm",
+}
+
+
+def measure_truth(labels: np.ndarray) -> dict[str, float | int]:
+    """:func:`medhier.plaque.measure.measure` of a visit's truth label map ``labels`` (SLICES,
+    SIZE, SIZE): the measurements a perfect segmentation gives (one ``truth.parquet`` row's
+    measurement columns)."""
+    return measure(labels, (SLICE_MM, PIXEL_MM, PIXEL_MM)).to_dict()
+
+
+def truth_tables(
+    plans: list[PatientPlan], measured: dict[tuple[int, int], dict[str, float | int]], patient_salt: str = ""
+) -> dict[str, pa.Table]:
     """The evaluation truth of ``plans``: {"truth.parquet", "truth_rates.parquet",
-    "truth_motion.parquet"} -> table.
+    "truth_motion.parquet"} -> table. ``measured``: (patient index, visit index) ->
+    :func:`measure_truth` of that visit.
 
     - ``truth.parquet``, one row per visit: patient_key, visit (1-based), study_date,
-      study_instance_uid, days_since_first, years_since_first, and the visit's geometric state
-      (``max_wall_mm``, ``stenosis_pct``, ``lipid_mm3``, ``haemorrhage_mm3``, ``cap_mm``: the
-      values the rates move, before sampling on the image grid).
+      study_instance_uid, days_since_first, years_since_first; the visit's geometric state
+      before sampling on the image grid (``geometry_max_wall_mm``, ``geometry_stenosis_pct``,
+      ``geometry_lipid_mm3``, ``geometry_haemorrhage_mm3``, ``geometry_cap_mm``: the
+      :class:`PlaqueState` the rates move); then every :data:`medhier.plaque.measure.MEASUREMENTS`
+      column measured on the truth label map.
     - ``truth_rates.parquet``, one row per patient: patient_key, visits, the five true rates
-      (:class:`Rates` field names) and rates_clipped.
+      (:class:`Rates` field names), rates_clipped, and ``measured_<rate>``: the change per year
+      of the rate's :data:`RATE_MEASUREMENTS` column between the first and the last visit's
+      truth label maps (what a perfect segmentation would give).
     - ``truth_motion.parquet``, one row per visit and non-reference sequence: patient_key,
       visit, sequence, series_instance_uid, matrix (16 floats, row-major (4, 4), T1w world ->
       sequence world, LPS mm), rotation_deg and translation_mm (of the vessel centre).
     """
-    visit_rows: dict[str, list] = {name: [] for name in (
-        "patient_key", "visit", "study_date", "study_instance_uid", "days_since_first", "years_since_first", *_STATE_FIELDS
-    )}
-    rate_rows: dict[str, list] = {"patient_key": [], "visits": [], **{f.name: [] for f in fields(Rates)}, "rates_clipped": []}
-    motion_rows: dict[str, list] = {name: [] for name in (
-        "patient_key", "visit", "sequence", "series_instance_uid", "matrix", "rotation_deg", "translation_mm"
-    )}
+    visit_rows: dict[str, list] = {}
+    rate_rows: dict[str, list] = {}
+    motion_rows: dict[str, list] = {}
+
+    def add(rows: dict[str, list], **values) -> None:
+        for name, value in values.items():
+            rows.setdefault(name, []).append(value)
+
     for patient in plans:
         key = patient.key(patient_salt)
         for visit in patient.visits:
-            for name, value in (
-                ("patient_key", key),
-                ("visit", visit.index),
-                ("study_date", visit.date),
-                ("study_instance_uid", _uid(patient.namespace, patient.patient_id, visit.index, "study")),
-                ("days_since_first", visit.days),
-                ("years_since_first", visit.years),
-            ):
-                visit_rows[name].append(value)
-            for name in _STATE_FIELDS:
-                visit_rows[name].append(float(getattr(visit.state, name)))
+            add(
+                visit_rows,
+                patient_key=key,
+                visit=visit.index,
+                study_date=visit.date,
+                study_instance_uid=_uid(patient.namespace, patient.patient_id, visit.index, "study"),
+                days_since_first=visit.days,
+                years_since_first=visit.years,
+                **{f"geometry_{name}": float(getattr(visit.state, name)) for name in _STATE_FIELDS},
+                **measured[patient.index, visit.index],
+            )
             origin = np.asarray(visit.offset_mm)
             for seq in SEQUENCES:
                 if seq == REFERENCE:
                     continue
                 m = visit.motion[seq]
-                motion_rows["patient_key"].append(key)
-                motion_rows["visit"].append(visit.index)
-                motion_rows["sequence"].append(seq)
-                motion_rows["series_instance_uid"].append(_uid(patient.namespace, patient.patient_id, visit.index, seq, "series"))
-                motion_rows["matrix"].append([float(x) for x in m.ravel()])
-                motion_rows["rotation_deg"].append(float(np.degrees(Rotation.from_matrix(m[:3, :3]).magnitude())))
-                motion_rows["translation_mm"].append(float(np.linalg.norm(m[:3, :3] @ origin + m[:3, 3] - origin)))
-        rate_rows["patient_key"].append(key)
-        rate_rows["visits"].append(len(patient.visits))
-        for f in fields(Rates):
-            rate_rows[f.name].append(getattr(patient.rates, f.name))
-        rate_rows["rates_clipped"].append(patient.rates_clipped)
+                add(
+                    motion_rows,
+                    patient_key=key,
+                    visit=visit.index,
+                    sequence=seq,
+                    series_instance_uid=_uid(patient.namespace, patient.patient_id, visit.index, seq, "series"),
+                    matrix=[float(x) for x in m.ravel()],
+                    rotation_deg=float(np.degrees(Rotation.from_matrix(m[:3, :3]).magnitude())),
+                    translation_mm=float(np.linalg.norm(m[:3, :3] @ origin + m[:3, 3] - origin)),
+                )
+        first = measured[patient.index, 1]
+        last = measured[patient.index, patient.visits[-1].index]
+        years = patient.visits[-1].years
+        add(
+            rate_rows,
+            patient_key=key,
+            visits=len(patient.visits),
+            **{f.name: getattr(patient.rates, f.name) for f in fields(Rates)},
+            rates_clipped=patient.rates_clipped,
+            **{f"measured_{rate}": (last[column] - first[column]) / years for rate, column in RATE_MEASUREMENTS.items()},
+        )
     return {
         "truth.parquet": pa.table(visit_rows),
         "truth_rates.parquet": pa.table(rate_rows),
@@ -1212,15 +1261,23 @@ def generate_plaque_archive(
                 for future in done:
                     future.result()
 
-        for rel, data in _archive_files(plans):
-            submit(rel, data)
-            series += rel.endswith("/IM0001.dcm")
+        measured = {}
+        for patient in plans:
+            for visit in patient.visits:
+                rendered = render_visit(patient, visit)
+                measured[patient.index, visit.index] = measure_truth(rendered.labels)
+                folder = f"{patient.folder}/V{visit.index:02d}"
+                for seq in SEQUENCES:
+                    series += 1
+                    for k, data in enumerate(series_bytes(patient, visit, seq, rendered.images[seq]), start=1):
+                        submit(f"{folder}/{seq}/IM{k:04d}.dcm", data)
         for future in pending:
             future.result()
 
     # The tables go last: whoever sees patients.csv and the truth sees a complete archive.
+    expected = add_broken_series(root, cfg, seed=seed) if broken else {}
     storage.write_bytes(storage.join(root, "patients.csv"), _patients_csv(plans, patient_salt), cfg)
-    for name, table in truth_tables(plans, patient_salt).items():
+    for name, table in truth_tables(plans, measured, patient_salt).items():
         storage.write_bytes(storage.join(root, name), _parquet_bytes(table), cfg)
     return PlaqueArchiveSummary(
         out=root,
@@ -1229,16 +1286,95 @@ def generate_plaque_archive(
         series=series,
         files=len(sizes),
         bytes=sum(sizes),
-        broken={},
+        broken=expected,
     )
 
 
-def _archive_files(plans: list[PatientPlan]) -> Iterator[tuple[str, bytes]]:
-    """(path relative to the archive root, bytes) of every DICOM file, in a fixed order."""
-    for patient in plans:
-        for visit in patient.visits:
-            rendered = render_visit(patient, visit)
-            folder = f"{patient.folder}/V{visit.index:02d}"
-            for seq in SEQUENCES:
-                for k, data in enumerate(series_bytes(patient, visit, seq, rendered.images[seq]), start=1):
-                    yield f"{folder}/{seq}/IM{k:04d}.dcm", data
+# -- broken series ---------------------------------------------------------------------------------
+
+# Kind -> what is wrong with the series, each a T1w series of one extra patient (CAROTID-BROKEN).
+BROKEN_KINDS = {
+    "gap": "slice 5 of 10 is missing",
+    "duplicate_position": "an 11th instance repeats slice 4's position",
+    "mixed_orientation": "slice 6 is rotated 10 degrees in-plane (another ImageOrientationPatient)",
+    "unequal_slice_size": "slice 6 is 48 x 48 pixels, the others 64 x 64",
+    "truncated_pixels": "slice 6's file ends half-way through its pixel data",
+    "non_dicom_file": "a complete series plus notes.txt, a text file, in its folder",
+}
+
+
+def add_broken_series(out: str, storage_cfg: StorageConfig | None = None, *, seed: int = 0) -> dict[str, str]:
+    """Write the series of :data:`BROKEN_KINDS` under ``out``/broken/<kind>/ and return what a
+    volume assembly (:func:`medhier.io.volume.read_series`) must make of them: {path relative to
+    ``out`` -> :data:`medhier.io.volume.REASONS` code}. A key ending in "/" is a series folder
+    (the series is rejected), any other a single file (rejected on its own):
+
+    - ``broken/gap/`` -> missing_positions
+    - ``broken/duplicate_position/`` -> duplicate_positions
+    - ``broken/mixed_orientation/`` -> mixed_orientation
+    - ``broken/unequal_slice_size/`` -> unequal_slice_size
+    - ``broken/truncated_pixels/IM0006.dcm`` -> unreadable_instance (the file), and
+      ``broken/truncated_pixels/`` -> missing_positions (the nine slices left have a gap)
+    - ``broken/non_dicom_file/notes.txt`` -> unreadable_instance (its series is complete)
+
+    They belong to patient CAROTID-BROKEN, who is in neither ``patients.csv`` nor the truth.
+    """
+    if int(seed) != seed or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    root = storage.normalize(out)
+    patient = dataclasses.replace(
+        _plan_patient(int(seed), 1, f"medhier-carotid-broken|seed={int(seed)}|format=1"),
+        patient_id="CAROTID-BROKEN",
+        patient_name="PHANTOM^BROKEN",
+    )
+    visit = patient.visits[0]
+    base = series_bytes(patient, visit, REFERENCE, render_visit(patient, visit).images[REFERENCE])
+    files: dict[str, bytes] = {}
+    expected: dict[str, str] = {}
+    for kind in BROKEN_KINDS:
+        datasets = [pydicom.dcmread(io.BytesIO(data)) for data in base]
+        for k, ds in enumerate(datasets):
+            ds.SeriesInstanceUID = _uid(patient.namespace, patient.patient_id, "broken", kind, "series")
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(
+                patient.namespace, patient.patient_id, "broken", kind, "sop", k + 1
+            )
+            ds.SeriesDescription = f"{SERIES_DESCRIPTIONS[REFERENCE]} BROKEN {kind.upper()}"
+            ds.SeriesNumber = 100 + list(BROKEN_KINDS).index(kind)
+        folder = f"broken/{kind}/"
+        if kind == "gap":
+            del datasets[4]
+            expected[folder] = "missing_positions"
+        elif kind == "duplicate_position":
+            extra = pydicom.dcmread(io.BytesIO(base[3]))
+            extra.SeriesInstanceUID, extra.SeriesDescription = datasets[0].SeriesInstanceUID, datasets[0].SeriesDescription
+            extra.SeriesNumber = datasets[0].SeriesNumber
+            extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = _uid(
+                patient.namespace, patient.patient_id, "broken", kind, "sop", len(datasets) + 1
+            )
+            extra.InstanceNumber = len(datasets) + 1
+            datasets.append(extra)
+            expected[folder] = "duplicate_positions"
+        elif kind == "mixed_orientation":
+            c, s = math.cos(math.radians(10.0)), math.sin(math.radians(10.0))
+            datasets[5].ImageOrientationPatient = [_ds(x) for x in (c, s, 0.0, -s, c, 0.0)]
+            expected[folder] = "mixed_orientation"
+        elif kind == "unequal_slice_size":
+            ds = datasets[5]
+            ds.PixelData = ds.pixel_array[8:56, 8:56].astype("<u2").tobytes()
+            ds.Rows = ds.Columns = 48
+            expected[folder] = "unequal_slice_size"
+        elif kind == "non_dicom_file":
+            files[f"{folder}notes.txt"] = b"Carotid MR, visit 1: patient swallowed during T2w; repeated.\n"
+            expected[f"{folder}notes.txt"] = "unreadable_instance"
+        for ds in datasets:
+            buf = io.BytesIO()
+            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
+            files[f"{folder}IM{int(ds.InstanceNumber):04d}.dcm"] = buf.getvalue()
+        if kind == "truncated_pixels":
+            name = f"{folder}IM0006.dcm"
+            files[name] = files[name][: -SIZE * SIZE]  # half of the 2-byte pixels gone
+            expected[name] = "unreadable_instance"
+            expected[folder] = "missing_positions"
+    for rel, data in files.items():
+        storage.write_bytes(storage.join(root, rel), data, storage_cfg)
+    return dict(sorted(expected.items()))
