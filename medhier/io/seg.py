@@ -139,7 +139,9 @@ class LabelMapping:
                 raise ValueError(f"LabelMapping.values[{name!r}] = {value!r}: need an integer in 1..255 (0 is background)")
         for name, patterns in self.patterns.items():
             if name not in self.values:
-                raise ValueError(f"LabelMapping.patterns names {name!r}, which has no value in LabelMapping.values {sorted(self.values)}")
+                raise ValueError(
+                    f"LabelMapping.patterns names {name!r}, which has no value in LabelMapping.values {sorted(self.values)}"
+                )
             if isinstance(patterns, str) or not patterns or not all(isinstance(p, str) and p for p in patterns):
                 raise ValueError(f"LabelMapping.patterns[{name!r}]: need a list of non-empty glob patterns, got {patterns!r}")
 
@@ -334,7 +336,9 @@ def read_nifti_labels(
     if array.ndim != 3:
         raise SegRejected("not_labels", f"{name}: shape {array.shape}, a label map needs 3 dimensions", source=source)
     if array.dtype.kind == "f" and not np.array_equal(array, np.round(array)):
-        raise SegRejected("not_labels", f"{name}: non-integer values (a probability map?), a label map needs integers", source=source)
+        raise SegRejected(
+            "not_labels", f"{name}: non-integer values (a probability map?), a label map needs integers", source=source
+        )
     array = array.astype(np.int64)
     try:
         geometry = hd.VolumeGeometry(

@@ -39,7 +39,8 @@ no_series_uid             the instance has no SeriesInstanceUID, so it belongs t
 duplicate_instance        a second instance with a SOPInstanceUID already seen in its series (an
                           archive copy): the first is used, each copy is rejected on its own
 no_pixels                 an instance of the series has no pixel data (SR, KO, presentation state,
-                          a header stripped of its pixels)
+                          a header stripped of its image; an image header whose pixel data is
+                          missing is io.dicom's ``corrupt_pixels``, so ``unreadable_instance``)
 segmentation              the series is a segmentation (DICOM SEG): read it with :mod:`medhier.io.seg`
 unsupported_pixels        colour or multi-sample pixels (SamplesPerPixel != 1): not a grey volume
 mixed_sop_class           instances of different SOP classes in one series
@@ -341,13 +342,15 @@ def _stack(datasets: Sequence[Dataset], sources: tuple[str, ...], min_slices: in
         raise reject(
             "mixed_orientation",
             f"ImageOrientationPatient differs between slices: {_cosines(first.orientation)} ({_where(first, sources)}) "
-            f"and {_cosines(odd[0].orientation)} ({_where(odd[0], sources)}); {len(odd)} of {len(slices)} slices differ from the first",
+            f"and {_cosines(odd[0].orientation)} ({_where(odd[0], sources)}); "
+            f"{len(odd)} of {len(slices)} slices differ from the first",
         )
     odd = [s for s in slices if not np.allclose(s.pixel_spacing, first.pixel_spacing, rtol=PIXEL_SPACING_RTOL, atol=0)]
     if odd:
         raise reject(
             "mixed_pixel_spacing",
-            f"PixelSpacing differs between slices: {list(first.pixel_spacing)} and {list(odd[0].pixel_spacing)} mm ({_where(odd[0], sources)})",
+            f"PixelSpacing differs between slices: {list(first.pixel_spacing)} and "
+            f"{list(odd[0].pixel_spacing)} mm ({_where(odd[0], sources)})",
         )
     if len(slices) < min_slices:
         raise reject("single_slice", f"{len(slices)} slice(s); a volume needs at least {min_slices}")
@@ -394,7 +397,8 @@ def _check_instances(datasets: Sequence[Dataset], sources: Sequence[str], reject
         if samples != 1:
             raise reject(
                 "unsupported_pixels",
-                f"{source or 'an instance'}: SamplesPerPixel={samples} ({_text(ds, 'PhotometricInterpretation')}); a volume needs grey pixels",
+                f"{source or 'an instance'}: SamplesPerPixel={samples} "
+                f"({_text(ds, 'PhotometricInterpretation')}); a volume needs grey pixels",
             )
     for keyword, reason in (("SOPClassUID", "mixed_sop_class"), ("PatientID", "mixed_patients")):
         values = [_text(ds, keyword) for ds in datasets]
@@ -405,7 +409,8 @@ def _check_instances(datasets: Sequence[Dataset], sources: Sequence[str], reject
                 if keyword == "SOPClassUID"
                 else "two PatientIDs"  # raw identifiers never leave io.dicom
             )
-            raise reject(reason, f"{keyword} differs between instances: {shown} ({sources[0] or 'first'} vs {sources[other] or 'another'})")
+            between = f"{sources[0] or 'first'} vs {sources[other] or 'another'}"
+            raise reject(reason, f"{keyword} differs between instances: {shown} ({between})")
 
 
 def _slices_of(ds: Dataset, index: int, source: str, reject) -> list[_Slice]:
@@ -438,7 +443,9 @@ def _slices_of(ds: Dataset, index: int, source: str, reject) -> list[_Slice]:
             or abs(np.linalg.norm(col) - 1) > ORIENTATION_ATOL * 10
             or abs(row @ col) > ORIENTATION_ATOL
         ):
-            raise reject("no_geometry", f"{label}: ImageOrientationPatient {_cosines(orientation)} is not two orthonormal vectors")
+            raise reject(
+                "no_geometry", f"{label}: ImageOrientationPatient {_cosines(orientation)} is not two orthonormal vectors"
+            )
         if not (spacing > 0).all():
             raise reject("no_geometry", f"{label}: PixelSpacing {list(spacing)} is not > 0")
         out.append(

@@ -92,6 +92,7 @@ def series(
         ds.SamplesPerPixel = 1
         ds.PhotometricInterpretation = "MONOCHROME2"
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.WindowCenter, ds.WindowWidth = 2000, 4000  # highdicom's enhanced converter wants a window
         if rescale is not None:
             ds.RescaleSlope, ds.RescaleIntercept = rescale
             ds.RescaleType = "HU" if modality == "CT" else "US"

@@ -268,7 +268,9 @@ def test_seg_reaching_beyond_the_reference_counts_what_falls_outside():
     mask[2, 0:3, 0:3] = True
     affine = reference.affine
     affine[:3, 3] -= 2 * affine[:3, 2]  # the same lattice, two columns further left
-    shifted = hd.Volume(mask.astype(np.uint8), affine, coordinate_system="PATIENT", frame_of_reference_uid=reference.frame_of_reference_uid)
+    shifted = hd.Volume(
+        mask.astype(np.uint8), affine, coordinate_system="PATIENT", frame_of_reference_uid=reference.frame_of_reference_uid
+    )
     result = read_seg(_hd_seg(datasets, shifted, [_description(1, "Lumen")]), reference, MAPPING)
     assert result.outside == 3 * 2 and result.resampled is False  # 3 rows x 2 columns left of column 0
     expected = np.zeros(reference.shape, np.uint8)
