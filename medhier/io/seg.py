@@ -441,6 +441,9 @@ def write_seg(
         raise ValueError(f"write_seg: labels have shape {labels.shape}, the series' grid is {stack.geometry.spatial_shape}")
     if labels.dtype.kind not in "iub":
         raise ValueError(f"write_seg: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.intp, copy=False)  # bool masks index as values, not as a mask
+    if labels.min() < 0:
+        raise ValueError(f"write_seg: negative label value {labels.min()}")
     present = [int(v) for v in np.unique(labels) if v != 0]
     if not present:
         raise ValueError("write_seg: the label map is empty (only background); a SEG needs at least one segment")
