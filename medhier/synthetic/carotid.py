@@ -674,7 +674,8 @@ def _draw_anatomy(rng: np.random.Generator) -> Anatomy:
         return float(math.atan2(d[1], d[0]))
 
     ellipses: list[tuple[str, Ellipse]] = [
-        ("muscle", (*at(u(7.0, 10.0), u(9.5, 12.0)), u(11.0, 15.0), u(3.0, 4.2), towards(1.0, math.tan(math.radians(u(20, 40)))))),
+        # sternocleidomastoid: a long band, pointing 20-40 degrees from lateral towards anterior
+        ("muscle", (*at(u(7.0, 10.0), u(9.5, 12.0)), u(11.0, 15.0), u(3.0, 4.2), towards(1.0, math.tan(u(0.35, 0.7))))),
         ("muscle", (*at(-u(4.0, 7.0), -u(9.0, 11.0)), u(5.0, 7.0), u(3.0, 4.0), u(-0.25, 0.25))),
         ("jugular_vein", (*at(u(11.5, 13.5), u(-1.0, 2.5)), u(3.2, 4.5), u(2.2, 3.5), u(-0.35, 0.35))),
         ("nerve", (*at(u(5.0, 6.5), -u(4.5, 6.0)), *(2 * [u(0.8, 1.2)]), 0.0)),
@@ -943,7 +944,9 @@ def _in_ellipse(x: np.ndarray, y: np.ndarray, e: Ellipse) -> np.ndarray:
     return (u / a) ** 2 + (v / b) ** 2 < 1.0
 
 
-def _vessel_codes(geometry: PlaqueGeometry, dx: np.ndarray, dy: np.ndarray, z: np.ndarray, codes: np.ndarray) -> np.ndarray:
+def _vessel_codes(
+    geometry: PlaqueGeometry, dx: np.ndarray, dy: np.ndarray, z: np.ndarray, codes: np.ndarray
+) -> np.ndarray:
     """Codes of points near the vessel: offsets (dx, dy) from the centre line at heights z."""
     anat, state = geometry.anatomy, geometry.state
     prof = geometry.profiles(z)
@@ -985,7 +988,8 @@ def _vessel_codes(geometry: PlaqueGeometry, dx: np.ndarray, dy: np.ndarray, z: n
 
 # Acquisition parameters per sequence (typical 3 T carotid vessel-wall protocol values).
 _PROTOCOL = {
-    #         series, minutes after the study start, scanning sequence, variant, options, 2D/3D, TR, TE, echo train, flip
+    # SeriesNumber, minutes after the study start, ScanningSequence, SequenceVariant, ScanOptions,
+    # MRAcquisitionType, TR (ms), TE (ms), EchoTrainLength, FlipAngle (degrees)
     "TOF": (1, 0, "GR", "SP", "", "3D", 23.0, 3.5, 1, 25.0),
     "T1w": (2, 5, "SE", "SK", "FS", "2D", 800.0, 10.0, 10, 90.0),
     "T2w": (3, 10, "SE", "SK", "FS", "2D", 3000.0, 50.0, 12, 90.0),
@@ -1260,7 +1264,7 @@ def truth_tables(
             visits=len(patient.visits),
             **{f.name: getattr(patient.rates, f.name) for f in fields(Rates)},
             rates_clipped=patient.rates_clipped,
-            **{f"measured_{rate}": (last[column] - first[column]) / years for rate, column in RATE_MEASUREMENTS.items()},
+            **{f"measured_{rate}": (last[col] - first[col]) / years for rate, col in RATE_MEASUREMENTS.items()},
         )
     return {
         "truth.parquet": pa.table(visit_rows),
@@ -1445,8 +1449,8 @@ def add_broken_series(out: str, storage_cfg: StorageConfig | None = None, *, see
             expected[folder] = "missing_positions"
         elif kind == "duplicate_position":
             extra = pydicom.dcmread(io.BytesIO(base[3]))
-            extra.SeriesInstanceUID, extra.SeriesDescription = datasets[0].SeriesInstanceUID, datasets[0].SeriesDescription
-            extra.SeriesNumber = datasets[0].SeriesNumber
+            for keyword in ("SeriesInstanceUID", "SeriesDescription", "SeriesNumber"):
+                setattr(extra, keyword, datasets[0].get(keyword))
             extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = _uid(
                 patient.namespace, patient.patient_id, "broken", kind, "sop", len(datasets) + 1
             )

@@ -118,7 +118,8 @@ def test_every_file_reads_back_with_consistent_geometry(archive):
                 assert len(datasets) == C.SLICES
                 positions = np.array([[float(v) for v in ds.ImagePositionPatient] for ds in datasets])
                 # contiguous 2 mm slices from head to feet, one in-plane origin
-                np.testing.assert_allclose(np.diff(positions, axis=0), [[0, 0, -C.SLICE_MM]] * (C.SLICES - 1), atol=1e-6)
+                steps = np.diff(positions, axis=0)
+                np.testing.assert_allclose(steps, [[0, 0, -C.SLICE_MM]] * (C.SLICES - 1), atol=1e-6)
                 np.testing.assert_allclose(positions, visit.positions(), atol=1e-6)
                 for ds in datasets:
                     assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR"
@@ -148,7 +149,8 @@ def _volumes(files: dict[str, bytes], prefix: str) -> dict[str, object]:
     for result in read_series(instances, patient_salt=SALT):
         sources = result.sources
         folders = {path.rsplit("/", 1)[0] + "/" for path in sources}
-        key = sources[0] if isinstance(result, SeriesRejected) and result.reason == "unreadable_instance" else folders.pop()
+        unreadable = isinstance(result, SeriesRejected) and result.reason == "unreadable_instance"
+        key = sources[0] if unreadable else folders.pop()
         out[key] = result
     return out
 
@@ -244,9 +246,10 @@ def test_component_intensities_order_as_documented(label_means, sequence, bright
 
 
 def test_lipid_core_is_iso_on_t1w_and_does_not_enhance(label_means):
+    tissues = ("lipid_core", "wall", "fibrous_cap")
     for means in label_means:
         assert abs(means["T1w"]["lipid_core"] / means["T1w"]["wall"] - 1) < 0.2
-        enhancement = {name: means["CE-T1w"][name] / means["T1w"][name] for name in ("lipid_core", "wall", "fibrous_cap")}
+        enhancement = {name: means["CE-T1w"][name] / means["T1w"][name] for name in tissues}
         assert enhancement["lipid_core"] < 1.2 < enhancement["wall"] < enhancement["fibrous_cap"]
 
 
@@ -294,7 +297,8 @@ def test_sequences_are_misregistered_by_the_recorded_motion(archive):
     rendered = C.render_visit(patient, visit, noise=False)
     reference = _lumen_centroids(rendered.images["T1w"], rendered.positions, bright=False)
     tof = _lumen_centroids(rendered.images["TOF"], rendered.positions, bright=True)
-    row = next(r for r in motion if r["visit"] == 1 and r["sequence"] == "TOF" and r["patient_key"] == patient.key(SALT))
+    key = patient.key(SALT)
+    row = next(r for r in motion if (r["patient_key"], r["visit"], r["sequence"]) == (key, 1, "TOF"))
     m = np.array(row["matrix"]).reshape(4, 4)
     # Where the T1w lumen centre moves under the recorded motion, in the middle slices (the ends
     # move through-plane too).
@@ -316,7 +320,8 @@ def test_patients_csv_holds_every_patient_by_key_only(archive):
         cov = patient.covariates
         assert row["sex"] == cov.sex and int(row["age_years"]) == cov.age_years
         assert float(row["systolic_bp_mmhg"]) == cov.systolic_bp_mmhg and int(row["statin"]) == int(cov.statin)
-    texts = files["patients.csv"] + files["truth.parquet"] + files["truth_rates.parquet"] + files["truth_motion.parquet"]
+    tables = ("patients.csv", "truth.parquet", "truth_rates.parquet", "truth_motion.parquet")
+    texts = b"".join(files[name] for name in tables)
     for patient in plans:
         assert patient.patient_id.encode() not in texts and patient.patient_name.encode() not in texts
 
@@ -348,16 +353,20 @@ def test_rate_function_matches_the_documented_formula():
     )
 
 
+def _iph(patient: C.PatientPlan) -> bool:
+    return patient.visits[0].state.haemorrhage_mm3 > 0
+
+
 def test_true_rates_are_the_covariate_function_plus_the_stated_noise(plans):
     clean = [p for p in plans if not p.rates_clipped]
     assert len(clean) > 0.85 * len(plans)
     for p in plans:
-        if p.visits[0].state.haemorrhage_mm3 == 0:
+        if not _iph(p):
             assert p.rates.haemorrhage_change_mm3_per_year == 0.0
     residuals = np.array(
-        [p.rates.as_array() - C.rate_function(p.covariates, p.visits[0].state.haemorrhage_mm3 > 0).as_array() for p in clean]
+        [p.rates.as_array() - C.rate_function(p.covariates, _iph(p)).as_array() for p in clean]
     )
-    iph = np.array([p.visits[0].state.haemorrhage_mm3 > 0 for p in clean])
+    iph = np.array([_iph(p) for p in clean])
     z = residuals / C.RATE_NOISE.as_array()
     for column in range(5):
         values = z[iph, column] if column == 3 else z[:, column]
@@ -440,10 +449,13 @@ def test_truth_rates_table(truth, archive):
 def test_writes_to_s3_the_same_bytes(archive, s3_bucket, storage_cfg):
     _, _, _, files = archive
     out = f"{s3_bucket}/carotid"
-    summary = C.generate_plaque_archive(out, patients=1, seed=ARCHIVE["seed"], patient_salt=SALT, storage_cfg=storage_cfg)
+    summary = C.generate_plaque_archive(
+        out, patients=1, seed=ARCHIVE["seed"], patient_salt=SALT, storage_cfg=storage_cfg
+    )
     client = boto3.client("s3", endpoint_url=storage_cfg.s3_endpoint, region_name="us-east-1")
     bucket = s3_bucket.removeprefix("s3://")
-    keys = [o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket) for o in page.get("Contents", [])]
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
     dicom = sorted(k.removeprefix("carotid/") for k in keys if k.endswith(".dcm"))
     assert len(dicom) == summary.files
     # patient 1 depends on (seed, 1) only: the same files as in the 3-patient archive
