@@ -408,6 +408,19 @@ class PlaqueConfig:
     reference: str = "T1w"  # the sequence every other one is registered to; its grid is the visit's
     register: bool = True  # false: the sequences are already registered (same scanner session, no motion)
     min_visits: int = 2  # visits a patient needs for change rates; fewer are counted in the summary
+    # DICOM SEG segment -> plaque label: label name -> case-insensitive glob patterns on the
+    # segment's label (then its coded property), in paint order: overlapping segments are painted
+    # in this order, later over earlier (medhier.io.seg). outer_wall is painted with the wall value.
+    seg_labels: dict[str, list[str]] = field(
+        default_factory=lambda: {
+            "outer_wall": ["*outer*wall*", "*vessel*wall*", "wall"],
+            "lumen": ["*lumen*"],
+            "lipid_core": ["*lipid*", "*necrotic*", "*LRNC*"],
+            "haemorrhage": ["*haemorrhage*", "*hemorrhage*", "*IPH*"],
+            "calcification": ["*calc*"],
+            "fibrous_cap": ["*cap*"],
+        }
+    )
 
     def validate(self, name: str) -> None:
         if not self.sequences:
@@ -419,6 +432,9 @@ class PlaqueConfig:
             close = difflib.get_close_matches(self.reference, list(self.sequences), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise ConfigError(f"{name}.reference: {self.reference!r} is not one of {name}.sequences {list(self.sequences)}{hint}")
+        for label, patterns in self.seg_labels.items():
+            if not patterns or not all(isinstance(p, str) and p for p in patterns):
+                raise ConfigError(f"{name}.seg_labels.{label}: need a list of non-empty patterns, got {patterns!r}")
         if self.min_visits < 2:
             raise ConfigError(f"{name}.min_visits: change needs at least 2 visits, got {self.min_visits}")
 
