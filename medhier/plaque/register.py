@@ -324,7 +324,7 @@ def register_rigid(
     *,
     initial: Literal["auto", "scanner", "geometry"] = "auto",
     bins: int = 32,
-    sampling: float = 0.25,
+    samples: int = 20_000,
     seed: int = 1,
     shrink: Sequence[int] = (2, 1),
     sigmas_mm: Sequence[float] = (1.0, 0.0),
@@ -340,8 +340,8 @@ def register_rigid(
     and dtypes. ``initial``: ``"scanner"`` starts from the identity (the volumes' own patient
     coordinates), ``"geometry"`` from the translation between their geometric centres, ``"auto"``
     picks ``"scanner"`` when both carry the same frame of reference UID. ``bins``: Mattes histogram
-    bins; ``sampling``: fraction of fixed voxels sampled per iteration (random, ``seed`` >= 1:
-    SimpleITK reads 0 as "seed from the clock"); ``shrink`` and ``sigmas_mm``: one entry per
+    bins; ``samples``: fixed-image points drawn at random (``seed`` >= 1: SimpleITK reads 0 as
+    "seed from the clock") at each level, so the cost does not grow with the matrix; ``shrink`` and ``sigmas_mm``: one entry per
     pyramid level, coarse to fine (ITK shrinks every axis alike: a slab of 12-20 slices of 2 mm
     keeps its through-plane structure only down to factor 2; for near-isotropic 3-D sequences
     ``(4, 2, 1)`` and ``(2.0, 1.0, 0.0)`` reach further); ``step_mm``: the largest voxel shift of
@@ -359,8 +359,8 @@ def register_rigid(
         raise ValueError(f"register_rigid: initial must be 'auto', 'scanner' or 'geometry', got {initial!r}")
     if seed < 1:
         raise ValueError(f"register_rigid: seed must be >= 1 (SimpleITK seeds 0 from the wall clock), got {seed}")
-    if not 0.0 < sampling <= 1.0:
-        raise ValueError(f"register_rigid: sampling must be in (0, 1], got {sampling}")
+    if samples < 1000:
+        raise ValueError(f"register_rigid: samples must be at least 1000 for a joint histogram of {bins} x {bins} bins, got {samples}")
     images = {}
     for name, volume in (("fixed", fixed), ("moving", moving)):
         _check(volume, name)
@@ -384,7 +384,9 @@ def register_rigid(
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    method.SetMetricSamplingPercentage(sampling, seed)
+    # ITK takes a fraction of each level's voxels (its shrink keeps floor(size / factor) a side).
+    voxels = [math.prod(max(1, n // int(f)) for n in fixed.spatial_shape) for f in shrink]
+    method.SetMetricSamplingPercentagePerLevel([min(1.0, samples / n) for n in voxels], seed)
     method.SetMetricFixedMask(region)
     method.SetInterpolator(sitk.sitkLinear)
     # The learning rate is estimated at the start of each level so that the first step moves no
