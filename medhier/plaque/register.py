@@ -31,13 +31,14 @@ The method
 Mattes mutual information (multi-modal: T2w or TOF onto T1w), an ``Euler3DTransform`` started
 from the scanner coordinates when both volumes share a frame of reference (sequences of one
 session: the best first guess, whatever their coverage) or from their geometric centres
-otherwise (``CenteredTransformInitializer``, GEOMETRY), a smoothing pyramid (shrink factors
-``shrink``, Gaussian sigmas ``sigmas_mm`` in millimetres), and regular-step gradient descent whose
-parameter scales come from the physical shift each parameter causes (so one step of 1 mm and one
-step of "1 mm at the image's edge" of rotation weigh alike).  Metric sampling is random with a fixed
-seed and the registration runs single-threaded by default, so the same inputs give the same
-transform on any machine (ITK sums the joint histogram per thread: another thread count changes
-the last digits).
+otherwise (``CenteredTransformInitializer``, GEOMETRY), a multi-resolution pyramid (shrink
+factors ``shrink``, Gaussian sigmas ``sigmas_mm`` in millimetres), and regular-step gradient
+descent whose parameter scales come from the physical shift each parameter causes (so a step of
+1 mm and a rotation that moves the image's edge by 1 mm weigh alike).  The metric reads a fixed
+number of random points per level (cost independent of the matrix) among the fixed voxels that
+lie at least ``margin_mm`` inside the moving volume.  Sampling uses a fixed seed and the
+registration runs single-threaded by default, so the same inputs give the same transform, bit for
+bit (ITK sums the joint histogram per thread: another thread count changes the last digits).
 
 Rejections (:class:`RegistrationError` ``reason``; a whole sequence is refused, never dropped):
 
@@ -342,9 +343,9 @@ def register_rigid(
     picks ``"scanner"`` when both carry the same frame of reference UID. ``bins``: Mattes histogram
     bins; ``samples``: fixed-image points drawn at random (``seed`` >= 1: SimpleITK reads 0 as
     "seed from the clock") at each level, so the cost does not grow with the matrix; ``shrink`` and ``sigmas_mm``: one entry per
-    pyramid level, coarse to fine (ITK shrinks every axis alike: a slab of 12-20 slices of 2 mm
-    keeps its through-plane structure only down to factor 2; for near-isotropic 3-D sequences
-    ``(4, 2, 1)`` and ``(2.0, 1.0, 0.0)`` reach further); ``step_mm``: the largest voxel shift of
+    pyramid level, coarse to fine (ITK shrinks every axis alike: factor 4 leaves a slab of 14
+    slices of 2 mm with 3, whose level drove the phantom's through-plane shift the wrong way; for
+    near-isotropic 3-D sequences ``(4, 2, 1)`` and ``(2.0, 1.0, 0.0)`` reach further); ``step_mm``: the largest voxel shift of
     each level's first step, halved whenever the gradient reverses; ``min_step_mm``: a level
     stops when the step falls below this (ITK compares its learning rate after the halvings,
     which the physical-shift scales make about a millimetre per unit); ``max_iterations`` per
@@ -373,10 +374,10 @@ def register_rigid(
         initial = "scanner" if same else "geometry"
     transform = _initial(images["fixed"], images["moving"], initial == "scanner")
     _require_overlap(moving, RigidTransform.from_sitk(transform), fixed, threads, "register_rigid")
-    # Mutual information jumps whenever a motion moves fixed samples across the moving volume's
-    # faces (a slab of 2 mm slices loses a whole slice for a fraction of a degree of tilt), which
-    # biases tilt and through-plane shift by a degree or a slice. Counting only the fixed voxels
-    # that start at least margin_mm inside the moving volume keeps the sample set fixed.
+    # Mutual information changes in jumps whenever a motion moves fixed samples across the moving
+    # volume's faces (a thin slab gains or loses a layer of samples for a fraction of a degree of
+    # tilt). Counting only the fixed voxels that start at least margin_mm inside the moving volume
+    # keeps the sample set the same for any motion smaller than the margin.
     region = _inside(moving, RigidTransform.from_sitk(transform), fixed, margin_mm, threads)
     if not np.any(sitk.GetArrayViewFromImage(region)):
         region = _inside(moving, RigidTransform.from_sitk(transform), fixed, 0.0, threads)
