@@ -47,6 +47,7 @@ reason             meaning
 =================  ========================================================================
 unsupported        not a 3-D single-channel volume in the PATIENT coordinate system
 constant           no contrast (every voxel equal): mutual information is undefined
+non_finite         NaN or infinity among the voxels
 no_overlap         the two volumes share no voxel in space (under the transform)
 failed             SimpleITK's optimiser raised (e.g. too few samples inside the moving image)
 =================  ========================================================================
@@ -78,6 +79,7 @@ __all__ = [
 REASONS: dict[str, str] = {
     "unsupported": "not a 3-D single-channel volume in the PATIENT coordinate system",
     "constant": "the volume has no contrast (every voxel has the same value)",
+    "non_finite": "the volume contains NaN or infinity",
     "no_overlap": "the two volumes share no voxel in space under the transform",
     "failed": "SimpleITK's registration raised an error",
 }
@@ -365,6 +367,8 @@ def register_rigid(
     images = {}
     for name, volume in (("fixed", fixed), ("moving", moving)):
         _check(volume, name)
+        if not np.isfinite(volume.array).all():
+            raise RegistrationError("non_finite", f"{name}: {np.count_nonzero(~np.isfinite(volume.array))} voxels are NaN or infinite")
         if not np.ptp(volume.array) > 0:
             raise RegistrationError("constant", f"{name}: every voxel is {volume.array.flat[0]}; mutual information needs contrast")
         images[name] = volume_to_sitk(volume.astype(np.float32), name)

@@ -296,11 +296,16 @@ def test_volumes_that_do_not_meet_are_refused(fixed, offset, translation):
 
 @pytest.mark.parametrize("case, reason, message", [
     ("constant", "constant", "moving: every voxel is 0.5"),
+    ("nan", "non_finite", "moving: 3 voxels are NaN or infinite"),
     ("four-d", "unsupported", r"moving: a single-channel 3-D volume is needed, got array shape \(14, 64, 64, 2\)"),
 ])
 def test_bad_volumes_are_refused_by_name(fixed, case, reason, message):
     if case == "constant":
         moving = fixed.with_array(np.full(SHAPE, 0.5, np.float32))
+    elif case == "nan":
+        array = fixed.array.copy()
+        array[0, 0, :3] = np.nan
+        moving = fixed.with_array(array)
     else:
         moving = hd.Volume(np.zeros((*SHAPE, 2), np.float32), fixed.affine, "PATIENT", channels={"OpticalPathIdentifier": ["1", "2"]})
     with pytest.raises(RegistrationError, match=message) as caught:
