@@ -158,6 +158,11 @@ class DataConfig:
     train_fraction: float = 0.7
     val_fraction: float = 0.15
     split_seed: int = 0
+    # stratified: patients are dealt into splits so that every leaf (the labels codec's classes)
+    # is in every split where its patients allow (medhier/data/splits.py); hash: each patient's
+    # split is a hash of its key alone (no second pass over the decoded rows, stable when the
+    # archive grows).
+    split: Literal["stratified", "hash"] = "stratified"
     decode_batch_size: int = 256  # files per decode task (a manifest row group)
     decode_num_cpus: float = 1.0  # CPUs reserved per decode task
     manifest_rows_per_file: int = 100_000  # listing rows per manifest Parquet file
@@ -277,6 +282,10 @@ class TrainConfig:
     seed: int = 0
     prefetch_batches: int = 2
     shuffle_buffer: int = 256  # local shuffle buffer (rows) per worker
+    # After training: the referral threshold is the lowest leaf probability at which the images
+    # kept reach this accuracy on the validation split (the checkpoint's score.refer_below).
+    refer_target_accuracy: float = 0.95
+    bootstrap_samples: int = 1000  # patient-level bootstrap resamples behind metrics.json's 95 % intervals
 
     def validate(self, name: str) -> None:
         for key in ("epochs", "batch_size", "num_workers", "cpus_per_worker", "checkpoints_to_keep"):
@@ -288,6 +297,10 @@ class TrainConfig:
                 raise ConfigError(f"{name}.{key}: must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f"{name}.label_smoothing: must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.refer_target_accuracy <= 1:
+            raise ConfigError(f"{name}.refer_target_accuracy: an accuracy in (0, 1], got {self.refer_target_accuracy}")
+        if self.bootstrap_samples < 0:
+            raise ConfigError(f"{name}.bootstrap_samples: must be >= 0 (0 = no intervals), got {self.bootstrap_samples}")
 
 
 @dataclass
@@ -315,9 +328,26 @@ class ScoreConfig:
     # whose leaf probability is at least explain_min_prob.
     explain_min_prob: float = 0.5
     explain_skip_mains: list[str] = field(default_factory=lambda: ["normal"])
+    # Referral ("refer" in the report and the endpoint's answer): an image is referred to a human
+    # reader when its calibrated leaf probability is below refer_below (null = the threshold the
+    # checkpoint fitted on its validation split, train.refer_target_accuracy; 0 = never) or the
+    # gap between its two most probable leaves is below refer_margin (0 = off).
+    refer_below: float | None = None
+    refer_margin: float = 0.0
+    # Drift: each run compares its images with the checkpoint's training profile (population
+    # stability index per feature) and warns above drift_warn_psi once it scored drift_min_images.
+    drift_warn_psi: float = 0.25
+    drift_min_images: int = 100
 
     def validate(self, name: str) -> None:
         _positive(name, "batch_size", self.batch_size)
+        if self.refer_below is not None and not 0 <= self.refer_below <= 1:
+            raise ConfigError(f"{name}.refer_below: a probability in [0, 1] (or null for the checkpoint's), got {self.refer_below}")
+        if not 0 <= self.refer_margin <= 1:
+            raise ConfigError(f"{name}.refer_margin: a probability gap in [0, 1], got {self.refer_margin}")
+        _positive(name, "drift_warn_psi", self.drift_warn_psi)
+        if self.drift_min_images < 0:
+            raise ConfigError(f"{name}.drift_min_images: must be >= 0, got {self.drift_min_images}")
         _positive(name, "compile_min_images", self.compile_min_images)
         _positive(name, "int8_calibration_images", self.int8_calibration_images)
         if self.int8_check_images < 0:
