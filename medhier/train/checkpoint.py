@@ -11,6 +11,16 @@ what the model sees and predicts (``model_sections``: they always come from the 
 it runs) and the task's own self-description (``task_meta``: the classifier's taxonomy, the
 segmentation model's label set and sequences). The platform rebuilds the model through the
 task the caller hands it, and refuses a checkpoint of another task.
+
+What is fitted after training, on held-out data, is added to the finished checkpoint by
+:func:`amend_checkpoint` without touching the weights (so ``model_id`` stays): more
+``task_meta`` (the classifier's temperatures and referral threshold), ``defaults`` (run-time
+settings the checkpoint recommends, ``{"score": {"refer_below": 0.62}}``, used by
+:func:`config_for_checkpoint` where the user's config leaves the key null) and ``profile`` (the
+training data's reference profile that scoring runs compare themselves with,
+:mod:`medhier.infer.drift`). ``meta_sha256`` hashes these three (and is checked on load like
+``model_id``), so an edited or damaged checkpoint is refused rather than scored with other
+probabilities.
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -34,6 +44,7 @@ __all__ = [
     "META_FILE",
     "CheckpointError",
     "Loaded",
+    "amend_checkpoint",
     "ModelTask",
     "config_for_checkpoint",
     "load_checkpoint",
@@ -119,6 +130,7 @@ def save_checkpoint(
         "task_meta": task.describe(cfg),
         "metrics": _jsonable(metrics or {}),
     }
+    meta["meta_sha256"] = _meta_digest(meta)
     os.makedirs(directory, exist_ok=True)
     buf = io.BytesIO()
     torch.save({**meta, "model_state": state, "training_state": training_state or {}}, buf)
@@ -141,6 +153,8 @@ class Loaded:
     metrics: dict[str, Any]
     training_state: dict[str, Any]
     uri: str
+    defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> key -> value (see amend_checkpoint)
+    profile: dict[str, Any] = field(default_factory=dict)  # the training data's reference profile (medhier.infer.drift)
 
 
 def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> dict[str, Any]:
@@ -162,7 +176,31 @@ def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_loca
         data = {**data, **_FORMAT_1, "task_meta": {"taxonomy": data["taxonomy"]}}
     if model_id_of(data["model_state"]) != data["model_id"]:
         raise CheckpointError(f"checkpoint {uri!r}: weights do not match their recorded model_id (corrupted?)")
+    if data["format"] == FORMAT and "meta_sha256" in data and _meta_digest(data) != data["meta_sha256"]:
+        raise CheckpointError(f"checkpoint {uri!r}: task_meta, defaults or profile do not match their recorded meta_sha256 (edited or corrupted?)")
     return data
+
+
+def amend_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, *, task_meta: dict[str, Any] | None = None,
+                     defaults: dict[str, dict[str, Any]] | None = None, profile: dict[str, Any] | None = None) -> None:
+    """Add what was fitted after training to a verified checkpoint (a directory or its
+    ``model.pt``, local or ``s3://``), in place: ``task_meta`` entries are merged into the
+    task's, ``defaults`` (config section -> key -> value) and ``profile`` replace the stored
+    ones. The weights, and so ``model_id``, are unchanged; ``meta.json`` is rewritten to match."""
+    data = read_checkpoint(uri, storage_cfg)
+    if task_meta:
+        data["task_meta"] = {**data["task_meta"], **_jsonable(task_meta)}
+    if defaults is not None:
+        data["defaults"] = _jsonable(defaults)
+    if profile is not None:
+        data["profile"] = _jsonable(profile)
+    data["meta_sha256"] = _meta_digest(data)
+    directory = os.path.dirname(uri) if uri.endswith(".pt") else storage.normalize(uri)
+    buf = io.BytesIO()
+    torch.save(data, buf)
+    storage.write_bytes(storage.join(directory, CHECKPOINT_FILE), buf.getvalue(), storage_cfg)
+    meta = {k: v for k, v in data.items() if k not in ("model_state", "training_state")}
+    storage.write_text(storage.join(directory, META_FILE), json.dumps(meta, indent=2), storage_cfg)
 
 
 def load_checkpoint(uri: str, task: ModelTask, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> Loaded:
@@ -181,20 +219,33 @@ def load_checkpoint(uri: str, task: ModelTask, storage_cfg: StorageConfig | None
     model.load_state_dict(data["model_state"])
     model.eval()
     return Loaded(model, cfg, data["task"], data["task_meta"], tuple(data["model_sections"]), data["model_id"],
-                  int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri)
+                  int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri,
+                  data.get("defaults", {}), data.get("profile", {}))
 
 
 def config_for_checkpoint(user: Config, loaded: Loaded) -> Config:
     """The config to run a checkpoint with: the sections that define the model's input and
     output (its ``model_sections``: DICOM windows, preprocessing, model, taxonomy...) from the
     checkpoint, so inference matches training; where data lives and how to run (storage, data,
-    score, runtime, ...) from the user. The patient salt is the user's: it is never stored."""
+    score, runtime, ...) from the user, except that a key the user leaves null takes the
+    checkpoint's ``defaults`` (e.g. ``score.refer_below``). The patient salt is the user's: it is
+    never stored."""
     data = user.to_dict()
     ckpt = loaded.cfg.to_dict()
     for section in loaded.model_sections:
         data[section] = ckpt[section]
+    for section, values in loaded.defaults.items():
+        for key, value in values.items():
+            if section in data and data[section].get(key, 0) is None:
+                data[section][key] = value
     data["dicom"]["patient_salt"] = user.dicom.patient_salt
     return Config.from_dict(data)
+
+
+def _meta_digest(data: dict[str, Any]) -> str:
+    """sha256 of what :func:`amend_checkpoint` may change (canonical JSON)."""
+    fitted = {k: data.get(k) for k in ("task_meta", "defaults", "profile")}
+    return hashlib.sha256(json.dumps(fitted, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def _jsonable(value: Any) -> Any:
