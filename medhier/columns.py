@@ -15,6 +15,9 @@ STUDY_INSTANCE_UID = "study_instance_uid"
 SERIES_INSTANCE_UID = "series_instance_uid"
 MODALITY = "modality"
 BODY_PART = "body_part"
+MANUFACTURER = "manufacturer"
+PIXEL_SPACING = "pixel_spacing"  # mm between pixel centres (mean of PixelSpacing's two values); NaN when absent
+STUDY_DATE = "study_date"  # StudyDate as written (YYYYMMDD), "" when absent
 PATIENT_KEY = "patient_key"
 FRAME = "frame"  # frame number within a multi-frame object (0-based)
 NUM_FRAMES = "num_frames"
@@ -33,6 +36,9 @@ ERROR = "error"  # human-readable message
 
 # Preprocessed image: uint8, image_size x image_size, one grey channel, row-major bytes.
 IMAGE = "image"
+# Its grey levels, mean and standard deviation in [0, 1] (NaN on error rows): drift features.
+INTENSITY_MEAN, INTENSITY_STD = "intensity_mean", "intensity_std"
+IMAGE_STATS = (INTENSITY_MEAN, INTENSITY_STD)
 
 SPLIT = "split"  # train | val | test (patient-level)
 SPLITS = ("train", "val", "test")
@@ -49,6 +55,9 @@ META_COLUMNS = (
     SERIES_INSTANCE_UID,
     MODALITY,
     BODY_PART,
+    MANUFACTURER,
+    PIXEL_SPACING,
+    STUDY_DATE,
     PATIENT_KEY,
     FRAME,
     NUM_FRAMES,

@@ -36,8 +36,9 @@ ERROR_REASONS: dict[str, str] = {
     "internal_error": "an unexpected error in medhier while decoding (a bug: please report it)",
 }
 NO_SPLIT = "none"  # error rows have no patient, hence no split (and a readable partition name)
-_BASE_COLUMNS = (C.PATH, C.SIZE, C.ETAG, C.MTIME, C.STATUS, C.REASON, C.ERROR, C.IMAGE, *C.META_COLUMNS)
+_BASE_COLUMNS = (C.PATH, C.SIZE, C.ETAG, C.MTIME, C.STATUS, C.REASON, C.ERROR, C.IMAGE, *C.IMAGE_STATS, *C.META_COLUMNS)
 _INT_COLUMNS = {C.SIZE, C.FRAME, C.NUM_FRAMES, C.ROWS, C.COLUMNS}
+_FLOAT_COLUMNS = {C.MTIME, C.PIXEL_SPACING, *C.IMAGE_STATS}
 _FETCH_POOL: ThreadPoolExecutor | None = None
 
 
@@ -102,7 +103,7 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
             for k in columns:
                 out[k].append(row[k])
     int_columns = _INT_COLUMNS | set(settings.labels.codec.index_columns if settings.labels else ())
-    return {k: _column(v, int_columns=k in int_columns, floats=k == C.MTIME) for k, v in out.items()}
+    return {k: _column(v, int_columns=k in int_columns, floats=k in _FLOAT_COLUMNS) for k, v in out.items()}
 
 
 def _rows_of(rel: str, blob: bytes | Exception, source: dict[str, Any], settings: DecodeSettings) -> list[dict[str, Any]]:
@@ -118,13 +119,20 @@ def _rows_of(rel: str, blob: bytes | Exception, source: dict[str, Any], settings
     labels = settings.labels.columns(rel, decoded.meta[C.SOP_INSTANCE_UID]) if settings.labels else {}
     split = assign_split(split_key(decoded.meta, rel), settings.split_seed, settings.train_fraction, settings.val_fraction)
     meta = {k: decoded.meta.get(k, "") for k in C.META_COLUMNS}
-    return [{**source, C.STATUS: C.STATUS_OK, C.REASON: "", C.ERROR: "", C.IMAGE: image.tobytes(), **meta, C.FRAME: frame,
-             **labels, C.SPLIT: split} for frame, image in zip(decoded.frames, images)]
+    return [{**source, C.STATUS: C.STATUS_OK, C.REASON: "", C.ERROR: "", C.IMAGE: image.tobytes(), **_image_stats(image), **meta,
+             C.FRAME: frame, **labels, C.SPLIT: split} for frame, image in zip(decoded.frames, images)]
+
+
+def _image_stats(image: np.ndarray) -> dict[str, float]:
+    """The model input's grey levels (uint8) -> mean and standard deviation in [0, 1]."""
+    values = image.astype(np.float32) / 255.0
+    return {C.INTENSITY_MEAN: float(values.mean()), C.INTENSITY_STD: float(values.std())}
 
 
 def _error_row(source: dict[str, Any], reason: str, message: str, settings: DecodeSettings) -> dict[str, Any]:
     row = {**source, C.STATUS: C.STATUS_ERROR, C.REASON: reason, C.ERROR: message, C.IMAGE: b""}
     row.update({k: "" for k in C.META_COLUMNS})
+    row.update({k: float("nan") for k in (C.PIXEL_SPACING, *C.IMAGE_STATS)})
     row.update({C.FRAME: -1, C.NUM_FRAMES: 0, C.ROWS: 0, C.COLUMNS: 0})
     if settings.labels:  # a broken file listed in the labels keeps its label, for the counts
         row.update(settings.labels.columns(source[C.PATH], ""))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import io
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -258,6 +259,9 @@ def _metadata(ds: Dataset, cfg: DicomConfig, source: str) -> dict[str, Any]:
         C.SERIES_INSTANCE_UID: text("SeriesInstanceUID"),
         C.MODALITY: text("Modality").upper(),
         C.BODY_PART: text("BodyPartExamined").upper(),
+        C.MANUFACTURER: text("Manufacturer"),
+        C.PIXEL_SPACING: _pixel_spacing(ds),
+        C.STUDY_DATE: text("StudyDate"),
         C.PATIENT_KEY: patient_key(text("PatientID"), text("IssuerOfPatientID"), cfg.patient_salt),
         C.NUM_FRAMES: max(n_frames, 1),
         C.ROWS: int(ds.get("Rows") or 0),
@@ -265,6 +269,19 @@ def _metadata(ds: Dataset, cfg: DicomConfig, source: str) -> dict[str, Any]:
         C.PHOTOMETRIC: text("PhotometricInterpretation").upper(),
         C.TRANSFER_SYNTAX: str(tsyntax),
     }
+
+
+def _pixel_spacing(ds: Dataset) -> float:
+    """Mean of PixelSpacing's row and column spacing (mm), else of ImagerPixelSpacing's (the
+    detector's, for projection images); NaN when neither holds two positive numbers."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            values = [float(v) for v in ds.get(keyword) or ()]
+        except (TypeError, ValueError):  # a malformed value must not hide the image
+            continue
+        if len(values) == 2 and all(math.isfinite(v) and v > 0 for v in values):
+            return sum(values) / 2
+    return math.nan
 
 
 # -- pixels --------------------------------------------------------------------------------
