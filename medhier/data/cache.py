@@ -7,12 +7,20 @@ trial and evaluation (``medhier prepare``).
 The cache is reused while its fingerprint matches (the listing's digest, the labels file, the
 labels codec, DICOM and preprocessing settings, splits) and rebuilt otherwise. ``cache.json``
 describes it fully, so a cache is trusted and used without the config that made it.
+
+Stratified splits (``data.split=stratified``, labelled archives) need every patient's labels
+before any patient can be dealt, so the decoded rows are first written under
+``CACHE/decoded-<fingerprint>/``, the patients are dealt from their small columns
+(:func:`medhier.data.splits.stratified_splits`), and the rows are rewritten into their splits
+(one more read and write of the decoded bytes; decoding is not repeated). ``counts`` names the
+classes a split lacks (``missing_classes``) and the summary warns about them.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -29,12 +37,16 @@ from medhier.config import Config, ConfigError, PreprocessConfig, StorageConfig
 from medhier.data.ingest import build_ingest, decode_settings
 from medhier.data.labels import UNLABELLED, LabelCodec, Labels, default_labels_uri, read_labels
 from medhier.data.manifest import ListingSummary, write_manifest
+from medhier.data.splits import missing_classes, split_fractions, stratified_splits
 from medhier.io import storage
 
-__all__ = ["CACHE_FORMAT", "CacheInfo", "PrepareSummary", "check_preprocess_matches", "load_cache", "prepare", "write_rows"]
+__all__ = ["CACHE_FORMAT", "CacheInfo", "PrepareSummary", "cache_table", "check_preprocess_matches", "load_cache", "prepare", "write_rows"]
+
+log = logging.getLogger(__name__)
 
 # 2: label columns named by the task's codec (main_index, ...), counts per class.
-CACHE_FORMAT = 2
+# 3: manufacturer, pixel_spacing, study_date and the image's intensity statistics; stratified splits.
+CACHE_FORMAT = 3
 
 
 @dataclass
@@ -90,6 +102,8 @@ class PrepareSummary:
         ]
         if c.get("classes"):
             lines.append(f"{'per ' + c.get('class_noun', 'class'):<17}" + ", ".join(f"{k} {v:,}" for k, v in c["classes"].items()))
+        for split, names in c.get("missing_classes", {}).items():
+            lines.append(f"WARNING          the {split} split has no {c.get('class_noun', 'class')} {', '.join(names)} (too few patients)")
         if not self.reused:
             lines.append(f"wall time        {self.seconds:,.1f} s   ({self.images_per_s:,.1f} images/s)")
         return "\n".join(lines)
@@ -107,7 +121,7 @@ def _fingerprint(cfg: Config, listing: ListingSummary, labels: Labels | None, co
         "dicom": dicom,
         "image_size": cfg.preprocess.image_size,
         "resize": cfg.preprocess.resize,
-        "split": [cfg.data.split_seed, cfg.data.train_fraction, cfg.data.val_fraction],
+        "split": [cfg.data.split, cfg.data.split_seed, cfg.data.train_fraction, cfg.data.val_fraction],
         "exclude": cfg.data.exclude,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
@@ -138,11 +152,25 @@ def prepare(cfg: Config, archive: str, cache: str, labels_uri: str = "", force: 
     ds = build_ingest(storage.join(cache, "manifest"), decode_settings(cfg, archive, labels), cfg.data)
     fs, rows_path = storage.filesystem(rows_uri, cfg.storage)
     decode_start = time.perf_counter()
-    write_rows(ds, rows_path, fs)
-    decode_seconds = time.perf_counter() - decode_start
+    if labels and cfg.data.split == "stratified":
+        decoded_uri = storage.join(cache, f"decoded-{fingerprint[:16]}")
+        storage.delete(decoded_uri, cfg.storage)
+        _, decoded_path = storage.filesystem(decoded_uri, cfg.storage)
+        write_rows(ds, decoded_path, fs)
+        decode_seconds = time.perf_counter() - decode_start
+        _write_stratified(decoded_uri, rows_uri, cfg, labels)
+        storage.delete(decoded_uri, cfg.storage)
+    else:
+        write_rows(ds, rows_path, fs)
+        decode_seconds = time.perf_counter() - decode_start
 
     counts = _count_rows(rows_uri, cfg.storage, labels)
     counts["objects"] = listing.objects
+    if labels:
+        counts["missing_classes"] = missing_classes(counts["split_classes"], labels.codec.class_names,
+                                                    list(split_fractions(cfg.data.train_fraction, cfg.data.val_fraction)))
+        for split, names in counts["missing_classes"].items():
+            log.warning("the %s split has no %s %s: too few labelled patients", split, labels.codec.class_noun, ", ".join(names))
     _check_every_object_has_a_row(counts, listing)
     info = CacheInfo(
         format=CACHE_FORMAT,
@@ -173,6 +201,51 @@ def write_rows(ds, path: str, fs) -> None:
     """Write decoded rows as the cache's Parquet, partitioned by status and split. zstd: the
     cache is about a sixth smaller than with snappy and as fast to write."""
     ds.write_parquet(path, filesystem=fs, partition_cols=[C.STATUS, C.SPLIT], compression="zstd")
+
+
+def _write_stratified(decoded_uri: str, rows_uri: str, cfg: Config, labels: Labels) -> None:
+    """Deal the decoded rows' patients into stratified splits and write the rows there."""
+    class_column = labels.codec.class_column
+    small = _read_rows_table(decoded_uri, cfg.storage, [C.PATH, C.PATIENT_KEY, C.STUDY_INSTANCE_UID, class_column], C.STATUS_OK)
+    groups = _group_keys(small)
+    classes = np.asarray(small.column(class_column).to_numpy(zero_copy_only=False), np.int64) if small.num_rows else np.zeros(0, np.int64)
+    assignment = stratified_splits(groups, classes, len(labels.codec.class_names), cfg.data.split_seed, cfg.data.train_fraction,
+                                   cfg.data.val_fraction)
+    fs, decoded_path = storage.filesystem(decoded_uri, cfg.storage)
+    _, rows_path = storage.filesystem(rows_uri, cfg.storage)
+    ds = ray.data.read_parquet(decoded_path, filesystem=fs)  # status and split come back from the hive paths
+    write_rows(ds.map_batches(_assign_splits, fn_kwargs={"assignment": assignment}, batch_format="pyarrow"), rows_path, fs)
+
+
+def _group_keys(table: pa.Table) -> list[str]:
+    """Each row's patient as :func:`medhier.data.splits.split_key` decides it."""
+    columns = [table.column(c).to_pylist() for c in (C.PATIENT_KEY, C.STUDY_INSTANCE_UID, C.PATH)]
+    return [patient or study or path for patient, study, path in zip(*columns)]
+
+
+def _assign_splits(batch: pa.Table, assignment: dict[str, str]) -> pa.Table:
+    """Rows read back from ``decoded-*`` -> the same rows with their stratified split (error rows keep theirs)."""
+    keys = _group_keys(batch)
+    ok = batch.column(C.STATUS).to_pylist()
+    old = batch.column(C.SPLIT).to_pylist()
+    split = [assignment.get(k, s) if status == C.STATUS_OK else s for k, status, s in zip(keys, ok, old)]
+    return batch.set_column(batch.schema.get_field_index(C.SPLIT), C.SPLIT, pa.array(split, pa.string()))
+
+
+def cache_table(cache: str, storage_cfg: StorageConfig, columns: list[str], split: str | None = None, labelled_only: bool = True) -> pa.Table:
+    """Small columns of a committed cache's ok rows (one split, or all with a ``split`` column)
+    read here with pyarrow: for profiles and counts, never for images."""
+    cache = storage.normalize(cache)
+    info = CacheInfo.read(cache, storage_cfg)
+    if info is None:
+        raise FileNotFoundError(f"no committed cache at {cache!r} (cache.json missing): run `medhier prepare`")
+    sub = f"{C.STATUS}={C.STATUS_OK}" + (f"/{C.SPLIT}={split}" if split else "")
+    fs, path = storage.filesystem(storage.join(cache, info.rows_dir, sub), storage_cfg)
+    if fs.get_file_info(path).type == storage.pafs.FileType.NotFound:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    dataset = pads.dataset(path, filesystem=fs, format="parquet", partitioning=None if split else "hive")
+    keep = (pads.field(info.class_column) >= 0) if labelled_only and info.class_column else None
+    return dataset.to_table(columns=columns, filter=keep)
 
 
 def _read_rows_table(rows_uri: str, storage_cfg: StorageConfig, columns: list[str], status: str) -> pa.Table:
