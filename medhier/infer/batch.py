@@ -7,6 +7,11 @@
 The task (the classifier) hands the platform its report columns, its extra stages and what to
 do after a commit (the study roll-up); the listing, the todo list, the pipeline, the commit and
 the ledger (:mod:`medhier.infer.ledger`) are the same for every task.
+
+Each run also compares its images with the checkpoint's training profile (:mod:`medhier.infer.drift`,
+from the report's modality, body part, manufacturer, pixel spacing and intensity columns and the
+task's class counts) and writes the population stability index per feature into the summary
+(``drift``), warning above ``score.drift_warn_psi``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from medhier.config import Config, StorageConfig
 from medhier.data.ingest import DecodeSettings, build_ingest, decode_batch, decode_settings
 from medhier.data.manifest import write_manifest
 from medhier.infer.actor import SCORED_MS, ActorSettings, Annotator, InferTask, Int8Settings, ModelActor, actor_resources
+from medhier.infer.drift import DriftCounter
 from medhier.infer.ledger import Heartbeat, Ledger, mtime_column, new_run_id
 from medhier.io import storage
 from medhier.runtime import execute_pipeline
@@ -47,7 +53,8 @@ log = logging.getLogger(__name__)
 _HEAD = [
     (C.PATH, pa.string()), (C.SIZE, pa.int64()), (C.ETAG, pa.string()), (C.MTIME, pa.timestamp("ms", tz="UTC")),
     (C.SOP_INSTANCE_UID, pa.string()), (C.STUDY_INSTANCE_UID, pa.string()), (C.SERIES_INSTANCE_UID, pa.string()),
-    (C.FRAME, pa.int32()), (C.MODALITY, pa.string()), (C.BODY_PART, pa.string()), (C.PATIENT_KEY, pa.string()),
+    (C.FRAME, pa.int32()), (C.MODALITY, pa.string()), (C.BODY_PART, pa.string()), (C.MANUFACTURER, pa.string()),
+    (C.PIXEL_SPACING, pa.float32()), (C.INTENSITY_MEAN, pa.float32()), (C.INTENSITY_STD, pa.float32()), (C.PATIENT_KEY, pa.string()),
     (C.STATUS, pa.string()), (C.ERROR_REASON, pa.string()), (C.ERROR_MESSAGE, pa.string()),
 ]
 _TAIL = [(C.MODEL_ID, pa.string()), (C.MODEL_VERSION, pa.string()), (C.RUN_ID, pa.string()), (C.SCORED_AT, pa.timestamp("ms", tz="UTC"))]
@@ -103,7 +110,10 @@ def to_report(batch: dict[str, np.ndarray], task: ScoreTask, cfg: Config, model_
         C.MTIME: mtime_column(batch[C.MTIME]),
         **{k: strings(batch[k]) for k in (C.SOP_INSTANCE_UID, C.STUDY_INSTANCE_UID, C.SERIES_INSTANCE_UID)},
         C.FRAME: pa.array(batch[C.FRAME].astype(np.int32)),
-        **{k: strings(batch[k]) for k in (C.MODALITY, C.BODY_PART, C.PATIENT_KEY, C.STATUS)},
+        **{k: strings(batch[k]) for k in (C.MODALITY, C.BODY_PART, C.MANUFACTURER)},
+        # NaN (no PixelSpacing; error rows) becomes null
+        **{k: pa.array(batch[k].astype(np.float32), pa.float32(), from_pandas=True) for k in (C.PIXEL_SPACING, C.INTENSITY_MEAN, C.INTENSITY_STD)},
+        **{k: strings(batch[k]) for k in (C.PATIENT_KEY, C.STATUS)},
         C.ERROR_REASON: strings(batch[C.REASON], ~ok),
         C.ERROR_MESSAGE: strings(batch[C.ERROR], ~ok),
         **task.report_values(cfg, batch, ok),
@@ -145,6 +155,7 @@ class ScoreSummary:
     compiled: bool = False
     precision: str = ""  # what the model ran in: int8, bf16, fp16 or fp32
     int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32 (medhier/infer/int8.py)
+    drift: dict[str, Any] = field(default_factory=dict)  # PSI per feature against the training profile (medhier/infer/drift.py)
 
     @property
     def error_rate(self) -> float:
@@ -172,6 +183,11 @@ class ScoreSummary:
                          f"{self.int8['calibration_images']} calibration images)")
         elif self.int8:
             lines.append(f"int8 vs fp32     not compared (score.int8_check_images=0; {self.int8['calibration_images']} calibration images)")
+        if self.drift.get("psi"):
+            worst = max(self.drift["psi"].items(), key=lambda kv: kv[1])
+            lines.append(f"drift            largest PSI {worst[1]:.3f} ({worst[0]}) over {self.drift['images']:,} images against "
+                         f"{self.drift['reference_images']:,} training images")
+            lines += [f"  WARNING {w}" for w in self.drift["warnings"]]
         lines.append(f"wall time        {self.seconds:,.1f} s  ({self.images_per_s:,.1f} images/s{', compiled' if self.compiled else ''})")
         lines.append(f"report           {storage.join(self.output, 'report')}")
         return "\n".join(lines)
@@ -226,7 +242,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task:
         summary.listed, summary.excluded = listing.objects, listing.excluded
         summary.files, summary.already_scored = _write_todo(run, full)
         if summary.files:
-            _score(run, summary, full, annotator, stages)
+            _score(run, summary, full, annotator, stages, loaded.profile)
         summary.removed_runs = run.ledger.remove_dead_runs(keep=(run.run_id,))
         summary.seconds = time.perf_counter() - start
         run.ledger.finish(run.run_id, asdict(summary))
@@ -248,8 +264,8 @@ def _write_todo(run: RunInfo, full: bool) -> tuple[int, int]:
 
 
 def _score(run: RunInfo, summary: ScoreSummary, full: bool, annotator: Callable[[RunInfo], Annotator] | None,
-           stages: tuple[Stage, ...]) -> None:
-    """The pipeline into staging, then the commit."""
+           stages: tuple[Stage, ...], profile: dict[str, Any]) -> None:
+    """The pipeline into staging, then the commit (counting the task's classes and the drift features)."""
     cfg, scfg = run.user, run.cfg.storage
     gpus, cpus = actor_resources(cfg.score.use_gpu)
     actors = _actors(cfg, gpus)
@@ -283,10 +299,19 @@ def _score(run: RunInfo, summary: ScoreSummary, full: bool, annotator: Callable[
     seconds = execute_pipeline(run_pipeline)
     if int8:
         summary.int8 = _int8_checks(int8.report, scfg)
-    tally = run.task.tally(run.cfg)
-    stats = run.ledger.commit(run.run_id, report_schema(run.task, run.cfg), tally, replace=(run.model_id, run.version) if full else None)
+    tally, drift = run.task.tally(run.cfg), DriftCounter(profile)
+
+    def count(table: pa.Table) -> None:
+        tally(table)
+        drift(table)
+
+    stats = run.ledger.commit(run.run_id, report_schema(run.task, run.cfg), count, replace=(run.model_id, run.version) if full else None)
     summary.rows, summary.images_ok, summary.error_files, summary.errors = stats.rows, stats.ok_rows, stats.error_files, stats.errors
     summary.classes = dict(tally.counts)
+    drift.add_classes(summary.classes)
+    summary.drift = drift.result(cfg.score.drift_warn_psi, cfg.score.drift_min_images)
+    for warning in summary.drift.get("warnings", []):
+        log.warning("drift: %s", warning)
     summary.images_per_s = summary.images_ok / max(seconds, 1e-9)
     run.task.after_commit(run.cfg, run.ledger, run.model_id, run.version)
 
