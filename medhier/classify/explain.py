@@ -31,6 +31,7 @@ from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
+from medhier.classify.calibration import Temperatures, temper
 from medhier.classify.model import STAGES, Outputs, predict
 from medhier.classify.presets import eval_preset
 from medhier.classify.task import CLASSIFY, taxonomy_of
@@ -298,7 +299,8 @@ def explain_dicom(
     level, a leaf explains its own main class at the main level. None explains the prediction.
 
     -> JSON-able dict: model_id, frame, stage, the prediction (main/sub/leaf names with
-    p_main, p_sub = P(sub | main), p_leaf) and per level the explained class, its probability,
+    p_main, p_sub = P(sub | main), p_leaf; calibrated with the checkpoint's temperatures) and per
+    level the explained class, its probability,
     the PNG's URI and its :func:`heat_summary`. Raises ``medhier.io.dicom.DicomRejected``
     unchanged for a file that cannot be decoded, ValueError for a bad level, stage or target.
     """
@@ -308,6 +310,7 @@ def explain_dicom(
     _check_stage(stage)
     loaded = load_checkpoint(checkpoint, CLASSIFY, storage_cfg)
     tax, cfg = taxonomy_of(loaded), loaded.cfg
+    temperatures = Temperatures.from_meta(loaded.task_meta, f"checkpoint {checkpoint!r}")
     targets = _dicom_targets(tax, level, target)  # before decoding: a typo fails fast
 
     decoded, images = decode_images(data, cfg.dicom, cfg.preprocess.image_size, cfg.preprocess.resize, source=source)
@@ -323,7 +326,8 @@ def explain_dicom(
             inside = torch.as_tensor(tax.leaf_mask[targets["sub_within"]])
             idx = int(outputs.log_p_sub[0].masked_fill(~inside, float("-inf")).argmax())
         cam = grad_cam(loaded.model, x, tax, level=lv, target=idx, stage=stage)
-        outputs = cam.outputs
+        # The probabilities reported are calibrated, as every output's; the maps explain the model's own.
+        outputs = Outputs(cam.outputs.main_logits, *temper(cam.outputs.log_p_main, cam.outputs.log_p_sub, temperatures, tax))
         heat = cam.heatmap[0].numpy()
         uri = storage.join(storage.normalize(output_dir), PNG_NAMES[lv])
         storage.write_bytes(uri, overlay_png(image, heat), storage_cfg)

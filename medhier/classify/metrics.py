@@ -377,16 +377,22 @@ def _fmt(value: float | None) -> str:
 def summary_table(metrics: dict[str, Any]) -> str:
     """:func:`evaluate`'s dict (or the same loaded from JSON) -> a few printable lines.
 
-    One row per level: accuracy and the macro sensitivity, specificity, F1 and ROC AUC; then the
-    hierarchy measures. "n/a" marks a value that is undefined for this data.
+    One row per level: accuracy and the macro sensitivity, specificity, F1 and ROC AUC, each with
+    its 95 % interval in brackets where the metrics carry one (``<level>["ci"]``,
+    :mod:`medhier.classify.bootstrap`); then the hierarchy measures, and the calibration and
+    referral lines when the metrics hold them (``medhier.classify.api``). "n/a" marks a value
+    that is undefined for this data.
     """
     columns = ("accuracy", "sensitivity", "specificity", "f1", "roc_auc")
     header = ("level", "accuracy", "sens", "spec", "F1", "AUC")
     rows = [header]
     for level in ("main", "leaf"):
         m = metrics[level]
+        ci = m.get("ci") or {}
+        intervals = [ci.get("accuracy")] + [(ci.get("macro") or {}).get(c) for c in columns[1:]]
         values = [m["accuracy"]] + [m["macro"][c] for c in columns[1:]]
-        rows.append((f"{level} ({len(m['classes'])})", *(_fmt(v) for v in values)))
+        rows.append((f"{level} ({len(m['classes'])})", *(_fmt(v) + (f" [{lo:.2f}-{hi:.2f}]" if iv else "")
+                                                          for v, iv in zip(values, intervals) for lo, hi in [iv or (0, 0)])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = [
         "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(r, widths)))
@@ -398,8 +404,19 @@ def summary_table(metrics: dict[str, Any]) -> str:
         "(sens/spec/F1/AUC: macro averages over classes)",
         f"path accuracy {_fmt(h['path_accuracy'])} | subclass accuracy given true main "
         f"{_fmt(h['sub_accuracy_given_main'])} (n={h['sub_support']}) | consistency {_fmt(h['consistency'])}",
-        f"n = {metrics['n']} samples",
+        f"n = {metrics['n']} samples" + (f" of {metrics['bootstrap']['patients']} patients; [95 % interval, patient bootstrap "
+                                         f"x{metrics['bootstrap']['samples']}]" if metrics.get("bootstrap") else ""),
     ]
+    cal = metrics.get("calibration") or {}
+    if cal.get("ece"):
+        t = cal.get("temperatures")
+        lines.append("calibration: " + (f"T main {t['main']:.3g}, sub {t['sub']:.3g}; " if t else "none (the model's own); ")
+                     + "; ".join(f"{lv} ECE {e['before']:.3f} -> {e['after']:.3f}" for lv, e in cal["ece"].items()))
+    ref = metrics.get("referral") or {}
+    if ref:
+        rule = f"leaf probability < {ref['threshold']:.3f}" + (f" or top-two margin < {ref['margin']:.3f}" if ref["margin"] else "")
+        lines.append(f"referral ({rule}): {ref['referred']:.1%} referred; leaf accuracy {_fmt(ref['accuracy_kept'])} on the rest, "
+                     f"{_fmt(ref['accuracy_all'])} on all")
     return "\n".join(lines)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from medhier import columns as C
 from medhier.classify.explain import explain_batch, heat_summary, overlay_png
+from medhier.classify.referral import Referral
 from medhier.classify.report import EXPLAIN_LOCATION, EXPLAIN_PATH, P_LEAF, PRED_LEAF, PRED_MAIN, RESULT_FIELDS, SR_PATH, prediction_fields
 from medhier.classify.task import CLASSIFY
 from medhier.classify.taxonomy import Taxonomy
@@ -77,7 +78,7 @@ def write_srs(batch: dict[str, np.ndarray], run: RunInfo) -> dict[str, np.ndarra
     """
     tax = Taxonomy.from_config(run.cfg.taxonomy)
     ok = batch[C.STATUS] == C.STATUS_OK
-    fields = prediction_fields(tax, batch, ok)
+    fields = prediction_fields(tax, batch, ok, Referral.of(run.cfg))
     paths = np.full(len(ok), None, dtype=object)
     read = storage.reader(run.archive, run.storage)
     source_path, source = None, b""

@@ -21,6 +21,8 @@ Measurement groups
       NUM   Probability of subclass given main class (99MEDHIER PSUBGIVENMAIN), unit "1"
             = P(sub | main), exactly the result's sub_prob (never recomputed here)
       CODE  Subclass (99MEDHIER SUBCLASS) = the subclass code (table below)
+      CODE  Refer to a human reader (99MEDHIER REFER) = Yes (SCT 373066001) / No (SCT 373067005):
+            the report's ``refer`` (medhier.classify.referral); absent when the result has none
 
 Both groups reference the scored image (and, for a multi-frame source, the frame scored). Both
 levels are written even for a main class with a single subclass (normal/normal, where P(sub |
@@ -49,6 +51,7 @@ any other subclass ``m/s``      99MEDHIER  m/s                   m: s
 concept of the main evaluation  99MEDHIER  MAINCLASS             Main class
 concept of the sub evaluation   99MEDHIER  SUBCLASS              Subclass
 concept of P(sub | main)        99MEDHIER  PSUBGIVENMAIN         Probability of subclass given main class
+concept of the referral         99MEDHIER  REFER                 Refer to a human reader
 concept of P(main), P(leaf)     DCM        122157                Probability (unit UCUM "1", no units)
 ==============================  =========  ====================  ========================================
 
@@ -79,6 +82,7 @@ MEDHIER_SCHEME = "99MEDHIER"  # private coding scheme designator ("99" prefix: P
 MAIN_CLASS = Code("MAINCLASS", MEDHIER_SCHEME, "Main class")
 SUBCLASS = Code("SUBCLASS", MEDHIER_SCHEME, "Subclass")
 PROB_SUB_GIVEN_MAIN = Code("PSUBGIVENMAIN", MEDHIER_SCHEME, "Probability of subclass given main class")
+REFER = Code("REFER", MEDHIER_SCHEME, "Refer to a human reader")
 PROBABILITY = codes.DCM.Probability  # DCM 122157
 UNIT_ONE = codes.UCUM.NoUnits  # UCUM "1"
 
@@ -131,7 +135,7 @@ def make_sr(
     ``source``: the scored DICOM file's bytes (only its header is parsed) or its parsed header.
     ``result``: a report row's ``main_label``, ``main_prob``, ``sub_label``, ``sub_prob``
     (P(sub | main), written exactly as given), optionally ``leaf_prob`` (P(main and sub);
-    main_prob * sub_prob when absent), ``leaf_label`` (checked against main/sub) and ``frame``
+    main_prob * sub_prob when absent), ``refer`` (bool), ``leaf_label`` (checked against main/sub) and ``frame``
     (0-based, as in the report; referenced only for a multi-frame source). Probabilities are in
     [0, 1]. ``source_name``: a name for messages (e.g. the source's path).
 
@@ -142,6 +146,7 @@ def make_sr(
     must reference, a frame the source does not have, or a result that does not fit ``taxonomy``.
     """
     main, sub, main_prob, sub_prob, leaf_prob = _check_result(result, taxonomy)
+    referral = () if result.get("refer") is None else (Evaluation(REFER, codes.SCT.Yes if result["refer"] else codes.SCT.No),)
     groups = [
         Group(
             name=f"{algorithm_name} main class",
@@ -150,7 +155,7 @@ def make_sr(
         ),
         Group(
             name=f"{algorithm_name} subclass",
-            evaluations=(Evaluation(SUBCLASS, sub_code(main, sub)),),
+            evaluations=(Evaluation(SUBCLASS, sub_code(main, sub)), *referral),
             measurements=(Numeric(PROBABILITY, leaf_prob, UNIT_ONE), Numeric(PROB_SUB_GIVEN_MAIN, sub_prob, UNIT_ONE)),
         ),
     ]
@@ -175,7 +180,8 @@ def read_sr(data: bytes) -> dict[str, Any]:
 
     Returns ``referenced_sop_instance_uid``, ``referenced_sop_class_uid``, ``frame`` (0-based,
     None for a whole-instance reference), ``main_label``, ``main_prob``, ``sub_label``,
-    ``sub_prob`` (P(sub | main)), ``leaf_label``, ``leaf_prob``, ``model_id``, ``model_version``,
+    ``sub_prob`` (P(sub | main)), ``leaf_label``, ``leaf_prob``, ``refer`` (only when the SR
+    states a referral), ``model_id``, ``model_version``,
     ``algorithm_name``, ``verification_flag``, ``study_instance_uid``, ``sop_instance_uid``.
     Raises ValueError when ``data`` is not such an SR.
     """
@@ -209,6 +215,9 @@ def read_sr(data: bytes) -> dict[str, Any]:
     }
     if model_version is not None:
         found["model_version"] = model_version
+    referral = _referral(sub_group)
+    if referral is not None:
+        found["refer"] = referral
     return found
 
 
@@ -265,6 +274,15 @@ def _group_with(report: Report, concept: Code) -> Group | None:
 
 def _evaluation(group: Group, concept: Code) -> Code:
     return next(e.value for e in group.evaluations if e.concept == concept)
+
+
+def _referral(group: Group) -> bool | None:
+    answer = next((e.value for e in group.evaluations if e.concept == REFER), None)
+    if answer is None:
+        return None
+    if answer not in (codes.SCT.Yes, codes.SCT.No):
+        raise ValueError(f"the referral is coded ({answer.scheme_designator}, {answer.value}, {answer.meaning!r}), not SCT Yes/No")
+    return answer == codes.SCT.Yes
 
 
 def _measurement(group: Group, concept: Code) -> float:

@@ -11,8 +11,10 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
+from medhier.classify.calibration import Temperatures
 from medhier.classify.labels import HierarchicalLabels
 from medhier.classify.model import build_model, untie_shared_modules
+from medhier.classify.referral import Referral
 from medhier.classify.report import ClassifierPredictor, LeafTally, answer, report_columns, report_values
 from medhier.classify.step import COLUMNS, ClassifyStep
 from medhier.classify.studies import write_studies
@@ -45,8 +47,8 @@ class Classifier:
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> ClassifyStep:
         return ClassifyStep(cfg, env, class_counts)
 
-    def predictor(self, cfg: Config) -> ClassifierPredictor:
-        return ClassifierPredictor(cfg)
+    def predictor(self, loaded: Loaded) -> ClassifierPredictor:
+        return ClassifierPredictor(loaded.cfg, Temperatures.from_meta(loaded.task_meta, f"checkpoint {loaded.uri!r}"))
 
     def prepare_int8(self, model: nn.Module) -> None:
         untie_shared_modules(model)
@@ -55,13 +57,13 @@ class Classifier:
         return report_columns(Taxonomy.from_config(cfg.taxonomy))
 
     def report_values(self, cfg: Config, batch: dict[str, np.ndarray], ok: np.ndarray) -> dict[str, pa.Array]:
-        return report_values(Taxonomy.from_config(cfg.taxonomy), batch, ok)
+        return report_values(Taxonomy.from_config(cfg.taxonomy), batch, ok, Referral.of(cfg))
 
     def tally(self, cfg: Config) -> LeafTally:
         return LeafTally(Taxonomy.from_config(cfg.taxonomy))
 
     def answer(self, cfg: Config, predictions: dict[str, np.ndarray], i: int) -> dict[str, Any]:
-        return answer(Taxonomy.from_config(cfg.taxonomy), predictions, i)
+        return answer(Taxonomy.from_config(cfg.taxonomy), predictions, i, Referral.of(cfg))
 
     def after_commit(self, cfg: Config, ledger: Ledger, model_id: str, version: str) -> None:
         write_studies(ledger, Taxonomy.from_config(cfg.taxonomy), model_id, version)

@@ -28,7 +28,7 @@ from medhier.config import Config, StorageConfig
 from medhier.infer.int8 import agreement, check_agreement, quantize
 from medhier.io import storage
 from medhier.runtime import execute_pipeline
-from medhier.train.checkpoint import ModelTask, load_checkpoint
+from medhier.train.checkpoint import Loaded, ModelTask, load_checkpoint
 from medhier.train.precision import autocast_dtype
 
 __all__ = ["SCORED_MS", "ActorSettings", "InferTask", "Int8Settings", "ModelActor", "Predictor", "actor_resources", "predict_dataset"]
@@ -53,8 +53,9 @@ class Predictor(Protocol):
 class InferTask(ModelTask, Protocol):
     """A task whose models run through :class:`ModelActor`."""
 
-    def predictor(self, cfg: Config) -> Predictor:
-        """The predictor for a checkpoint's config (``Loaded.cfg``)."""
+    def predictor(self, loaded: Loaded) -> Predictor:
+        """The predictor for a checkpoint: its config and what it fitted after training
+        (``Loaded.task_meta``, e.g. the classifier's temperatures)."""
 
     def prepare_int8(self, model: torch.nn.Module) -> None:
         """Rewrite a copy of the model, in place, into a form int8 quantization matches."""
@@ -97,7 +98,7 @@ class ModelActor:
         self.storage = storage_cfg
         loaded = load_checkpoint(checkpoint, task, storage_cfg)
         self.loaded, self.model_id = loaded, loaded.model_id
-        self.predictor = task.predictor(loaded.cfg)
+        self.predictor = task.predictor(loaded)
         self.image_size = loaded.cfg.preprocess.image_size
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
         self.model = loaded.model.to(self.device, memory_format=self.memory_format).eval()
