@@ -205,11 +205,14 @@ def leaf_weights(leaves: Iterable[str], difficulty: float) -> np.ndarray:
 # -- rendering -------------------------------------------------------------------------------
 
 
-def render(leaf: str, rng: np.random.Generator, size: int = 256, difficulty: float = 0.3) -> Phantom:
+def render(leaf: str, rng: np.random.Generator, size: int = 256, difficulty: float = 0.3, *, finding: bool = True) -> Phantom:
     """Draw one sagittal lumbar CT slice showing ``leaf`` ("main/sub", see :data:`LEAVES`).
 
     ``rng`` is advanced by exactly one draw, so a loop over one generator gives new patients.
     ``size``: pixels per side (>= 32; the field of view is always :data:`FOV_MM`).
+    ``finding=False`` erases the finding: the same patient, noise and random draws, drawn normal
+    (an empty mask), still labelled ``leaf`` — what a shortcut audit trains on, where nothing
+    but the finding may tell the leaves apart.
     Raises ValueError for a leaf it cannot draw.
     """
     finder = _FINDINGS.get(leaf)
@@ -223,11 +226,11 @@ def render(leaf: str, rng: np.random.Generator, size: int = 256, difficulty: flo
     anat_seed, finding_seed, noise_seed = rng.integers(0, 2**63, size=3)
     anat = _draw_anatomy(np.random.default_rng(anat_seed), knobs)
     canvas = _Canvas(size, anat)
-    finding = finder(np.random.default_rng(finding_seed), anat, knobs)
-    finding.move_neighbours(anat)
+    drawn = (finder if finding else _no_finding)(np.random.default_rng(finding_seed), anat, knobs)
+    drawn.move_neighbours(anat)
     mask = np.zeros((size, size), dtype=bool)
-    _paint_anatomy(canvas, anat, finding, mask)
-    finding.paint_overlay(canvas, anat, mask)
+    _paint_anatomy(canvas, anat, drawn, mask)
+    drawn.paint_overlay(canvas, anat, mask)
     hu = _acquire(canvas, knobs, np.random.default_rng(noise_seed))
     return Phantom(hu=hu, finding=mask, leaf=leaf)
 
