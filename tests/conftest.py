@@ -68,3 +68,13 @@ def ray_session():
     init_ray(RuntimeConfig(local_num_cpus=8, progress=False))
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, ray_session):
+    """One phantom training run finished as ``medhier train`` finishes it: temperatures,
+    referral threshold and drift profile in ``best/``, metrics.json, plots and the model card
+    (tests/trained.py). Shared by the tests of calibration, referral, model card and drift."""
+    from tests.trained import finished_run as make
+
+    return make(str(tmp_path_factory.mktemp("finished-run")))

@@ -162,6 +162,17 @@ def test_probabilities_are_written_exactly_as_given():
     assert (back["main_prob"], back["sub_prob"], back["leaf_prob"]) == (0.8100000023841858, 0.6399999856948853, 0.5)
 
 
+@pytest.mark.parametrize("refer, answer", [(True, codes.SCT.Yes), (False, codes.SCT.No)])
+def test_the_referral_is_a_coded_evaluation_beside_the_subclass(refer, answer):
+    data = make_sr(phantom_ct(), {**result_for("normal/normal", 0.6, 1.0), "refer": refer}, taxonomy=TAXONOMY, **MODEL, **DEVICE)
+    report = hd.sr.srread(io.BytesIO(data)).content
+    subclass = next(g for g in report.get_image_measurement_groups() if len(g.get_qualitative_evaluations()) == 2)
+    referral = next(e for e in subclass.get_qualitative_evaluations() if e.name.value == "REFER")
+    assert (referral.name.scheme_designator, referral.name.meaning) == (MEDHIER_SCHEME, "Refer to a human reader")
+    assert referral.value == answer
+    assert read_sr(data)["refer"] is refer
+
+
 def test_a_parsed_header_reads_back_as_the_file_does():
     source, result = phantom_ct("lesion/malignant"), result_for("lesion/malignant", 0.9, 0.8)
     from_header = read_sr(make_sr(header(source), result, taxonomy=TAXONOMY, **MODEL))

@@ -366,6 +366,85 @@ def test_finding_mask_is_empty_only_for_normal(leaf, difficulty):
         assert phantom.leaf == leaf
 
 
+def test_without_the_finding_every_leaf_draws_the_same_normal_image():
+    normal = S.render("normal/normal", np.random.default_rng(5), size=64)
+    for leaf in S.LEAVES:
+        erased = S.render(leaf, np.random.default_rng(5), size=64, finding=False)
+        assert erased.leaf == leaf and not erased.finding.any()
+        np.testing.assert_array_equal(erased.hu, normal.hu)
+
+
+# -- the shortcut audit ---------------------------------------------------------------------------
+#
+# Trained on phantoms whose finding is erased (render(finding=False): the same patients, noise,
+# random draws and DICOM encodings, labelled with their leaves), medhier's model must not beat
+# chance on held-out patients: if it did, something other than the finding would tell the
+# leaves apart (a shortcut a model trained on real findings could use too). It must still fit
+# its training images well beyond chance (it learns those images by heart), which shows the
+# training budget sufficed to learn whatever was there.
+# 240 images of 64 px at difficulty 0 (leaves balanced, so chance is low: the main-class
+# majority share, ~0.4), patients 1-70 % train, the rest held out; the model is the smoke
+# configuration's (ResNet18 from scratch), trained without augmentation, as a shortcut is
+# easiest to find there. Held-out accuracy must stay below the majority share plus 2.33 binomial
+# standard deviations (one-sided 1 %).
+
+
+def _erased_archive(n: int, seed: int, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """n phantoms with the finding erased, through DICOM bytes and medhier's decode ->
+    (uint8 images (n, size, size), leaf indices (n,), patient numbers (n,))."""
+    from medhier.io.image import decode_images
+
+    tax = Taxonomy.from_dict(S.DEFAULT_CLASSES)
+    images, leaves, patients = [], [], []
+    for spec in S.plan_archive(n, seed=seed, size=size, difficulty=0.0, taxonomy=tax):
+        data = spec.encode_phantom(S.render(spec.leaf, spec.rng(), size=size, difficulty=0.0, finding=False))
+        _, (image,) = decode_images(data, DicomConfig(windows={"CT": "bone"}), size)
+        images.append(image)
+        leaves.append(tax.leaf_names.index(spec.leaf))
+        patients.append(spec.patient)
+    return np.stack(images), np.array(leaves), np.array(patients)
+
+
+@pytest.mark.slow
+def test_with_the_finding_erased_a_model_learns_nothing_that_generalises():
+    import torch
+
+    from medhier.classify.model import HierarchicalLoss, build_model, predict
+    from medhier.classify.presets import eval_preset
+    from medhier.config import load_config
+
+    cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "..", "configs", "smoke.yaml"))
+    tax = Taxonomy.from_config(cfg.taxonomy)
+    images, leaves, patients = _erased_archive(240, seed=11, size=cfg.preprocess.image_size)
+    train = patients <= np.quantile(patients, 0.7)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, tax)
+    plain, loss_fn = eval_preset(cfg.preprocess), HierarchicalLoss(tax)
+    leaf_main = torch.as_tensor(tax.leaf_main)
+    x, y = plain(torch.from_numpy(images)), torch.from_numpy(leaves)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    order = np.flatnonzero(train)
+    for epoch in range(12):
+        model.train()
+        for idx in np.array_split(np.random.default_rng(epoch).permutation(order), max(1, len(order) // 32)):
+            loss = loss_fn(model(x[idx]), leaf_main[y[idx]], y[idx])["loss"]
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        main = predict(model(x), tax)[0].numpy()
+    right = main == tax.leaf_main[leaves]
+    held_out = ~train
+    majority = np.bincount(tax.leaf_main[leaves[held_out]]).max() / held_out.sum()
+    bound = majority + 2.33 * np.sqrt(majority * (1 - majority) / held_out.sum())
+    fitted = right[train].mean()
+    seen = f"training accuracy {fitted:.2f}, held-out {right[held_out].mean():.2f} on {held_out.sum()} images, chance {majority:.2f}"
+    assert held_out.sum() >= 60 and majority < 0.5
+    assert right[held_out].mean() <= bound, f"{seen} (bound {bound:.2f}): with the finding erased, the phantoms carry another cue"
+    assert fitted >= majority + 0.2, f"{seen}: the model did not even fit its training images, the audit proves nothing"
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 

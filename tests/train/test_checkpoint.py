@@ -12,7 +12,7 @@ from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.classify.taxonomy import Taxonomy
 from medhier.config import load_config
 from medhier.io import storage
-from medhier.train.checkpoint import CheckpointError, config_for_checkpoint, load_checkpoint, model_id_of, save_checkpoint
+from medhier.train.checkpoint import CheckpointError, amend_checkpoint, config_for_checkpoint, load_checkpoint, model_id_of, save_checkpoint
 
 OVERRIDES = ["model.arch=resnet18", "model.pretrained=none", "model.head_channels=16", "model.hidden=8",
              "preprocess.image_size=48", "dicom.windows.CT=bone", "dicom.patient_salt=never-stored",
@@ -119,9 +119,54 @@ def test_run_config_takes_model_sections_from_the_checkpoint(saved):
     assert run.data.decode_batch_size == 7 and run.dicom.patient_salt == "site"  # from the user
 
 
+FITTED = {"task_meta": {"temperatures": {"main": 1.7, "sub": 0.8}}, "defaults": {"score": {"refer_below": 0.62}},
+          "profile": {"images": 10, "features": {}}}
+
+
+def test_amending_adds_what_was_fitted_and_keeps_the_weights(saved):
+    _, tax, _, directory, model_id = saved
+    amend_checkpoint(directory, **FITTED)
+    loaded = load(directory)
+    assert loaded.model_id == model_id and taxonomy_of(loaded) == tax  # the task's own meta is kept
+    assert loaded.task_meta["temperatures"] == {"main": 1.7, "sub": 0.8}
+    assert loaded.defaults == {"score": {"refer_below": 0.62}} and loaded.profile == FITTED["profile"]
+    meta = json.loads(open(os.path.join(directory, "meta.json")).read())
+    assert meta["task_meta"]["temperatures"]["main"] == 1.7 and meta["defaults"]["score"]["refer_below"] == 0.62
+    assert "model_state" not in meta
+
+
+@pytest.mark.parametrize("edit", [
+    lambda d: d["task_meta"]["temperatures"].update(main=1.0),
+    lambda d: d["defaults"]["score"].update(refer_below=0.0),
+    lambda d: d["profile"].update(images=11),
+])
+def test_an_edited_amendment_is_refused(saved, edit):
+    directory = saved[3]
+    amend_checkpoint(directory, **FITTED)
+    path = os.path.join(directory, "model.pt")
+    data = torch.load(path, weights_only=True)
+    edit(data)
+    torch.save(data, path)
+    with pytest.raises(CheckpointError, match="meta_sha256"):
+        load(directory)
+
+
+@pytest.mark.parametrize("user, refer_below", [
+    ([], 0.62),  # left null: the checkpoint's
+    (["score.refer_below=0.9"], 0.9),  # the user's choice wins
+    (["score.refer_below=0"], 0.0),
+])
+def test_a_null_setting_takes_the_checkpoint_default(saved, user, refer_below):
+    directory = saved[3]
+    amend_checkpoint(directory, **FITTED)
+    assert config_for_checkpoint(load_config(None, user), load(directory)).score.refer_below == refer_below
+
+
 @pytest.mark.s3
 def test_checkpoint_from_s3(saved, s3_bucket, storage_cfg):
     _, _, _, directory, model_id = saved
     for name in os.listdir(directory):
         storage.write_bytes(f"{s3_bucket}/run/best/{name}", open(os.path.join(directory, name), "rb").read(), storage_cfg)
     assert load(f"{s3_bucket}/run/best", storage_cfg).model_id == model_id
+    amend_checkpoint(f"{s3_bucket}/run/best", storage_cfg, **FITTED)
+    assert load(f"{s3_bucket}/run/best", storage_cfg).task_meta["temperatures"]["sub"] == 0.8
