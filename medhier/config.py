@@ -337,7 +337,7 @@ class ScoreConfig:
     # Drift: each run compares its images with the checkpoint's training profile (population
     # stability index per feature) and warns above drift_warn_psi once it scored drift_min_images.
     drift_warn_psi: float = 0.25
-    drift_min_images: int = 100
+    drift_min_images: int = 200
 
     def validate(self, name: str) -> None:
         _positive(name, "batch_size", self.batch_size)

@@ -22,8 +22,9 @@ feature               kind         what is compared
 
 Categorical features keep their categories (the 20 most frequent, the rest pooled as
 ``(other)``; a category the reference never saw counts as ``(other)``). Numeric features are
-binned at the reference's deciles (fewer bins where values repeat), with one more bin for a
-missing value (no PixelSpacing). PSI = sum over bins of (a - e) ln(a / e), where a and e are the
+binned at the reference's quintiles (fewer bins where values repeat), with one more bin for a
+missing value (no PixelSpacing): with k bins, two samples of N images from one population still
+differ by a PSI of about (k - 1) * 2 / N, so few, wide bins keep small runs from false alarms. PSI = sum over bins of (a - e) ln(a / e), where a and e are the
 run's and the reference's shares, each smoothed by half an image per bin so that an empty bin
 does not make it infinite. Rules of thumb: below 0.1 stable, 0.1-0.25 a moderate shift, above
 0.25 a large one (``score.drift_warn_psi``). With few images PSI is noisy: warnings wait until a
@@ -50,7 +51,7 @@ PREDICTED_CLASS = "predicted_class"
 OTHER = "(other)"
 MISSING = "(missing)"
 _MAX_CATEGORIES = 20
-_DECILES = np.linspace(0.1, 0.9, 9)
+_QUINTILES = np.linspace(0.2, 0.8, 4)
 _PSEUDO = 0.5  # images added to every bin of both sides before shares are taken
 
 
@@ -72,7 +73,7 @@ def _categorical(values: list[str]) -> dict[str, Any]:
 
 def _numeric(values: np.ndarray) -> dict[str, Any]:
     present = values[np.isfinite(values)]
-    edges = np.unique(np.quantile(present, _DECILES)).tolist() if present.size else []
+    edges = np.unique(np.quantile(present, _QUINTILES)).tolist() if present.size else []
     spec = {"kind": "numeric", "edges": edges}
     spec["counts"] = _bin_numeric(spec, values).tolist()
     return spec
