@@ -3,7 +3,7 @@
 
     manifest row groups ──headers (parallel reads, pixels skipped)──▶ one header row per object
          ──groupby StudyInstanceUID (Ray Data hash shuffle)──▶ INDEX/*.parquet: one record per study
-    INDEX + the driver's todo table ──▶ fn(Study) per study (the task's work) ──▶ the task's rows
+    INDEX row groups named by the driver's todo table ──▶ fn(Study) per study (the task's work) ──▶ rows
 
 Why a shuffle and not a driver-side index: an archive of 100,000 studies holds some 20 million
 instances; their paths alone are gigabytes, more than a driver should hold. Ray Data's groupby
@@ -126,6 +126,7 @@ STUDY_SCHEMA = pa.schema(
 STUDY_COLUMNS = tuple(name for name in STUDY_SCHEMA.names if name != MEMBERS)
 
 OBJECTS_PER_PARTITION = 200_000  # header rows per shuffle partition of the groupby
+STUDIES_PER_ROW_GROUP = 16  # index records per Parquet row group
 _GROUP = "_group"  # the groupby key: the StudyInstanceUID, or the path of an object in no study
 
 
@@ -257,7 +258,8 @@ def write_study_index(manifest: str, index: str, settings: SeriesSettings, data_
     records = headers.groupby(_GROUP, num_partitions=partitions).map_groups(_study_record, batch_format="pyarrow")
     storage.delete(index, settings.storage)
     ifs, path = storage.filesystem(index, settings.storage)
-    records.write_parquet(path, filesystem=ifs, compression="zstd")
+    # Small row groups: a study task reads the one row group that holds its study.
+    records.write_parquet(path, filesystem=ifs, compression="zstd", row_group_size=STUDIES_PER_ROW_GROUP)
     return _index_summary(index, settings.storage)
 
 
@@ -365,50 +367,58 @@ def map_studies(
 
     ``todo``: the studies to do, as (study_instance_uid, digest) rows, plus any columns the task
     wants handed to ``fn`` (``Study.extra``); a study whose digest differs from the index's (it
-    changed since) is not done. Nothing runs until the dataset is consumed.
+    changed since) is not done. The driver finds each study's row group in the index (its small
+    columns only) and hands every task ``studies_per_task`` (file, row group, row) addresses; the
+    task reads its studies' member lists itself, as the ingest reads manifest slices. Nothing
+    runs until the dataset is consumed.
     """
     missing = {C.STUDY_INSTANCE_UID, DIGEST} - set(todo.column_names)
     if missing:
         raise ValueError(f"map_studies: the todo table needs the columns {sorted(missing)}")
-    fs, path = storage.filesystem(index, settings.storage)
-    # The todo table rides along with the selection task (ray.put once by Ray Data), not the
-    # index: 100,000 studies are a few megabytes of keys.
-    selected = ray.data.read_parquet(path, filesystem=fs, schema=STUDY_SCHEMA).map_batches(
-        _select, fn_kwargs={"todo": todo}, batch_format="pyarrow", batch_size=None
-    )
-    return selected.repartition(target_num_rows_per_block=studies_per_task).map_batches(
+    wanted = {(u, d): i for i, (u, d) in enumerate(zip(todo[C.STUDY_INSTANCE_UID].to_pylist(), todo[DIGEST].to_pylist()))}
+    extra = todo.drop_columns([C.STUDY_INSTANCE_UID, DIGEST]).to_pylist()
+    addresses = []
+    fs, _ = storage.filesystem(index, settings.storage)
+    for f in _index_files(index, settings.storage):
+        with fs.open_input_file(f) as handle:
+            parquet = pq.ParquetFile(handle)
+            for g in range(parquet.num_row_groups):
+                keys = parquet.read_row_group(g, columns=[C.STUDY_INSTANCE_UID, DIGEST, C.STATUS])
+                for row, (uid, digest, status) in enumerate(zip(*(keys[c].to_pylist() for c in keys.column_names))):
+                    i = wanted.get((uid, digest)) if status == C.STATUS_OK else None
+                    if i is not None:
+                        addresses.append({"file": f, "row_group": g, "row": row, "extra": extra[i]})
+    tasks = [addresses[i : i + studies_per_task] for i in range(0, len(addresses), studies_per_task)]
+    if not tasks:
+        raise ValueError(f"map_studies: none of the {todo.num_rows} todo studies is in the index {index!r}")
+    return ray.data.from_items([{"studies": t} for t in tasks], override_num_blocks=len(tasks)).map_batches(
         _apply,
-        fn_kwargs={"fn": fn, "schema": schema, "settings": settings, "kwargs": fn_kwargs or {}},
-        batch_size=studies_per_task,
+        fn_kwargs={"fn": fn, "schema": schema, "settings": settings, "index": index, "kwargs": fn_kwargs or {}},
+        batch_size=1,
         batch_format="pyarrow",
         num_cpus=num_cpus,
     )
 
 
-def _select(records: pa.Table, todo: pa.Table) -> pa.Table:
-    """The index records ``todo`` names (same study and digest), with the todo's extra columns
-    packed into one struct column."""
-    extra = [c for c in todo.column_names if c not in (C.STUDY_INSTANCE_UID, DIGEST)]
-    # One string key per version; index_in rather than a join, which cannot carry list columns.
-    position = pc.index_in(_version(records), value_set=_version(todo))
-    chosen = pc.and_(pc.is_valid(position), pc.equal(records[C.STATUS], C.STATUS_OK))
-    rows = records.filter(chosen)
-    picked = todo.select(extra).take(pc.filter(position, chosen))
-    packed = pa.StructArray.from_arrays([picked[c].combine_chunks() for c in extra], names=extra) if extra else pa.nulls(rows.num_rows, pa.struct([]))
-    return rows.append_column("_extra", packed)
+def _index_files(index: str, storage_cfg: StorageConfig) -> list[str]:
+    fs, path = storage.filesystem(index, storage_cfg)
+    return sorted(i.path for i in fs.get_file_info(storage.pafs.FileSelector(path)) if i.path.endswith(".parquet"))
 
 
-def _version(table: pa.Table) -> pa.ChunkedArray:
-    return pc.binary_join_element_wise(table[C.STUDY_INSTANCE_UID], table[DIGEST], "\0")
-
-
-def _apply(batch: pa.Table, fn, schema: pa.Schema, settings: SeriesSettings, kwargs: dict[str, Any]) -> pa.Table:
-    rows = []
-    for record in batch.to_pylist():
+def _apply(item: pa.Table, fn, schema: pa.Schema, settings: SeriesSettings, index: str, kwargs: dict[str, Any]) -> pa.Table:
+    """One work item (a few studies' addresses in the index) -> ``fn``'s rows."""
+    fs, _ = storage.filesystem(index, settings.storage)
+    rows, groups = [], {}
+    for address in item["studies"].to_pylist()[0]:
+        key = (address["file"], address["row_group"])
+        if key not in groups:
+            with fs.open_input_file(address["file"]) as handle:
+                groups[key] = pq.ParquetFile(handle).read_row_group(address["row_group"])
+        record = groups[key].slice(address["row"], 1).to_pylist()[0]
         study = Study(
             study_instance_uid=record[C.STUDY_INSTANCE_UID], patient_key=record[C.PATIENT_KEY],
             study_date=record[STUDY_DATE], study_time=record[STUDY_TIME], digest=record[DIGEST],
-            members=tuple(record[MEMBERS]), extra=dict(record["_extra"] or {}), settings=settings,
+            members=tuple(record[MEMBERS]), extra=dict(address["extra"] or {}), settings=settings,
         )
         rows.append(fn(study, **kwargs))
     return pa.Table.from_pylist(rows, schema=schema)
