@@ -250,8 +250,8 @@ def _plaque(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _plaque_synth(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.runtime import set_verbosity
     from medhier.synthetic import carotid  # the phantoms need neither torch nor Ray: not loaded at start-up
+    from medhier.runtime import set_verbosity
 
     set_verbosity(args.verbose)
     if args.patients < 1:

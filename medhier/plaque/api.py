@@ -115,7 +115,7 @@ class MeasureSummary:
             lines += [f"  {reason:<22}{n:,}" for reason, n in sorted(self.errors.items())]
         if self.series:
             lines.append("series           " + ", ".join(f"{n:,} {outcome}" for outcome, n in sorted(self.series.items())))
-        lines += [f"  rejected {reason:<22}{n:,}" for reason, n in sorted(self.series_rejected.items())]
+        lines += [f"  rejected {reason:<26}{n:,}" for reason, n in sorted(self.series_rejected.items())]
         if self.segmentation_objects:
             lines.append("segmentations    " + ", ".join(f"{n:,} {o}" for o, n in sorted(self.segmentation_objects.items())))
         if self.segmentation_files_no_study or self.segmentation_files_ignored:
@@ -163,6 +163,8 @@ def measure_archive(cfg: Config, archive: str, output: str, *, segmentations: st
         if todo.num_rows:
             visit = VisitSettings(cfg.plaque, source, source.model_id, version, run_id, cfg.dicom.patient_salt)
             _measure(ledger, run_id, index, todo, settings, visit, summary, full)
+        for working in ("manifest", "studies"):  # the commit drops them too; a run with nothing to do must as well
+            storage.delete(storage.join(run_dir, working), cfg.storage)
         _write_visits(ledger, source.model_id, version, summary, cfg)
         summary.removed_runs = ledger.remove_dead_runs(keep=(run_id,))
         summary.seconds = time.perf_counter() - start
@@ -196,8 +198,12 @@ def _measure(ledger: Ledger, run_id: str, index: str, todo: pa.Table, settings: 
     """The per-study pipeline into staging, then the commit."""
     scfg = settings.storage
 
+    # A task of about a second amortises Ray Data's scheduling lag (~0.1 s per task); with
+    # registration one visit alone takes seconds.
+    per_task = 1 if visit.plaque.register else 4
+
     def run_pipeline() -> float:
-        rows = map_studies(index, todo, measure_study, REPORT_SCHEMA, settings, fn_kwargs={"settings": visit})
+        rows = map_studies(index, todo, measure_study, REPORT_SCHEMA, settings, fn_kwargs={"settings": visit}, studies_per_task=per_task)
         fs, staging = storage.filesystem(storage.join(ledger.run_dir(run_id), "staging"), scfg)
         started = time.perf_counter()
         rows.write_parquet(staging, filesystem=fs, compression="zstd")

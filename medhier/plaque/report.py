@@ -67,6 +67,8 @@ __all__ = [
     "VISIT_KEY",
     "VisitRejected",
     "VisitTally",
+    "measurement_values",
+    "to_json",
     "visit_date",
 ]
 
@@ -138,16 +140,20 @@ def measurement_values(values: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def to_json(value: Any) -> str:
-    """The report's JSON columns: compact, keys in a fixed order, NaN as null."""
-    return json.dumps(value, separators=(",", ":"), default=_plain, allow_nan=False)
+    """The report's JSON columns: compact, NaN and infinity as null (JSON has neither)."""
+    return json.dumps(_plain(value), separators=(",", ":"), allow_nan=False)
 
 
-def _plain(value: Any):
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "item") and not isinstance(value, (str, bytes)):  # numpy scalars
+        value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
+    return value
 
 
 @dataclass
