@@ -18,6 +18,7 @@ reference grid.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ from medhier.plaque.report import (
     visit_date,
 )
 from medhier.plaque.segmentations import SegmentationInput, SegmentationSource, label_mapping
-from medhier.plaque.visits import REJECTED, UNMATCHED, SeriesChoice, StudyPlan, choose_series, plan_study, series_entry
+from medhier.plaque.visits import REJECTED, UNMATCHED, UNUSED, SeriesChoice, StudyPlan, choose_series, plan_study, series_entry
 
 __all__ = ["MAX_ROTATION_DEG", "MAX_SHIFT_MM", "VisitSettings", "measure_study", "measure_version"]
 
@@ -103,8 +104,9 @@ def measure_study(study: Study, settings: VisitSettings) -> dict[str, Any]:
     except Exception as exc:  # a bug must cost one visit, not the run
         row.update(measurement_values(None), status=C.STATUS_ERROR, error_reason="internal_error",
                    error_message=f"study {study.study_instance_uid}: {type(exc).__name__}: {exc}")
-    # Every series of the study is in the row, whatever happened (assembled or not).
+    # Every series and SEG object of the study is in the row, whatever happened.
     row["series"] = to_json(_series_entries(plan, choice, transforms, row[C.ERROR_REASON]))
+    row["segmentation_objects"] = to_json(_with_unused_segs(json.loads(row["segmentation_objects"]), plan, settings.source.model_id))
     row[C.SCORED_AT] = int(time.time() * 1000)
     return row
 
@@ -164,6 +166,18 @@ def _motion(transform: RigidTransform, fixed) -> tuple[float, float]:
     shift = float(np.linalg.norm((matrix @ centre)[:3] - centre[:3]))
     cosine = (np.trace(matrix[:3, :3]) - 1.0) / 2.0
     return shift, math.degrees(math.acos(min(1.0, max(-1.0, cosine))))
+
+
+def _with_unused_segs(entries: list[dict[str, Any]], plan: StudyPlan, source: str) -> list[dict[str, Any]]:
+    """The source's entries, plus the study's own SEG objects it did not consider (another
+    source, or a visit that failed first) as ``unused``."""
+    seen = {e["path"] for e in entries}
+    for seg in plan.segmentations:
+        if seg.path not in seen:
+            entries.append({"path": seg.path, "outcome": UNUSED, "reason": None,
+                            "message": f"not considered by the segmentation source {source} (or the visit failed first)",
+                            "unmapped": {}, "resampled": None, "outside_voxels": None})
+    return entries
 
 
 def _series_entries(plan: StudyPlan, choice: SeriesChoice | None, transforms: dict, failure: str | None) -> list[dict[str, Any]]:

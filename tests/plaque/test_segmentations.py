@@ -145,6 +145,8 @@ def test_given_nifti_and_seg_files_give_the_truths_measurements(carotid_archive,
     row = measure_study(study_of(carotid_archive.root, folder, **{SEGMENTATION_PATHS: name}), _settings(GivenSegmentations(segs)))
     assert row[C.STATUS] == "ok", row[C.ERROR_MESSAGE]
     assert row["segmentation_format"] == ("nifti" if uid == first else "dicom-seg")
+    outcomes = {e["path"]: e["outcome"] for e in json.loads(row["segmentation_objects"])}
+    assert outcomes[f"{folder}/SEG/seg.dcm"] == "unused"  # the study's own SEG: another source was asked
     truth = {r["study_instance_uid"]: r for r in pq.read_table(os.path.join(carotid_archive.root, "truth.parquet")).to_pylist()}[uid]
     for column in ("wall_volume_mm3", "lipid_core_volume_mm3", "stenosis_area_pct", "min_cap_thickness_mm"):
         assert row[column] == pytest.approx(truth[column], rel=1e-9), column

@@ -135,6 +135,8 @@ def test_a_visit_that_cannot_be_measured_is_an_error_row(carotid_archive, tmp_pa
     assert (row[C.STATUS], row[C.ERROR_REASON]) == ("error", reason)
     assert study_of(root, folder).study_instance_uid in row[C.ERROR_MESSAGE]
     assert len(json.loads(row["series"])) >= 4  # the series are accounted for whatever failed
+    segs = {f"{folder}/SEG/seg.dcm"} if os.path.exists(os.path.join(root, folder, "SEG")) else set()
+    assert {e["path"] for e in json.loads(row["segmentation_objects"])} == segs  # and so are the SEG objects
 
 
 def test_an_object_gone_since_its_header_was_read_is_a_read_error(carotid_archive, tmp_path):
