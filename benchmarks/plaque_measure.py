@@ -12,7 +12,10 @@
   (c) registration against the phantom's known motion (truth_motion.parquet): how far each
       transform puts the reference volume's centre from where the truth puts it.
 
-    python benchmarks/plaque_measure.py [--patients 8] [--seed 3] [--cpus N]
+    python benchmarks/plaque_measure.py [--patients 8] [--seed 3] [--cpus N] [--jobs both|on|off]
+
+(a)'s registration and (c) run on the first 20 visits (seconds each); ``--jobs off`` runs (b)
+only without registration (a larger archive in minutes).
 
 Prints a Markdown table for benchmarks/RESULTS.md.
 """
@@ -35,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from common import busy_share, cpu_by_role, cpu_times, machine, process_cpu  # noqa: E402
 
 from medhier.config import PlaqueConfig, RuntimeConfig, load_config  # noqa: E402
+from medhier.io.dicom import read_dataset  # noqa: E402
 from medhier.io.volume import read_series  # noqa: E402
 from medhier.io.seg import read_seg  # noqa: E402
 from medhier.plaque.measure import measure  # noqa: E402
@@ -51,29 +55,38 @@ def make_archive(workdir: str, patients: int, seed: int) -> str:
     return root
 
 
+REGISTRATION_SAMPLE = 20  # visits registered in (a) and (c)
+
+
 def per_visit(root: str) -> tuple[dict[str, list[float]], dict[str, list[float]], dict[str, list[float]]]:
     """(a) and (c): wall and CPU seconds per visit for each stage; registration error (mm) per sequence."""
     mapping = label_mapping(PlaqueConfig())
     truth = {r["series_instance_uid"]: np.array(r["matrix"]).reshape(4, 4) for r in pq.read_table(os.path.join(root, "truth_motion.parquet")).to_pylist()}
-    times: dict[str, list[float]] = {"assembly": [], "registration": [], "measurement": []}
+    times: dict[str, list[float]] = {"headers": [], "assembly": [], "registration": [], "measurement": []}
     cpu: dict[str, list[float]] = {k: [] for k in times}
     errors: dict[str, list[float]] = {seq: [] for seq in carotid.SEQUENCES if seq != carotid.REFERENCE}
-    for visit in sorted(glob.glob(os.path.join(root, "P*", "V*"))):
+    for n, visit in enumerate(sorted(glob.glob(os.path.join(root, "P*", "V*")))):
         files = [(p, open(p, "rb").read()) for p in sorted(glob.glob(os.path.join(visit, "*", "*.dcm"))) if "/SEG/" not in p]
         seg = open(os.path.join(visit, "SEG", "seg.dcm"), "rb").read()
+        t, c = time.perf_counter(), time.process_time()
+        for path, data in files + [("seg", seg)]:  # what the job's header pass does for each object
+            read_dataset(data, source=path, pixels=False)
+        times["headers"].append(time.perf_counter() - t)
+        cpu["headers"].append(time.process_time() - c)
         t, c = time.perf_counter(), time.process_time()
         volumes = {v.sources[0].split(os.sep)[-2]: v for v in read_series(files)}
         times["assembly"].append(time.perf_counter() - t)
         cpu["assembly"].append(time.process_time() - c)
         reference = volumes[carotid.REFERENCE]
         centre = np.append(np.asarray(reference.volume.center_position), 1.0)
-        t, c = time.perf_counter(), time.process_time()
-        transforms = {seq: register_rigid(reference.volume, volumes[seq].volume) for seq in errors}
-        times["registration"].append(time.perf_counter() - t)
-        cpu["registration"].append(time.process_time() - c)
-        for seq, transform in transforms.items():
-            expected = truth[volumes[seq].series_uid]
-            errors[seq].append(float(np.linalg.norm((transform.matrix @ centre - expected @ centre)[:3])))
+        if n < REGISTRATION_SAMPLE:
+            t, c = time.perf_counter(), time.process_time()
+            transforms = {seq: register_rigid(reference.volume, volumes[seq].volume) for seq in errors}
+            times["registration"].append(time.perf_counter() - t)
+            cpu["registration"].append(time.process_time() - c)
+            for seq, transform in transforms.items():
+                expected = truth[volumes[seq].series_uid]
+                errors[seq].append(float(np.linalg.norm((transform.matrix @ centre - expected @ centre)[:3])))
         t, c = time.perf_counter(), time.process_time()
         labels = read_seg(seg, reference, mapping)
         measure(labels.array, reference.spacing)
@@ -82,8 +95,8 @@ def per_visit(root: str) -> tuple[dict[str, list[float]], dict[str, list[float]]
     return times, cpu, errors
 
 
-def job(root: str, workdir: str, register: bool) -> tuple[float, float, int, float]:
-    """(b): one fresh run -> (whole run s, measuring pipeline s, visits, CPU s of the job's own processes)."""
+def job(root: str, workdir: str, register: bool) -> tuple[float, float, int, dict[str, float]]:
+    """(b): one fresh run -> (whole run s, measuring pipeline s, visits, CPU s of the job's own processes by role)."""
     from medhier.plaque.api import measure_archive  # after Ray is up
 
     out = os.path.join(workdir, f"out-{'reg' if register else 'noreg'}")
@@ -92,7 +105,7 @@ def job(root: str, workdir: str, register: bool) -> tuple[float, float, int, flo
     before = process_cpu()
     summary = measure_archive(cfg, root, out)
     roles = cpu_by_role(before, process_cpu(), os.getpid())
-    return summary.seconds, summary.measure_seconds, summary.visits, sum(v for k, v in roles.items() if k != "other")
+    return summary.seconds, summary.measure_seconds, summary.visits, {k: v for k, v in roles.items() if k != "other"}
 
 
 def main() -> None:
@@ -101,6 +114,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=3)
     parser.add_argument("--cpus", type=int, default=os.cpu_count() or 1, help="cores the job may use (Ray's logical CPUs)")
     parser.add_argument("--workdir", default="/tmp/medhier-bench-plaque")
+    parser.add_argument("--jobs", choices=["both", "on", "off"], default="both", help="(b) with registration on, off or both")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     root = make_archive(args.workdir, args.patients, args.seed)
@@ -109,7 +123,7 @@ def main() -> None:
     times, cpu, errors = per_visit(root)
     stage = {k: statistics.median(v) for k, v in times.items()}
     stage_cpu = {k: sum(v) / len(v) for k, v in cpu.items()}
-    with_reg = sum(stage.values())
+    with_reg = stage["assembly"] + stage["registration"] + stage["measurement"]
     without_reg = stage["assembly"] + stage["measurement"]
 
     from medhier.runtime import init_ray
@@ -117,7 +131,8 @@ def main() -> None:
     init_ray(RuntimeConfig(local_num_cpus=args.cpus, progress=False))
     job(root, args.workdir, register=False)  # warm-up: Ray's workers start and import once
     before = cpu_times()
-    runs = {register: job(root, args.workdir, register) for register in (True, False)}
+    which = {"both": (True, False), "on": (True,), "off": (False,)}[args.jobs]
+    runs = {register: job(root, args.workdir, register) for register in which}
     busy, _ = busy_share(before, cpu_times())
 
     print(f"\n{machine()} | {args.patients} phantom patients, {visits} visits, 4 MR series of 64 x 64 x 10 each | "
@@ -127,17 +142,20 @@ def main() -> None:
     for name, seconds in stage.items():
         print(f"| (a) one core: {name} (median {seconds * 1000:,.0f} ms wall, mean {stage_cpu[name] * 1000:,.0f} ms CPU "
               f"per visit) | {1 / seconds:,.2f} |")
-    print(f"| (a) one core: assembly + registration + measurement | {1 / with_reg:,.2f} |")
+    print(f"| (a) one core: assembly + registration + measurement (headers not included) | {1 / with_reg:,.2f} |")
     print(f"| (a) one core: assembly + measurement (plaque.register: false) | {1 / without_reg:,.2f} |")
-    for register, (whole, measuring, n, job_cpu) in runs.items():
+    for register, (whole, measuring, n, roles) in runs.items():
         label = "registration on" if register else "plaque.register: false"
         ideal = args.cpus / (with_reg if register else without_reg)
-        alone = sum(stage_cpu.values()) if register else stage_cpu["assembly"] + stage_cpu["measurement"]
+        alone = stage_cpu["assembly"] + stage_cpu["measurement"] + (stage_cpu["registration"] if register else 0.0)
+        job_cpu = sum(roles.values())
         print(f"| (b) Ray Data job, {label}: whole run {whole:,.1f} s / measuring pipeline {measuring:,.1f} s | "
               f"{n / whole:,.2f} / {n / measuring:,.2f} |")
         print(f"| (b) ideal: {args.cpus} cores x (a), {label} | {ideal:,.2f} |")
         print(f"| (b) CPU per visit, {label}: the job's processes {job_cpu / n:,.2f} s against (a)'s {alone:,.2f} s: "
               f"visits per CPU-second | {n / job_cpu:,.2f} / {1 / alone:,.2f} |")
+        shares = ", ".join(f"{role} {seconds / n:,.2f} s" for role, seconds in roles.items())
+        print(f"| (b) the job's CPU per visit by process, {label}: {shares} | |")
     print(f"\nThe machine's cores were busy {busy:.0%} of the time during (b) (every process on the VM, not only this one).")
     print("\nRegistration against the phantom's known motion: distance (mm) between where the transform and the truth put "
           "the reference volume's centre, median / largest over the visits; transforms past the job's plausibility "
