@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

@@ -24,7 +24,6 @@ from medhier.data.series import (
     read_study_keys,
     write_study_index,
 )
-from medhier.io import storage
 from medhier.io.dicom import patient_key
 from tests.io import series as S
 

@@ -15,7 +15,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pydicom
 import pytest
@@ -27,12 +26,11 @@ from medhier.config import StorageConfig
 from medhier.infer.ledger import Ledger
 from medhier.io import storage
 from medhier.io.seg import SegmentSpec, write_seg
-from medhier.io.volume import SEG_SOP_CLASSES
+from medhier.io.volume import SEG_SOP_CLASSES, volume_from_datasets
 from medhier.plaque import labels as L
 from medhier.plaque.api import LEDGER_KEY, measure_archive
 from medhier.plaque.measure import MEASUREMENTS
 from medhier.plaque.segmentations import ArchiveSegmentations
-from medhier.synthetic import carotid
 from tests.plaque.phantoms import cfg, copy_archive
 
 pytestmark = pytest.mark.ray
@@ -149,8 +147,7 @@ def real_archive(tmp_path_factory):
 def _ct_seg(real_archive: str, wall_radius: float) -> tuple[bytes, str, np.ndarray]:
     """A DICOM SEG on the real CT series: a lumen disc and a wall ring on slices 1-3."""
     datasets = [pydicom.dcmread(p) for p in sorted(Path(real_archive, "98892001", "CT5N").iterdir())]
-    from medhier.io.volume import volume_from_datasets  # the grid, as the job sees it
-    grid = volume_from_datasets(datasets)
+    grid = volume_from_datasets(datasets)  # the grid, as the job sees it
     z, y, x = np.indices(grid.shape)
     r = np.hypot(y - 7.5, x - 7.5)
     labels = np.where((r < wall_radius) & (z >= 1) & (z <= 3), L.WALL, 0)
