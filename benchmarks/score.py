@@ -1,9 +1,9 @@
 """Scoring throughput, side by side in one run on the same phantom archive:
 
-  (a) medhier end to end: `score_archive` (list, decode in CPU tasks, model actor, report);
+  (a) medhier end to end: `medhier score` (list, decode in CPU tasks, model actor, report);
   (b) the model-only ceiling on this machine: the same model, precision and batch on
       preprocessed tensors already in memory (eager bf16, compiled bf16 with inductor freezing,
-      and int8: static quantization compiled by inductor, medhier/int8.py);
+      and int8: static quantization compiled by inductor, medhier/infer/int8.py);
   (c) a naive sequential baseline, what a user would write from the seed's tutorial: per file
       pydicom.dcmread, min-max normalise, resize, fp32 model on a batch of one;
   (d) the storage: every file read once before the runs (this also puts an archive that fits
@@ -68,14 +68,16 @@ def end_to_end(archive: str, checkpoint: str, workdir: str, compile_: bool, batc
     """-> (images/s of the scoring stage, images/s of the whole run, whole-run seconds,
     images/s in the steady state after the model's first batch (its compilation))."""
     from medhier.runtime import init_ray, shutdown_ray
-    from medhier.infer.batch import SCORED_AT, report_table, score_archive
+    from medhier.classify.score import score
+    from medhier.columns import SCORED_AT
+    from medhier.infer.batch import report_table
 
     cfg = load_config(None, ["runtime.progress=false", f"score.batch_size={batch}", f"score.compile={'true' if compile_ else 'false'}",
                              f"score.precision={precision}"])
     init_ray(cfg.runtime)
     out = os.path.join(workdir, f"score-out-{time.time_ns()}")
     t = time.perf_counter()
-    summary = score_archive(cfg, archive, checkpoint, out)
+    summary = score(cfg, archive, checkpoint, out)
     seconds = time.perf_counter() - t
     ended_ms = time.time() * 1000.0
     shutdown_ray()
@@ -95,15 +97,18 @@ def model_ceiling(checkpoint: str, batch: int, size: int, compile_: bool, workdi
                   seconds: float = 20.0) -> float:
     """Images/s of the model alone on preprocessed uint8 tensors in memory, all cores. int8
     calibrates on random images (the rate does not depend on what it calibrated on)."""
-    from medhier.infer.batch import Scorer
+    from medhier.classify.task import CLASSIFY
+    from medhier.config import StorageConfig
+    from medhier.infer.actor import ActorSettings, Int8Settings, ModelActor
 
     torch.set_num_threads(os.cpu_count() or 1)
     images = np.random.default_rng(0).integers(0, 256, (2 * batch, size, size), dtype=np.uint8)
     int8 = None
     if precision == "int8":
-        int8 = {"images": os.path.join(workdir, "int8-ceiling.npz"), "min_agreement": 0.0}
-        np.savez(int8["images"], calibration=images, check=images[:0])
-    scorer = Scorer(checkpoint, {}, precision=precision, compile=compile_, batch_size=batch, threads=os.cpu_count() or 1, int8=int8)
+        int8 = Int8Settings(images=os.path.join(workdir, "int8-ceiling.npz"), report=os.path.join(workdir, "int8-ceiling"), min_agreement=0.0)
+        np.savez(int8.images, calibration=images, check=images[:0])
+    scorer = ModelActor(CLASSIFY, checkpoint, StorageConfig(), ActorSettings(precision=precision, compile=compile_, batch_size=batch,
+                                                                             threads=os.cpu_count() or 1), int8=int8)
     images = images[:batch]
     for _ in range(3):
         scorer.predict_images(images)
@@ -119,11 +124,12 @@ def naive(paths: list[str], checkpoint: str) -> float:
     import pydicom
     from PIL import Image
 
+    from medhier.classify.task import CLASSIFY
     from medhier.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the tutorial's .to(device)
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     model, size = loaded.model.eval().to(device), loaded.cfg.preprocess.image_size
     mean = torch.tensor(loaded.cfg.preprocess.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(loaded.cfg.preprocess.std, device=device).view(1, 3, 1, 1)
