@@ -399,7 +399,8 @@ class PlaqueConfig:
     # general (CE-T1w before T1w).
     sequences: dict[str, list[str]] = field(
         default_factory=lambda: {
-            "CE-T1w": ["*CE*T1*", "*T1*CE*", "*T1*POST*", "*POST*T1*", "*T1*GAD*", "*T1*+C*"],
+            # [-_ ] anchors "CE" as a word: "T1W ... SLICE" is no contrast-enhanced series
+            "CE-T1w": ["*CE[-_ ]T1*", "*T1*[-_ ]CE", "*T1*[-_ ]CE[-_ ]*", "*T1*POST*", "*POST*T1*", "*T1*GAD*", "*T1*+C*"],
             "T1w": ["*T1*"],
             "T2w": ["*T2*"],
             "TOF": ["*TOF*", "*MRA*"],

@@ -163,8 +163,6 @@ def measure_archive(cfg: Config, archive: str, output: str, *, segmentations: st
         if todo.num_rows:
             visit = VisitSettings(cfg.plaque, source, source.model_id, version, run_id, cfg.dicom.patient_salt)
             _measure(ledger, run_id, index, todo, settings, visit, summary, full)
-        for working in ("manifest", "studies"):  # the commit drops them too; a run with nothing to do must as well
-            storage.delete(storage.join(run_dir, working), cfg.storage)
         _write_visits(ledger, source.model_id, version, summary, cfg)
         summary.removed_runs = ledger.remove_dead_runs(keep=(run_id,))
         summary.seconds = time.perf_counter() - start
