@@ -83,6 +83,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from medhier.io.dicom import DicomRejected, read_dataset
+from medhier.io.rejection import Rejection
 from medhier.io.volume import SEG_SOP_CLASSES, SeriesVolume, stack_slices
 
 __all__ = [
@@ -110,15 +111,14 @@ TISSUE = codes.SCT.Tissue  # 85756007, category and type of a segment without a 
 FRACTIONAL_THRESHOLD = 0.5
 
 
-class SegRejected(Exception):
+class SegRejected(Rejection):
     """A segmentation that cannot be mapped onto the reference. ``reason``: a code from
     :data:`REASONS`; ``source``: the object's name."""
 
+    reasons = REASONS
+
     def __init__(self, reason: str, message: str, *, source: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(reason, message)
         self.source = source
 
 

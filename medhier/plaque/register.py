@@ -65,6 +65,8 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 
+from medhier.io.rejection import Rejection
+
 __all__ = [
     "REASONS",
     "RegistrationError",
@@ -88,14 +90,10 @@ Interpolation = Literal["linear", "nearest"]
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 
 
-class RegistrationError(ValueError):
+class RegistrationError(Rejection, ValueError):
     """A volume pair that cannot be registered or resampled. ``reason`` is a code from :data:`REASONS`."""
 
-    def __init__(self, reason: str, message: str):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+    reasons = REASONS
 
 
 @dataclass(frozen=True)
