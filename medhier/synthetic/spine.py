@@ -113,16 +113,7 @@ from medhier.io import storage
 from medhier.config import StorageConfig
 from medhier.io.dicom import patient_key
 from medhier.classify.taxonomy import Taxonomy
-from medhier.synthetic.writing import (
-    MANUFACTURER,
-    check_seed,
-    decimal_string,
-    derived_uid,
-    file_meta,
-    image_elements,
-    part10_bytes,
-    write_files,
-)
+from medhier.synthetic import writing
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -848,7 +839,7 @@ class Uids:
         unique per ``namespace`` (which should name everything that changes the pixels)."""
 
         def uid(*parts: object) -> str:
-            return derived_uid(namespace, patient_id, *parts)
+            return writing.derived_uid(namespace, patient_id, *parts)
 
         return cls(uid("study"), uid("series"), uid("frame-of-reference"), uid("sop", instance))
 
@@ -891,7 +882,7 @@ def dicom_bytes(
     spacing = FOV_MM / stored.shape[1] if pixel_spacing_mm is None else float(pixel_spacing_mm)
 
     ds = Dataset(dict(_constant_elements()))  # shared elements, never modified
-    ds.file_meta = file_meta(CTImageStorage, uids.sop)
+    ds.file_meta = writing.file_meta(CTImageStorage, uids.sop)
     ds.SOPInstanceUID = uids.sop
     ds.AccessionNumber = accession
     ds.PatientName = patient_name
@@ -909,7 +900,7 @@ def dicom_bytes(
     _set_geometry(ds, stored.shape, spacing, slice_location_mm)
     _set_display(ds, photometric, signed, multi_window)
     _set_pixels(ds, stored, transfer_syntax)
-    return part10_bytes(ds)
+    return writing.part10_bytes(ds)
 
 
 def _check_encoding(hu: np.ndarray, photometric: str, transfer_syntax: str, signed: bool, multi_window: bool) -> UID:
@@ -949,17 +940,17 @@ def _stored_values(hu: np.ndarray, *, inverted: bool, signed: bool) -> np.ndarra
 def _set_geometry(ds: Dataset, shape: tuple[int, int], spacing: float, slice_location_mm: float) -> None:
     """Sagittal geometry of a (rows, columns) image of ``spacing`` mm pixels."""
     rows, cols = shape
-    ds.ReconstructionDiameter = decimal_string(spacing * cols)
+    ds.ReconstructionDiameter = writing.decimal_string(spacing * cols)
     # Sagittal: rows run anterior -> posterior (+y in LPS), columns superior -> inferior (-z);
     # the position is the centre of the top-left pixel.
     ds.ImagePositionPatient = [
-        decimal_string(slice_location_mm),
-        decimal_string(-spacing * (cols - 1) / 2),
-        decimal_string(spacing * (rows - 1) / 2),
+        writing.decimal_string(slice_location_mm),
+        writing.decimal_string(-spacing * (cols - 1) / 2),
+        writing.decimal_string(spacing * (rows - 1) / 2),
     ]
-    ds.SliceLocation = decimal_string(slice_location_mm)
+    ds.SliceLocation = writing.decimal_string(slice_location_mm)
     ds.Rows, ds.Columns = rows, cols
-    ds.PixelSpacing = [decimal_string(spacing), decimal_string(spacing)]
+    ds.PixelSpacing = [writing.decimal_string(spacing), writing.decimal_string(spacing)]
 
 
 def _set_display(ds: Dataset, photometric: str, signed: bool, multi_window: bool) -> None:
@@ -969,11 +960,11 @@ def _set_display(ds: Dataset, photometric: str, signed: bool, multi_window: bool
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if signed else 0
     if multi_window:
-        ds.WindowCenter = [decimal_string(BONE_WINDOW[0]), decimal_string(SOFT_TISSUE_WINDOW[0])]
-        ds.WindowWidth = [decimal_string(BONE_WINDOW[1]), decimal_string(SOFT_TISSUE_WINDOW[1])]
+        ds.WindowCenter = [writing.decimal_string(BONE_WINDOW[0]), writing.decimal_string(SOFT_TISSUE_WINDOW[0])]
+        ds.WindowWidth = [writing.decimal_string(BONE_WINDOW[1]), writing.decimal_string(SOFT_TISSUE_WINDOW[1])]
         ds.WindowCenterWidthExplanation = ["BONE", "SOFT TISSUE"]
     else:
-        ds.WindowCenter, ds.WindowWidth = decimal_string(BONE_WINDOW[0]), decimal_string(BONE_WINDOW[1])
+        ds.WindowCenter, ds.WindowWidth = writing.decimal_string(BONE_WINDOW[0]), writing.decimal_string(BONE_WINDOW[1])
         ds.WindowCenterWidthExplanation = "BONE"
 
 
@@ -993,7 +984,7 @@ def _set_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: UID) -> None:
 def _constant_elements() -> dict:
     """The data elements every phantom shares, built once: setting them one by one through
     pydicom costs about as much as writing the whole file."""
-    ds = image_elements()
+    ds = writing.image_elements()
     # A sagittal slice is a multiplanar reformat of an axial acquisition.
     ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
     ds.SOPClassUID = CTImageStorage
@@ -1004,12 +995,12 @@ def _constant_elements() -> dict:
     ds.SeriesDescription = "SAG BONE"
     ds.ManufacturerModelName = "phantom-ct"
     ds.BodyPartExamined = "LSPINE"
-    ds.SliceThickness = decimal_string(_SLICE_THICKNESS_MM)
+    ds.SliceThickness = writing.decimal_string(_SLICE_THICKNESS_MM)
     ds.KVP = "120"
     ds.XRayTubeCurrent = 200
     ds.ConvolutionKernel = "BONE"
     ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
-    ds.RescaleIntercept = decimal_string(RESCALE_INTERCEPT)
+    ds.RescaleIntercept = writing.decimal_string(RESCALE_INTERCEPT)
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
     return {elem.tag: elem for elem in ds}
@@ -1214,7 +1205,7 @@ def generate_archive(
     root = storage.normalize(out)
     cfg = storage_cfg or StorageConfig()
     encoded = _encoded(specs, size, difficulty, int(workers))
-    sizes = write_files(root, ((spec.path, data) for spec, data in zip(specs, encoded)), cfg, "synth-write")
+    sizes = writing.write_files(root, ((spec.path, data) for spec, data in zip(specs, encoded)), cfg, "synth-write")
     # The manifest goes last: whoever sees labels.csv sees a complete archive.
     storage.write_bytes(storage.join(root, "labels.csv"), _labels_csv(specs, patient_salt), cfg)
     leaf_counts = Counter(s.leaf for s in specs)
@@ -1283,7 +1274,7 @@ def _taxonomy(taxonomy: Taxonomy | None) -> Taxonomy:
 def _check_archive_args(n, seed, size, difficulty, monochrome1_fraction, compressed_fraction) -> None:
     if int(n) != n or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
-    check_seed(seed)
+    writing.check_seed(seed)
     if int(size) != size or size < 32:
         raise ValueError(f"size must be an integer >= 32 pixels, got {size!r}")
     _check_difficulty(difficulty)
@@ -1300,7 +1291,7 @@ def add_broken_files(out: str, storage_cfg: StorageConfig | None = None, seed: i
     """Write files under ``out``/broken/ that medhier.dicom must reject, one per kind of damage
     seen in real archives. -> {path relative to ``out`` (with "broken/"): expected
     :data:`medhier.dicom.REASONS` code}. They are not listed in labels.csv."""
-    check_seed(seed)
+    writing.check_seed(seed)
     root = storage.normalize(out)
     phantom = render("normal/normal", np.random.default_rng([seed, 3]), size=64, difficulty=0.0)
     namespace = f"medhier-phantom-broken|seed={seed}"
@@ -1341,7 +1332,7 @@ def _encapsulated(hu: np.ndarray, tags: dict, syntax: str, fragment: bytes) -> b
     ds.PixelData = encapsulate([fragment])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
-    return part10_bytes(ds)
+    return writing.part10_bytes(ds)
 
 
 def _text_report(uids: Uids) -> bytes:
@@ -1356,7 +1347,7 @@ def _text_report(uids: Uids) -> bytes:
     ds.StudyDate = ds.ContentDate = _STUDY_DATE
     ds.StudyTime = ds.ContentTime = _STUDY_TIME
     ds.Modality = "SR"
-    ds.Manufacturer = MANUFACTURER
+    ds.Manufacturer = writing.MANUFACTURER
     ds.PatientName, ds.PatientID = "BROKEN^P0001", "BROKEN-0001"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uids.study, uids.series
     ds.SeriesNumber, ds.InstanceNumber = 2, 1
@@ -1374,4 +1365,4 @@ def _text_report(uids: Uids) -> bytes:
     finding.ConceptNameCodeSequence = [concept]
     finding.TextValue = "No acute fracture of the lumbar spine."
     ds.ContentSequence = [finding]
-    return part10_bytes(ds)
+    return writing.part10_bytes(ds)
