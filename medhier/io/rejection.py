@@ -27,3 +27,15 @@ class Rejection(Exception):
         super().__init__(f"{reason}: {message}")
         self.reason = reason
         self.message = message
+
+    def __reduce__(self):
+        # Exceptions pickle as (class, args): args is the one "reason: message" string, which the
+        # constructor cannot take back. Ray pickles an exception raised in a task to re-raise it.
+        return _rebuild, (type(self), self.reason, self.message, dict(self.__dict__))
+
+
+def _rebuild(cls: type[Rejection], reason: str, message: str, state: dict) -> Rejection:
+    rejection = cls.__new__(cls)
+    Exception.__init__(rejection, f"{reason}: {message}")
+    rejection.__dict__.update(state)
+    return rejection

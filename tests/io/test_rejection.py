@@ -37,3 +37,14 @@ def test_stage_specific_fields_stay():
     series = volume.SeriesRejected("missing_positions", "slice 5 missing", series_uid="1.2.3", sources=["a.dcm", "b.dcm"])
     assert (series.series_uid, series.sources) == ("1.2.3", ("a.dcm", "b.dcm"))
     assert seg.SegRejected("not_a_seg", "an SR", source="sr.dcm").source == "sr.dcm"
+
+
+@pytest.mark.parametrize("cls,table,reason,also", CASES, ids=IDS)
+def test_a_rejection_survives_pickling_as_ray_moves_it_out_of_a_task(cls, table, reason, also):
+    import pickle
+
+    kwargs = {volume.SeriesRejected: {"series_uid": "1.2.3", "sources": ["a.dcm"]}, seg.SegRejected: {"source": "s.dcm"}}.get(cls, {})
+    exc = cls(reason, "IM0006.dcm: half the pixel data is missing", **kwargs)
+    back = pickle.loads(pickle.dumps(exc))
+    assert type(back) is cls and (back.reason, back.message, str(back)) == (exc.reason, exc.message, str(exc))
+    assert {k: getattr(back, k) for k in kwargs} == {k: getattr(exc, k) for k in kwargs}
