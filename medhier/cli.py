@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
     _common(p)
 
+    p = sub.add_parser("export", help="the model as an ONNX file, checked against PyTorch with onnxruntime first")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
+    p.add_argument("--output", required=True, help="the file to write (local path or s3:// URI)")
+    p.add_argument("--samples", default="", help="archive whose first DICOMs check the file (default: phantom CT slices)")
+    p.add_argument("--n-samples", type=int, default=32, help="images the check runs on")
+    _common(p)
+
     p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
     p.add_argument("--workdir", default="medhier-demo", help="where the archive and outputs go")
     _common(p)
@@ -227,6 +235,16 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import export  # heavy (torch, onnx): only when this command runs
+    from medhier.runtime import set_verbosity
+
+    set_verbosity(args.verbose)
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    print(export(cfg, args.checkpoint, args.output, fmt=args.format, samples=args.samples, n_samples=args.n_samples).table())
+    return 0
+
+
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.demo import demo_config, run_demo  # heavy (torch, Ray): only when this command runs
 
@@ -235,7 +253,8 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 _COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score,
-             "explain": _explain, "serve": _serve, "demo": _demo}
+             "explain": _explain, "serve": _serve, "export": _export,
+             "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover
