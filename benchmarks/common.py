@@ -53,7 +53,7 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
     if not os.path.exists(os.path.join(path, "model.pt")):
         cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
         torch.manual_seed(0)
-        save_checkpoint(path, CLASSIFY.build_model(cfg).eval(), cfg, CLASSIFY, epoch=0)
+        save_checkpoint(path, CLASSIFY.build_model(cfg), cfg, CLASSIFY, epoch=0)
     return path
 
 

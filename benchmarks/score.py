@@ -1,9 +1,9 @@
 """Scoring throughput, side by side in one run on the same phantom archive:
 
-  (a) medhier end to end: `score_archive` (list, decode in CPU tasks, model actor, report);
+  (a) medhier end to end: `medhier score` (list, decode in CPU tasks, model actor, report);
   (b) the model-only ceiling on this machine: the same model, precision and batch on
       preprocessed tensors already in memory (eager bf16, compiled bf16 with inductor freezing,
-      and int8: static quantization compiled by inductor, medhier/int8.py);
+      and int8: static quantization compiled by inductor, medhier/infer/int8.py);
   (c) a naive sequential baseline, what a user would write from the seed's tutorial: per file
       pydicom.dcmread, min-max normalise, resize, fp32 model on a batch of one;
   (d) the storage: every file read once before the runs (this also puts an archive that fits
@@ -140,6 +140,7 @@ def naive(paths: list[str], checkpoint: str) -> float:
     import pydicom
     from PIL import Image
 
+    from medhier.classify.task import CLASSIFY
     from medhier.train.checkpoint import load_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)

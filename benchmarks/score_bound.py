@@ -41,12 +41,10 @@ BATCH = 32
 
 def _decode_one(path: str, cfg, image_size: int) -> np.ndarray:
     """One file -> the (S, S) uint8 image a decode task makes of it (first frame)."""
-    from medhier.io.dicom import decode
-    from medhier.classify.presets import resize_image, to_uint8
+    from medhier.io.image import decode_images
 
     with open(path, "rb") as f:
-        pixels = decode(f.read(), cfg.dicom).pixels[0]
-    return to_uint8(resize_image(pixels, image_size, cfg.preprocess.resize))
+        return decode_images(f.read(), cfg.dicom, image_size, cfg.preprocess.resize)[1][0]
 
 
 def _decoder(checkpoint: str, paths: list[str], image_size: int, queue, consumers: int) -> None:
