@@ -34,6 +34,7 @@ Prints a Markdown table for benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import calendar
 import json
 import os
 import shutil
@@ -178,8 +179,14 @@ def scoring_process(archive: str, checkpoint: str, output: str, overrides: list[
     table = report_table(output, columns=[C.RUN_ID, C.SCORED_AT]).to_pandas()
     stamps = table[table[C.RUN_ID] == summary["run_id"]][C.SCORED_AT]
     first = stamps.min().timestamp()
+    # Where the start-up went: the run id is stamped (to the second) when score_archive has loaded
+    # the checkpoint, after Python's imports and Ray's start; the actor writes its report when its
+    # model is ready.
+    run_started = calendar.timegm(time.strptime(summary["run_id"].split("-")[0], "%Y%m%dT%H%M%SZ"))
+    actor_ready = max((p.stat().st_mtime for p in Path(output, "runs", summary["run_id"], "actors").glob("*.json")), default=float("nan"))
     return {"wall_s": wall, "start_s": first - started, "summary": summary, "images": summary["images_ok"],
-            "images_per_s": summary["images_ok"] / wall}
+            "images_per_s": summary["images_ok"] / wall,
+            "phases": (run_started - started, actor_ready - run_started, first - actor_ready, summary["compiled_model"].get("start_s", 0.0))}
 
 
 def link_into(source: str, target: str, folder: str) -> None:
@@ -235,6 +242,10 @@ def increment(args: argparse.Namespace, checkpoint: str) -> None:
           f"{cold['wall_s'] / warm['wall_s']:.1f}x faster than the same increment cold")
     print(f"scoring stage of the second run (score_archive's own clock: listing to commit): {warm['summary']['seconds']:.1f} s, "
           f"{warm['summary']['images_per_s']:.1f} images/s in the pipeline")
+    for name, run in (("second run (warm)", warm), ("cold run", cold)):
+        imports, to_actor, to_batch, actor = run["phases"]
+        print(f"{name} start-up: process start to the run's start (imports, Ray's start, the checkpoint) {imports:.1f} s; to the model actor ready "
+              f"{to_actor:.1f} s (listing, todo, pipeline start; the actor itself {actor:.1f} s); to the first scored batch {to_batch:.1f} s")
 
 
 def main() -> None:
