@@ -112,6 +112,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--full", action="store_true", help="measure every visit again, not only new or changed ones")
     _common(q)
 
+    p = sub.add_parser("export", help="the model as an ONNX file, checked against PyTorch with onnxruntime first")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
+    p.add_argument("--output", required=True, help="the file to write (local path or s3:// URI)")
+    p.add_argument("--samples", default="", help="archive whose first DICOMs check the file (default: phantom CT slices)")
+    p.add_argument("--n-samples", type=int, default=32, help="images the check runs on")
+    _common(p)
+
     p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
     p.add_argument("--workdir", default="medhier-demo", help="where the archive and outputs go")
     _common(p)
@@ -274,6 +282,16 @@ def _plaque_measure(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import export  # heavy (torch, onnx): only when this command runs
+    from medhier.runtime import set_verbosity
+
+    set_verbosity(args.verbose)
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    print(export(cfg, args.checkpoint, args.output, fmt=args.format, samples=args.samples, n_samples=args.n_samples).table())
+    return 0
+
+
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.demo import demo_config, run_demo  # heavy (torch, Ray): only when this command runs
 
@@ -282,7 +300,7 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 _COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score,
-             "explain": _explain, "serve": _serve, "plaque": _plaque, "demo": _demo}
+             "explain": _explain, "serve": _serve, "export": _export, "plaque": _plaque, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover
