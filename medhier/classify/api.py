@@ -48,12 +48,13 @@ from medhier.config import Config
 from medhier.data.cache import PrepareSummary
 from medhier.data.cache import prepare as prepare_cache
 from medhier.data.splits import split_key
+from medhier.infer.export import ExportResult, export_checkpoint
 from medhier.io import storage
 from medhier.train import tune as train_tune
 from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
 from medhier.train.loop import train_on_cache
 
-__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "evaluate_predictions", "finish_best", "fit", "prepare", "tune"]
+__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "evaluate_predictions", "export", "finish_best", "fit", "prepare", "tune"]
 
 
 def prepare(cfg: Config, archive: str, cache: str, labels: str = "", force: bool = False) -> PrepareSummary:
@@ -210,3 +211,10 @@ def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool 
     best = storage.join(output, "best")
     finish_best(config_for_checkpoint(cfg, load_checkpoint(best, CLASSIFY, cfg.storage)), best, cache, output)
     return summary
+
+
+def export(cfg: Config, checkpoint: str, output: str, fmt: str = "onnx", samples: str = "", n_samples: int = 32) -> ExportResult:
+    """``medhier export``: the checkpoint as an ONNX file at ``output`` (medhier/classify/export.py
+    says what the file holds), checked against PyTorch with onnxruntime on ``n_samples`` images
+    from the archive ``samples`` ("" for phantoms) before it is written. No Ray needed."""
+    return export_checkpoint(cfg, checkpoint, output, CLASSIFY, samples=samples, n_samples=n_samples, fmt=fmt)
