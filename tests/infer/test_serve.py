@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import torch
 
 from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.classify.taxonomy import Taxonomy
@@ -18,7 +19,7 @@ from medhier.config import load_config
 from medhier.infer.actor import ActorSettings, ModelActor
 from medhier.io.image import decode_images
 from medhier.synthetic import spine as synthetic
-from medhier.train.checkpoint import load_checkpoint
+from medhier.train.checkpoint import amend_checkpoint, load_checkpoint
 from tests.fitted import fitted_checkpoint
 
 pytestmark = pytest.mark.ray
@@ -35,8 +36,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_checkpoint(directory: str, root: str) -> str:
-    return fitted_checkpoint(directory, load_config(SMOKE), root, seed=0, steps=8, epoch=3)
+TEMPERATURES = {"main": 1.8, "sub": 0.6}  # far from 1: calibrated answers differ visibly from the model's own
+
+
+def _make_checkpoint(directory: str, root: str, files: list[str]) -> str:
+    """The fitted checkpoint, calibrated and with a referral threshold as ``medhier train``
+    leaves every checkpoint: the median calibrated leaf probability of ``files[:4]``, so that
+    two of them are referred and two not."""
+    fitted_checkpoint(directory, load_config(SMOKE), root, seed=0, steps=8, epoch=3)
+    amend_checkpoint(directory, task_meta={"temperatures": TEMPERATURES})
+    loaded = load_checkpoint(directory, CLASSIFY)
+    images = [decode_images(Path(root, path).read_bytes(), loaded.cfg.dicom, loaded.cfg.preprocess.image_size)[1][0] for path in files[:4]]
+    out = ModelActor(CLASSIFY, directory, loaded.cfg.storage, ActorSettings(precision="fp32")).predict_images(np.stack(images))
+    leaf_prob = out["p_leaf"][np.arange(4), out["pred_leaf"]]
+    amend_checkpoint(directory, defaults={"score": {"refer_below": float(np.median(leaf_prob))}})
+    return directory
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +64,7 @@ def archive(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, archive):
-    return _make_checkpoint(str(tmp_path_factory.mktemp("serve-ckpt")), archive[0])
+    return _make_checkpoint(str(tmp_path_factory.mktemp("serve-ckpt")), archive[0], archive[1])
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +83,20 @@ def expected(archive, checkpoint):
 
 
 @pytest.fixture(scope="module")
-def url(ray_session, checkpoint):
+def scored(archive, checkpoint, ray_session, tmp_path_factory):
+    """The archive scored as ``medhier score --sr`` scores it -> the output folder. Scored before
+    the endpoint starts (``url`` asks for this): a scoring run's model actor takes every CPU of
+    the local Ray but one (``medhier.infer.actor.actor_resources`` sizes it from the cluster's
+    total), so with the endpoint's replica holding that one the decode tasks never start."""
+    from medhier.classify.score import score
+
+    out = str(tmp_path_factory.mktemp("serve-scores") / "scores")
+    score(load_config(SMOKE, ["runtime.progress=false", "score.precision=fp32"]), archive[0], checkpoint, out, sr=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, checkpoint, scored):
     from ray import serve
 
     from medhier.infer.serve import run, shutdown
@@ -114,27 +141,44 @@ def test_a_phantom_is_answered_as_the_scorer_answers_it(url, archive, checkpoint
     assert 0 < body["timing_ms"]["decode"] <= body["timing_ms"]["total"]
 
 
-def test_one_image_gets_one_p_sub_given_main_in_the_report_the_sr_and_the_endpoint(url, archive, checkpoint, ray_session, tmp_path):
+def test_one_image_gets_one_p_sub_given_main_in_the_report_the_sr_and_the_endpoint(url, archive, checkpoint, scored):
     """P(sub | main) is the model's own conditional output, the same number wherever it is read
-    (medhier 0.1 divided in the report, clamped in the SR and answered 0 in serve)."""
-    from medhier.classify.score import score
+    (medhier 0.1 divided in the report, clamped in the SR and answered 0 in serve); with the
+    checkpoint's temperatures applied once for all three, and one referral decision."""
+    from medhier.classify.calibration import Temperatures, temper
+    from medhier.classify.presets import eval_preset
     from medhier.classify.sr import read_sr
     from medhier.infer.batch import report_table
 
     root, files, _ = archive
-    out = str(tmp_path / "scores")
-    score(load_config(SMOKE, ["runtime.progress=false", "score.precision=fp32"]), root, checkpoint, out, sr=True)
+    out = scored
     rows = {r["path"]: r for r in report_table(out).to_pylist() if r["status"] == "ok"}
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
+    tax, threshold = taxonomy_of(loaded), loaded.defaults["score"]["refer_below"]
     for path in files[:4]:
         row = rows[path]
         served = _post(url, Path(root, path).read_bytes()).json()
         in_sr = read_sr(Path(out, row["sr_path"]).read_bytes())
         assert row["sub_label"] == served["sub_label"] == in_sr["sub_label"]
-        assert row["sub_prob"] == pytest.approx(served["sub_prob"], abs=1e-6)
+        # The endpoint runs the model on other batches than scoring (float32 sums differ in the
+        # last bits: 1e-6 was seen); the SR is written from the report's own row.
+        assert row["sub_prob"] == pytest.approx(served["sub_prob"], abs=1e-5)
         assert row["sub_prob"] == pytest.approx(in_sr["sub_prob"], abs=1e-6)
-        assert row["leaf_prob"] == pytest.approx(served["leaf_prob"], abs=1e-6)
+        assert row["leaf_prob"] == pytest.approx(served["leaf_prob"], abs=1e-5)
         assert row["leaf_prob"] == pytest.approx(in_sr["leaf_prob"], abs=1e-6)
         assert 0 < row["sub_prob"] <= 1
+        # calibrated: the model's own outputs with the checkpoint's temperatures, computed here
+        _, (image,) = decode_images(Path(root, path).read_bytes(), loaded.cfg.dicom, loaded.cfg.preprocess.image_size)
+        with torch.no_grad():
+            own = loaded.model(eval_preset(loaded.cfg.preprocess)(torch.from_numpy(image)[None]))
+        _, log_p_sub, log_p_leaf = temper(own.log_p_main, own.log_p_sub, Temperatures(**TEMPERATURES), tax)
+        leaf = tax.leaf_names.index(row["leaf_label"])
+        assert row["leaf_prob"] == pytest.approx(float(log_p_leaf[0, leaf].exp()), abs=1e-5)
+        assert row["sub_prob"] == pytest.approx(float(log_p_sub[0, leaf].exp()), abs=1e-5)
+        assert row["leaf_prob"] != pytest.approx(float(own.log_p_leaf[0, leaf].exp()), abs=1e-3)
+        # one referral: the checkpoint's threshold, in all three
+        assert row["refer"] is served["refer"] is in_sr["refer"] is (row["leaf_prob"] < threshold)
+    assert {rows[path]["refer"] for path in files[:4]} == {True, False}
 
 
 def test_multipart_upload_and_raw_body_give_the_same_answer(url, archive):
