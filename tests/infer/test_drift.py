@@ -90,3 +90,40 @@ def test_no_profile_no_drift():
 def test_a_profile_needs_the_feature_columns():
     with pytest.raises(ValueError, match="manufacturer"):
         reference_profile(_rows(10, 0).drop_columns([C.MANUFACTURER]))
+
+
+# -- a scoring run against a trained checkpoint's profile -------------------------------------
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_on_another_scanner_geometry_warns_about_pixel_spacing(finished_run, tmp_path):
+    """The checkpoint was trained on 64 px phantoms (2.19 mm pixels); an archive of 96 px ones
+    (1.46 mm) resized to the same input is the same anatomy at another spacing."""
+    import json
+    from pathlib import Path
+
+    from medhier.classify.score import score
+    from medhier.config import load_config
+    from medhier.infer.batch import report_table
+    from medhier.synthetic import spine as synthetic
+    from medhier.train.checkpoint import load_checkpoint
+    from medhier.classify.task import CLASSIFY
+
+    archive = str(tmp_path / "finer")
+    synthetic.generate_archive(archive, 30, seed=8, size=96, difficulty=0.1)
+    cfg = load_config(None, ["runtime.progress=false", "score.drift_min_images=20"])
+    out = str(tmp_path / "scores")
+    summary = score(cfg, archive, finished_run.best, out)
+    drift = summary.drift
+    assert drift["images"] == 30 and drift["reference_images"] == load_checkpoint(finished_run.best, CLASSIFY).profile["images"]
+    assert drift["psi"][C.PIXEL_SPACING] > 1.0
+    assert max(drift["psi"][k] for k in (C.MODALITY, C.BODY_PART, C.MANUFACTURER)) < 0.1
+    assert any(w.startswith(f"{C.PIXEL_SPACING}: PSI") for w in drift["warnings"])
+    assert json.loads(Path(out, "summary.json").read_text())["drift"]["psi"] == drift["psi"]
+    assert "WARNING pixel_spacing" in summary.table()
+    # the report carries the features drift was computed from, and the referral
+    report = report_table(out).to_pylist()
+    assert {round(r[C.PIXEL_SPACING], 4) for r in report} == {round(synthetic.FOV_MM / 96, 4)}
+    threshold = load_checkpoint(finished_run.best, CLASSIFY).defaults["score"]["refer_below"]
+    assert all(r["refer"] == (r["leaf_prob"] < threshold) for r in report)
