@@ -33,6 +33,7 @@ __all__ = [
     "ServeConfig",
     "StorageConfig",
     "TaxonomyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "WINDOW_PRESETS",
@@ -440,6 +441,24 @@ class PlaqueConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking with MLflow (the optional extra ``medhier[tracking]``); off unless
+    ``uri`` is set. See medhier.train.tracking."""
+
+    # empty: off; http(s)://host:port (an MLflow server); sqlite:///path.db; or a local folder
+    # (e.g. mlruns: an SQLite store mlruns/mlflow.db with artifacts in mlruns/artifacts)
+    uri: str = ""
+    experiment: str = "medhier"  # MLflow experiment the runs go to (created when missing)
+
+    def validate(self, name: str) -> None:
+        scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
+        if scheme and scheme not in ("http", "https", "sqlite", "file"):
+            raise ConfigError(f"{name}.uri: {self.uri!r}: expected http(s)://host:port, sqlite:///path or a local folder")
+        if not self.experiment.strip():
+            raise ConfigError(f"{name}.experiment: must not be empty")
+
+
+@dataclass
 class RuntimeConfig:
     """How medhier talks to Ray."""
 
@@ -468,6 +487,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     plaque: PlaqueConfig = field(default_factory=PlaqueConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).
