@@ -1,8 +1,10 @@
 """``medhier`` command line: one subcommand per library entry point.
 
 Every subcommand takes ``--config FILE`` and trailing ``section.key=value`` overrides, and
-``--verbose`` for Ray's and medhier's INFO logs. Errors a user can cause print one line naming
-the input and exit with status 2.
+``--verbose`` for Ray's and medhier's INFO logs (without it, Ray's own noise is kept off the
+console: medhier.console). Errors a user can cause print one line naming the input and exit
+with status 2. SIGTERM and Ctrl-C (medhier.stopping) print one line, what was committed and the
+command that continues, stop Ray, and exit with 143 and 130.
 """
 
 from __future__ import annotations
@@ -10,12 +12,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
+from medhier import console, stopping
 from medhier.classify.taxonomy import TaxonomyError
 from medhier.config import Config, ConfigError, load_config
 from medhier.io import storage
+from medhier.stopping import Stopped
 
 __all__ = ["main"]
 
@@ -102,13 +107,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    stopping.install()
+    if not args.verbose:
+        console.hide_ray_noise()
     try:
         cfg = load_config(args.config or None, args.overrides)
         return _COMMANDS[args.command](args, cfg)
     except (ConfigError, TaxonomyError, FileNotFoundError, ValueError) as exc:
         print(f"medhier {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except Stopped as stop:
+        again = argv + (["--resume"] if args.command == "tune" and not args.resume else [])
+        print(f"medhier {args.command}: stopped by {stop.name}. Committed: {stop.committed or 'nothing'}. "
+              f"To continue, re-run: {shlex.join(['medhier', *again])}", file=sys.stderr, flush=True)
+        if "ray" in sys.modules:  # Ray was started: stop it and every process it started
+            from medhier.runtime import shutdown_ray  # already loaded with Ray
+
+            shutdown_ray()
+        return stop.exit_code
+    finally:
+        console.restore_output()
+        stopping.uninstall()
 
 
 # Each command imports the library it calls when it runs: torch and Ray take seconds to import,
@@ -121,9 +142,13 @@ def _synth(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.synthetic import spine
 
     set_verbosity(args.verbose)
-    summary = spine.generate_archive(args.out, args.n, seed=args.seed, size=args.size, difficulty=args.difficulty,
-                                     taxonomy=Taxonomy.from_config(cfg.taxonomy), storage_cfg=cfg.storage,
-                                     patient_salt=cfg.dicom.patient_salt, workers=args.workers)
+    try:
+        summary = spine.generate_archive(args.out, args.n, seed=args.seed, size=args.size, difficulty=args.difficulty,
+                                         taxonomy=Taxonomy.from_config(cfg.taxonomy), storage_cfg=cfg.storage,
+                                         patient_salt=cfg.dicom.patient_salt, workers=args.workers)
+    except Stopped as stop:
+        stop.note(f"part of the archive at {args.out} (a re-run writes it again)")
+        raise
     print(summary.table())
     if args.broken:
         broken = spine.add_broken_files(args.out, cfg.storage, seed=args.seed)

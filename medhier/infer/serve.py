@@ -45,6 +45,7 @@ from medhier.io import storage
 from medhier.io.dicom import DicomRejected
 from medhier.io.image import decode_images
 from medhier.runtime import init_ray, verbose
+from medhier.stopping import Stopped
 from medhier.train.checkpoint import CHECKPOINT_FILE, config_for_checkpoint
 
 __all__ = ["Endpoint", "ServeTask", "base_url", "build_app", "run", "shutdown"]
@@ -345,8 +346,11 @@ def run(cfg: Config, checkpoint: str, task: ServeTask, *, blocking: bool = True,
         try:
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # Ctrl-C where medhier's stop signals are not installed (a library caller)
             pass
+        except Stopped as stop:
+            stop.note(f"nothing to commit: the endpoint at {url} answered until the signal and is down")
+            raise
         finally:
             shutdown(name, cfg.serve)
     return url
