@@ -201,7 +201,9 @@ def test_a_crashed_run_leaves_nothing_and_the_next_run_completes(archive, checkp
     done = score(_cfg(), root, checkpoint, out)
     assert done.files == N + len(broken)
     assert _rows_per_file(out) == Counter({p: 1 for p in _listed(root)})
-    assert done.removed_runs == []  # the crashed run's heartbeat is fresh: it may still be running
+    # the crashed run's block ended with its error: it is dead at once (its heartbeat is gone), its
+    # folder goes after the commit, and nothing of it was adopted (it ran with other batch sizes)
+    assert len(done.removed_runs) == 1 and done.adopted == 0
 
 
 def test_a_commit_keeps_no_second_copy_and_dead_runs_do_not_pile_up(archive, checkpoint, ray_session, tmp_path):
@@ -313,7 +315,7 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
     batch = {
         C.PATH: strings("a.dcm", "broken.dcm"), C.SIZE: np.array([10, 3]), C.ETAG: strings("", ""), C.MTIME: np.array([1.0, 2.0]),
         C.SOP_INSTANCE_UID: strings("1.2.3", ""), C.STUDY_INSTANCE_UID: strings("1.2", ""), C.SERIES_INSTANCE_UID: strings("1.2.4", ""),
-        C.FRAME: np.array([0, -1]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
+        C.FRAME: np.array([0, -1]), C.NUM_FRAMES: np.array([1, 0]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
         C.STATUS: strings("ok", "error"), C.REASON: strings("", "truncated"), C.ERROR: strings("", "broken.dcm: truncated"),
         C.IMAGE: strings(np.full((size, size), 128, np.uint8).tobytes(), b""),
     }
