@@ -68,3 +68,53 @@ def ray_session():
     init_ray(RuntimeConfig(local_num_cpus=8, progress=False))
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts served through it),
+    shared by the session and stopped by its own process id -> its URL."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    pytest.importorskip("mlflow", reason="MLflow is the optional extra medhier[tracking] ('.[dev]' installs it)")
+    from tests.processes import descendants, gone_after
+
+    root = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{_free_port()}"
+    host, port = url[len("http://"):].split(":")
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", host, "--port", port, "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+        # no background job runner: tracking needs none, and it outlives a stopped server
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    deadline = time.monotonic() + 240
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.returncode}: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=5).ok:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            server.kill()
+            raise TimeoutError(f"mlflow server did not answer in 240 s: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    children = descendants(server.pid)
+    yield url
+    server.terminate()  # mlflow forwards it to its uvicorn process and exits with it
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    for pid in gone_after(children, timeout=10):
+        os.kill(pid, 9)
+    log.close()

@@ -415,9 +415,12 @@ def _checkpoint_names(output: str, cfg: Config) -> list[str]:
 
 
 def _newest_checkpoint_epoch(output: str, cfg: Config) -> int | None:
-    """The epoch of the newest stored checkpoint (by its name, without loading it), or None."""
-    names = _checkpoint_names(output, cfg)
-    return int(_CHECKPOINT_DIR.match(names[0]).group(1)) if names else None
+    """The epoch of the newest stored checkpoint (by its name and weights file, without loading
+    it), or None."""
+    for name in _checkpoint_names(output, cfg):
+        if storage.exists(storage.join(output, "train", name, CHECKPOINT_FILE), cfg.storage):
+            return int(_CHECKPOINT_DIR.match(name).group(1))
+    return None
 
 
 def _newest_checkpoint(output: str, cfg: Config) -> dict[str, Any]:

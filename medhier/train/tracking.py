@@ -67,7 +67,6 @@ def resolve_uri(cfg: TrackingConfig) -> str:
     if uri.startswith("sqlite:///"):
         return "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
     folder = os.path.abspath(uri[len("file://"):] if uri.startswith("file://") else uri)
-    os.makedirs(folder, exist_ok=True)
     return f"sqlite:///{folder}/mlflow.db"
 
 
@@ -78,6 +77,8 @@ def _client(uri: str):
         raise ConfigError("tracking.uri is set but MLflow is not installed: pip install 'medhier[tracking]' "
                           "(or leave tracking.uri empty)") from None
     if uri not in _CLIENTS:
+        if uri.startswith("sqlite:///"):  # a local store: its folder is made on first use
+            os.makedirs(os.path.dirname(uri[len("sqlite:///"):]), exist_ok=True)
         _CLIENTS[uri] = MlflowClient(tracking_uri=uri)
     return _CLIENTS[uri]
 
