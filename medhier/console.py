@@ -46,6 +46,10 @@ NOISE: tuple[Noise, ...] = (
     Noise(r"^\S+\.py:\d+: \w*DeprecationWarning: ", "a deprecation inside Ray or a library, not in medhier's calls", then=1),
     Noise(r"Progress bars disabled\. To enable, set", "medhier turns Ray Data's bars off inside training (epoch lines replace them)"),
     Noise(r"Dataset \S+ execution finished in [\d.]+ seconds", "Ray Data's per-pass note from inside training workers"),
+    Noise(r"Detected that the Ray Train controller actor \(\w+\) is dead\. Cleaning up placement group",
+          "Ray Train's cleaner releasing the resources of a training that ended (its controller exits with it)"),
+    Noise(r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
+          "a search's trial drivers reserve 0.1 CPU each (they mostly wait), so Ray starts more workers than cores"),
     Noise(r"generated new fontManager", "matplotlib built its font cache (once per machine)"),
     Noise(r"Matplotlib is building the font cache", "matplotlib building its font cache (once per machine)"),
 )

@@ -26,6 +26,10 @@ RAY_NOISE = [
     "\x1b[36m(RayTrainWorker pid=30937)\x1b[0m x\x1b[32m [repeated 2x across cluster] (Ray deduplicates logs by default. "
     "Set RAY_DEDUP_LOGS=0 to disable log deduplication)\x1b[0m",
     "\x1b[36m(RayTrainWorker pid=1)\x1b[0m matplotlib.font_manager INFO: generated new fontManager",
+    "\x1b[36m(PlacementGroupCleaner pid=27981)\x1b[0m Detected that the Ray Train controller actor (e185adcb) is dead. "
+    "Cleaning up placement group = [PlacementGroupID(738bcf7b)] created by this run.",
+    "\x1b[33m(raylet)\x1b[0m WARNING: 20 PYTHON worker processes have been started on node: a229ef with address: 192.0.2.2, "
+    "which is 10x the maximum expected startup concurrency (2).",
 ]
 # Lines that must still show.
 MEANINGFUL = [

@@ -15,8 +15,8 @@ Output layout::
     OUTPUT/config.yaml    the resolved config
     OUTPUT/tracking.json  the MLflow run of this output, when tracking.uri is set (medhier.train.tracking)
 
-The driver prints one line per epoch (medhier.train.progress); rank 0 logs each checkpointed
-epoch to MLflow when tracking is on. A stop signal (medhier.stopping) ends the run where it is:
+The driver prints one line per epoch (medhier.train.progress); rank 0 logs each epoch to MLflow
+when tracking is on. A stop signal (medhier.stopping) ends the run where it is:
 the checkpoints written so far are what a re-run resumes from.
 """
 
@@ -382,6 +382,9 @@ def _report(ctx: TrainContext, record: dict[str, Any], val_metrics: dict[str, An
             if improved:
                 _copy_best(tmp, ctx.output, ctx.cfg)
             storage.write_text(storage.join(ctx.output, "history.json"), json.dumps(ctx.state.history, indent=2, default=str), ctx.cfg.storage)
+            # before report: Tune may end a trial as soon as its last report is in (a worker that
+            # dies between the two logs that epoch again when it is run again)
+            tracking.log_epoch(ctx.mlflow_run, record)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(
             # undefined metrics (an AUC without both classes) as NaN: Tune needs every key, always
@@ -389,8 +392,6 @@ def _report(ctx: TrainContext, record: dict[str, Any], val_metrics: dict[str, An
             checkpoint=checkpoint,
             checkpoint_dir_name=f"checkpoint_epoch{record['epoch']:04d}",
         )
-        if rank_zero():  # after report: the epoch's checkpoint is stored, so it is never logged twice
-            tracking.log_epoch(ctx.mlflow_run, record)
 
 
 def _copy_best(local_dir: str, output: str, cfg: Config) -> None:

@@ -3,7 +3,7 @@ the harness itself (Ray Train V2 has no MLflow callback). Off unless ``tracking.
 needs the optional extra ``medhier[tracking]``.
 
     driver   start_run: resolved config as params, tags (task, output) ─▶ OUTPUT/tracking.json
-    rank 0   log_epoch after each checkpointed epoch: the epoch's metrics at step = epoch
+    rank 0   log_epoch after each epoch: the epoch's metrics at step = epoch
     driver   end_run: config.yaml, history.json, the model id of best/ as a tag; status
     task     log_results: what the task made of the run (test metrics, metrics.json, plots/,
              a model card where it writes one)
@@ -132,8 +132,8 @@ def run_of(output: str, cfg: Config) -> TrackedRun | None:
 
 def log_epoch(run: TrackedRun | None, record: Mapping[str, Any]) -> None:
     """One finished epoch's numbers (losses, validation metrics, images/s, seconds) as metrics
-    at ``step = epoch``. Rank 0 only, after the epoch's checkpoint is stored: an epoch run again
-    after a failure is logged once."""
+    at ``step = epoch``. Rank 0 only, once per epoch (an epoch run again after a worker died
+    between this and its checkpoint is logged again at the same step)."""
     if run is None:
         return
     from mlflow.entities import Metric  # optional extra: only when tracking is on

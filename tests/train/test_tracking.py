@@ -116,7 +116,7 @@ def test_a_training_is_one_run_that_a_rerun_continues(mlflow_server, archive, ex
     assert tags["medhier.config_changes"] == "train.epochs: 1 -> 2"
     assert (tags["medhier.task"], tags["medhier.kind"], tags["medhier.output"]) == ("classify", "train", out)
     assert tags["model_id"] == json.loads(Path(out, "best", "meta.json").read_text())["model_id"]
-    # two DDP workers, each epoch logged once: by rank 0, after its checkpoint
+    # two DDP workers, each epoch logged once: by rank 0
     for name in ("leaf_macro_auc", "train_loss", "val_loss", "train_images_per_s", "epoch_seconds"):
         assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 1], name
     assert 0 <= run.data.metrics["test.leaf.accuracy"] <= 1  # the task's evaluation
