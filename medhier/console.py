@@ -50,6 +50,7 @@ NOISE: tuple[Noise, ...] = (
           "Ray Train's cleaner releasing the resources of a training that ended (its controller exits with it)"),
     Noise(r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
           "a search's trial drivers reserve 0.1 CPU each (they mostly wait), so Ray starts more workers than cores"),
+    Noise(r"\[mutex\.cc : \d+\] RAW: (Lock|Unlock)", "absl's lock tracing, printed by a Ray actor as it exits"),
     Noise(r"generated new fontManager", "matplotlib built its font cache (once per machine)"),
     Noise(r"Matplotlib is building the font cache", "matplotlib building its font cache (once per machine)"),
 )

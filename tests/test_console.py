@@ -30,6 +30,7 @@ RAY_NOISE = [
     "Cleaning up placement group = [PlacementGroupID(738bcf7b)] created by this run.",
     "\x1b[33m(raylet)\x1b[0m WARNING: 20 PYTHON worker processes have been started on node: a229ef with address: 192.0.2.2, "
     "which is 10x the maximum expected startup concurrency (2).",
+    "\x1b[36m(PlacementGroupCleaner pid=8249)\x1b[0m [mutex.cc : 452] RAW: Lock blocking 0x55b427368310   @ 0x7fa09ac2b1a2",
 ]
 # Lines that must still show.
 MEANINGFUL = [

@@ -29,6 +29,7 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
 from contextlib import nullcontext
@@ -43,6 +44,7 @@ from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+from medhier import stopping
 from medhier.config import Config, TrainConfig
 from medhier.data.cache import CacheInfo, check_preprocess_matches, load_cache
 from medhier.io import storage
@@ -186,7 +188,31 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
     )
     with tracking.tracked(run, cfg, output, files=("config.yaml", "history.json")), \
             (EpochLines(cfg, output) if epoch_lines else nullcontext()):
-        return trainer.fit().return_value or {}
+        return _fit_trainer(trainer).return_value or {}
+
+
+def _fit_trainer(trainer: TorchTrainer):
+    """``trainer.fit()``; off the main thread when medhier's stop signals are in force: in the
+    main thread Ray Train installs its own Ctrl-C handler (a graceful abort that ends the
+    process with status 0) and leaves it installed. The main thread waits in short joins, so a
+    stop signal still raises there at once."""
+    if not stopping.installed() or threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="medhier-trainer", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _use_gpu(train_cfg: TrainConfig) -> bool:

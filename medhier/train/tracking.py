@@ -163,13 +163,16 @@ def tracked(run: TrackedRun | None, cfg: Config, output: str, files: Iterable[st
 
 
 def end_run(run: TrackedRun | None, cfg: Config, output: str, *, status: str = "FINISHED", files: Iterable[str] = (),
-            tags: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None) -> None:
+            tags: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None, if_running: bool = False) -> None:
     """Log ``files`` (paths under ``output``; a folder logs what it holds), ``tags`` and final
     ``metrics``; the model id of ``output/best`` as the tag ``model_id`` where it exists; then
-    set ``status`` (FINISHED, FAILED, KILLED). Driver only."""
+    set ``status`` (FINISHED, FAILED, KILLED). ``if_running``: only a run nobody ended (a trial
+    that Tune stopped, whose process ended with it). Driver only."""
     if run is None:
         return
     client = _client(run.uri)
+    if if_running and client.get_run(run.run_id).info.status != "RUNNING":
+        return
     all_tags = dict(tags or {})
     meta = storage.join(output, "best", "meta.json")
     if storage.exists(meta, cfg.storage):

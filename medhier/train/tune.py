@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -41,6 +42,7 @@ from matplotlib.figure import Figure
 from ray import tune as rt
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from medhier import stopping
 from medhier.config import MINIMISED_METRICS, Config, ConfigError, TuneConfig
 from medhier.io import storage
 from medhier.runtime import verbose
@@ -260,6 +262,8 @@ def _search(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool,
                 callbacks=[] if verbose() else [_TrialLines(metric, cfg.train.epochs)],
             ),
         )
+    if stopping.installed():  # Ctrl-C stays medhier's: Tune's own handler would end the search and carry on
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     with tracking.tracked(parent, cfg, output, files=("trials.parquet", "search.png", "best_config.yaml", "tune_summary.json")):
         results = tuner.fit()
         trials = _trial_rows(results, cfg, output, metric, mode)
@@ -269,6 +273,11 @@ def _search(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool,
             (t for t in trials if t["best_metric"] is not None and not math.isnan(t["best_metric"])), key=lambda t: t["best_metric"]
         )
         _write_outputs(cfg, output, trials, best, metric, mode)
+        for trial in trials:  # Tune ends a stopped trial's process before its own run can end
+            trial_dir = storage.join(output, "trials", trial["trial_id"])
+            status = "FAILED" if trial["status"] == "ERROR" else "KILLED" if trial["stopped_early"] else "FINISHED"
+            tracking.end_run(tracking.run_of(trial_dir, cfg), cfg, trial_dir, status=status, files=("config.yaml", "history.json"),
+                             if_running=True)
         tracking.log_results(cfg, output, metrics={f"best_{metric}": best["best_metric"], "trials": len(trials)},
                              tags={"best_trial": best["trial_id"]})
     return TuneSummary(output, metric, mode, trials, best["trial_id"], best["best_metric"],
