@@ -249,10 +249,8 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task:
                 summary.seconds = time.perf_counter() - start
                 run.ledger.finish(run.run_id, asdict(summary))
     except Stopped as stop:
-        staged = sum(t.group_by(list(run.ledger.key)).aggregate([]).num_rows
-                     for _, t in run.ledger.staged(run.run_id, report_schema(run.task, run.cfg), list(run.ledger.key)))
-        stop.note(f"nothing of run {run.run_id} is in the report yet; its {staged:,} scored files are staged in "
-                  f"{run.dir}/staging and the next run of this model adopts them instead of scoring them again")
+        stop.note(f"nothing of run {run.run_id} is in the report yet; {run.ledger.staged_rows(run.run_id):,} scored rows are "
+                  f"staged in {run.dir}/staging and the next run of this model adopts them instead of scoring them again")
         raise
     return summary
 

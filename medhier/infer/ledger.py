@@ -197,6 +197,22 @@ class Ledger:
         except FileNotFoundError:
             return ""
 
+    def staged_rows(self, run_id: str) -> int:
+        """Rows in a run's completed staging files, from their Parquet footers alone."""
+        fs, staging = storage.filesystem(storage.join(self.run_dir(run_id), "staging"), self.storage)
+        try:
+            infos = fs.get_file_info(storage.pafs.FileSelector(staging))
+        except FileNotFoundError:
+            return 0
+        rows = 0
+        for info in (i for i in infos if i.type == storage.pafs.FileType.File and i.base_name.endswith(".parquet")):
+            try:
+                with fs.open_input_file(info.path) as f:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowInvalid):  # in flight: not counted, as it is not adopted
+                continue
+        return rows
+
     def staged(self, run_id: str, schema: pa.Schema, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
         """A run's completed staging files with ``schema``'s columns -> (file name, rows; only
         ``columns`` when given). A file cut short by a kill (no Parquet footer) or of another

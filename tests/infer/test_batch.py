@@ -335,6 +335,7 @@ def test_a_killed_run_loses_only_the_files_in_flight_and_the_next_one_adopts_the
     """``medhier score`` over a few hundred files, stopped with SIGTERM once about half of them
     are staged: one line, status 143, no Ray process left; the next run of the same model and
     config adopts what was staged and scores only the rest, and the report has each object once."""
+    import re
     import signal
 
     import pyarrow.parquet as pq
@@ -372,6 +373,8 @@ def test_a_killed_run_loses_only_the_files_in_flight_and_the_next_one_adopts_the
     assert not gone_after(ray_processes), "Ray processes outlived medhier score"
     staged = staged_files()
     assert not (out / "report").exists()
+    noted = int(re.search(r"; ([\d,]+) scored rows are staged", line).group(1).replace(",", ""))
+    assert total // 2 <= noted <= staged  # what the line says was there when it stopped
 
     again = score(load_config(SMOKE, overrides), root, checkpoint, str(out))
     assert again.adopted == staged and again.adopted + again.files == total  # every staged file adopted, none scored twice
