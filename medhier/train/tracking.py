@@ -83,7 +83,7 @@ def _client(uri: str):
     return _CLIENTS[uri]
 
 
-def _artifact_root(cfg: TrackingConfig, uri: str) -> str | None:
+def _artifact_root(uri: str) -> str | None:
     """A local store keeps its artifacts beside it; a server decides for itself."""
     if uri.startswith("sqlite:///"):
         return "file://" + os.path.join(os.path.dirname(uri[len("sqlite:///"):]), "artifacts")
@@ -108,7 +108,7 @@ def start_run(cfg: Config, output: str, *, task: str, kind: str = "train", paren
         return previous
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     experiment_id = (experiment.experiment_id if experiment is not None else
-                     client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(cfg.tracking, uri)))
+                     client.create_experiment(cfg.tracking.experiment, artifact_location=_artifact_root(uri)))
     tags = {"medhier.task": task, "medhier.kind": kind, "medhier.output": output}
     if parent is not None:
         tags["mlflow.parentRunId"] = parent.run_id
