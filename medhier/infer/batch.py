@@ -3,6 +3,7 @@
     list ─▶ manifest ─▶ minus the ledger (what this model already did) ─▶ todo
     todo ─▶ decode + preprocess (CPU tasks) ─▶ model actors (GPU, or CPU) ─▶ the task's extra stages
          (e.g. SR files) ─▶ report rows ─▶ staging Parquet under runs/<run_id>/ ─▶ commit
+    committed files the task sends (e.g. SRs) ─▶ a PACS over STOW-RS (:mod:`medhier.infer.deliver`)
 
 The task (the classifier) hands the platform its report columns, its extra stages and what to
 do after a commit (the study roll-up); the listing, the todo list, the pipeline, the commit and
@@ -33,6 +34,7 @@ from medhier.config import Config, StorageConfig
 from medhier.data.ingest import DecodeSettings, build_ingest, decode_batch, decode_settings
 from medhier.data.manifest import write_manifest
 from medhier.infer.actor import SCORED_MS, ActorSettings, Annotator, InferTask, Int8Settings, ModelActor, actor_resources
+from medhier.infer.deliver import Delivery, DeliveryStats, deliver
 from medhier.infer.ledger import Heartbeat, Ledger, mtime_column, new_run_id
 from medhier.io import storage
 from medhier.runtime import execute_pipeline
@@ -145,10 +147,16 @@ class ScoreSummary:
     compiled: bool = False
     precision: str = ""  # what the model ran in: int8, bf16, fp16 or fp32
     int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32 (medhier/infer/int8.py)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)  # DeliveryStats per Delivery (medhier/infer/deliver.py)
 
     @property
     def error_rate(self) -> float:
         return self.error_files / self.files if self.files else 0.0
+
+    @property
+    def undelivered(self) -> int:
+        """Files this run tried to send to a PACS and could not (the next run retries them)."""
+        return sum(d["failed"] for d in self.deliveries)
 
     def table(self) -> str:
         lines = [
@@ -172,6 +180,7 @@ class ScoreSummary:
                          f"{self.int8['calibration_images']} calibration images)")
         elif self.int8:
             lines.append(f"int8 vs fp32     not compared (score.int8_check_images=0; {self.int8['calibration_images']} calibration images)")
+        lines += [f"sent to PACS     {DeliveryStats(**d).line()}" for d in self.deliveries]
         lines.append(f"wall time        {self.seconds:,.1f} s  ({self.images_per_s:,.1f} images/s{', compiled' if self.compiled else ''})")
         lines.append(f"report           {storage.join(self.output, 'report')}")
         return "\n".join(lines)
@@ -206,12 +215,14 @@ class RunInfo:
 
 
 def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task: ScoreTask, *, full: bool = False,
-                  annotator: Callable[[RunInfo], Annotator] | None = None, stages: tuple[Stage, ...] = ()) -> ScoreSummary:
+                  annotator: Callable[[RunInfo], Annotator] | None = None, stages: tuple[Stage, ...] = (),
+                  deliveries: tuple[Delivery, ...] = ()) -> ScoreSummary:
     """Score the new or changed objects of ``archive`` (all of them with ``full``) into ``output``.
 
     ``annotator``: makes, for this run, the model actors' extra per-batch columns (Grad-CAM);
-    ``stages``: extra map stages over the scored rows (SR files). Needs Ray initialised. Raises on
-    failure; report rows become visible only if the run commits.
+    ``stages``: extra map stages over the scored rows (SR files); ``deliveries``: files named by
+    report columns, sent to a PACS after the commit (with the earlier runs' unsent ones). Needs
+    Ray initialised. Raises on failure; report rows become visible only if the run commits.
     """
     start = time.perf_counter()
     archive, output = storage.normalize(archive), storage.normalize(output)
@@ -227,6 +238,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task:
         summary.files, summary.already_scored = _write_todo(run, full)
         if summary.files:
             _score(run, summary, full, annotator, stages)
+        summary.deliveries = [asdict(deliver(run.ledger, run.run_id, d)) for d in deliveries]
         summary.removed_runs = run.ledger.remove_dead_runs(keep=(run.run_id,))
         summary.seconds = time.perf_counter() - start
         run.ledger.finish(run.run_id, asdict(summary))
