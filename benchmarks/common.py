@@ -47,15 +47,13 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
 
     from medhier.train.checkpoint import save_checkpoint
     from medhier.config import load_config
-    from medhier.classify.model import build_model
-    from medhier.classify.taxonomy import Taxonomy
+    from medhier.classify.task import CLASSIFY
 
     path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
     if not os.path.exists(os.path.join(path, "model.pt")):
         cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
-        tax = Taxonomy.from_config(cfg.taxonomy)
         torch.manual_seed(0)
-        save_checkpoint(path, build_model(cfg.model, tax), cfg, tax, epoch=0)
+        save_checkpoint(path, CLASSIFY.build_model(cfg, pretrained=False), cfg, CLASSIFY, epoch=0)
     return path
 
 
