@@ -15,7 +15,7 @@ never holds them: of ``synthetic.spine.add_broken_files``'s seven, ``empty.dcm``
 ``truncated.dcm`` (pixel data cut short) are refused; ``j2k_garbage.dcm``, ``mpeg2.dcm`` and
 ``report_sr.dcm`` are stored. The phantom gives ``j2k_garbage.dcm`` and ``mpeg2.dcm`` one SOP
 Instance UID, which Orthanc would store once: when Orthanc answers "AlreadyStored", ``load``
-gives the file a UID of its own (derived from its path) and sends it again, so that each stored
+gives the file a UID of its own (derived from its study, its UID and its path) and sends it again, so that each stored
 file is its own instance.
 """
 
@@ -147,7 +147,9 @@ class Orthanc:
             ok, status = self.upload(data)
             if ok and status == "AlreadyStored":  # another file's UID: this file becomes its own instance
                 ds = pydicom.dcmread(io.BytesIO(data))
-                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid(entropy_srcs=["tests.orthanc", rel])
+                # from the file's own study and UID too: another archive's file of the same name must not collide
+                own = pydicom.uid.generate_uid(entropy_srcs=["tests.orthanc", str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), rel])
+                ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = own
                 buffer = io.BytesIO()
                 pydicom.dcmwrite(buffer, ds)
                 data = buffer.getvalue()

@@ -162,7 +162,8 @@ class ScoreSummary:
         lines = [
             f"run              {self.run_id}  (model {self.model_id}, {self.model_version})",
             f"archive          {self.archive}",
-            f"listed           {self.listed:,} objects ({self.excluded:,} excluded by data.exclude)",
+            f"listed           {self.listed:,} objects ({self.excluded:,} excluded by data.exclude"
+            f"{' or storage.dicomweb_exclude_modalities' if storage.is_dicomweb(self.archive) else ''})",
             f"already scored   {self.already_scored:,}",
             f"scored now       {self.files:,} files -> {self.rows:,} rows ({self.images_ok:,} images, {self.error_files:,} error files, error rate {self.error_rate:.1%})",
         ]

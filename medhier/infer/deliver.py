@@ -114,22 +114,21 @@ class Outbox:
     def status(self) -> pa.Table:
         """The latest attempt per (path, destination): each file's delivery status."""
         attempts = self.table()
-        if not attempts.num_rows:
+        if attempts.num_rows < 2:
             return attempts
         order = pc.sort_indices(attempts, [("path", "ascending"), ("destination", "ascending"), ("attempted_at", "descending")])
         attempts = attempts.take(order)
-        keys = list(zip(attempts["path"].to_pylist(), attempts["destination"].to_pylist()))
-        first = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
-        return attempts.take(pa.array(first, pa.int64()))
+        path, destination = attempts["path"].combine_chunks(), attempts["destination"].combine_chunks()
+        changed = pc.or_(pc.not_equal(path[1:], path[:-1]), pc.not_equal(destination[1:], destination[:-1]))
+        first = pa.concat_arrays([pa.array([True]), changed])  # the first row of each (path, destination): its latest
+        return attempts.filter(first)
 
     def pending(self, ledger: Ledger, delivery: Delivery) -> tuple[list[str], int]:
         """-> (the committed files of ``delivery.column`` not yet stored at its destination,
         sorted; how many of them an earlier attempt failed)."""
-        try:
-            named = ledger.report([delivery.column])[delivery.column]
-        except (FileNotFoundError, KeyError, pa.ArrowInvalid):  # nothing committed yet, or no such column yet
-            return [], 0
-        paths = set(pc.drop_null(named).to_pylist())
+        if not storage.exists(storage.join(ledger.output, "report"), ledger.storage):
+            return [], 0  # nothing committed yet
+        paths = set(pc.drop_null(ledger.report([delivery.column])[delivery.column]).to_pylist())
         attempts = self.table().filter(pc.equal(pc.field("destination"), delivery.destination))
         stored = set(attempts.filter(pc.equal(pc.field("status"), STORED))["path"].to_pylist())
         todo = sorted(paths - stored)

@@ -294,14 +294,14 @@ def _status(exc: BaseException) -> int | None:
     return response.status_code if response is not None else None
 
 
-def _unavailable(uri: str, exc: BaseException, cfg: StorageConfig) -> ArchiveUnavailable:
+def _unavailable(uri: str, exc: BaseException, cfg: StorageConfig, storing: bool = False) -> ArchiveUnavailable:
     status = _status(exc)
     if status in _CREDENTIALS:
         return ArchiveUnavailable(f"DICOMweb {uri}: HTTP {status}, the credentials were refused: check {ENV_TOKEN}, "
                                   f"or {ENV_USER} and {ENV_PASSWORD}, in the environment of every Ray node")
     what = f"HTTP {status}" if status else f"{type(exc).__name__}: {exc}"
-    return ArchiveUnavailable(f"DICOMweb {uri} did not answer after {cfg.dicomweb_retries} retries ({what}); "
-                              "nothing was recorded for its objects: run again when it answers")
+    then = "nothing is known of what was sent" if storing else "nothing was recorded for its objects: run again when it answers"
+    return ArchiveUnavailable(f"DICOMweb {uri} did not answer after {cfg.dicomweb_retries} retries ({what}); {then}")
 
 
 def _paged(search: Callable[..., list[dict]], page_size: int, **kwargs) -> Iterator[dict]:
@@ -343,6 +343,8 @@ def list_instances(uri: str, cfg: StorageConfig, excluded: list[str] | None = No
     def list_study(study: str) -> None:
         try:
             for series in _paged(web.search_for_series, cfg.dicomweb_page_size, study_instance_uid=study):
+                if stop.is_set():
+                    return
                 uid, modality = _value(series, "0020000E"), _value(series, "00080060").upper()
                 page = []
                 for instance in _paged(web.search_for_instances, cfg.dicomweb_page_size, study_instance_uid=study, series_instance_uid=uid):
@@ -509,7 +511,7 @@ def _store(uri: str, web: DICOMwebClient, datasets: list[tuple[int, Dataset]], c
     except requests.HTTPError as exc:
         status = _status(exc)
         if status in _CREDENTIALS or status in _RETRIED:
-            raise _unavailable(uri, exc, cfg) from None
+            raise _unavailable(uri, exc, cfg, storing=True) from None
         if len(datasets) > 1:  # one bad object must not fail its neighbours
             for one in datasets:
                 yield from _store(uri, web, [one], cfg)
@@ -517,7 +519,7 @@ def _store(uri: str, web: DICOMwebClient, datasets: list[tuple[int, Dataset]], c
         yield datasets[0][0], Stored(uids[0], False, f"HTTP {status}: {_body(exc.response)}")
         return
     except requests.RequestException as exc:
-        raise _unavailable(uri, exc, cfg) from None
+        raise _unavailable(uri, exc, cfg, storing=True) from None
     outcomes = _outcomes(response)
     for (i, _), uid in zip(datasets, uids):
         # a 2xx without a per-instance answer (allowed for a bare 200) means all were stored
