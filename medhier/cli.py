@@ -114,8 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TaxonomyError, FileNotFoundError, ValueError) as exc:
         print(f"medhier {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except storage.ArchiveUnavailable as exc:
-        print(f"medhier {args.command}: error: {exc}", file=sys.stderr)
+    except storage.ArchiveUnavailable as exc:  # before a run, or from inside one (Ray's error is then an instance of it)
+        print(f"medhier {args.command}: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return EXIT_FAILED
 
 
