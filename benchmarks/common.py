@@ -45,15 +45,15 @@ def make_checkpoint(workdir: str, arch: str, image_size: int) -> str:
     """A checkpoint of ``arch`` with random weights (seed 0) under ``workdir``, made once."""
     import torch
 
-    from medhier.train.checkpoint import save_checkpoint
-    from medhier.config import load_config
     from medhier.classify.task import CLASSIFY
+    from medhier.config import load_config
+    from medhier.train.checkpoint import save_checkpoint
 
     path = os.path.join(workdir, f"ckpt-{arch}-{image_size}")
     if not os.path.exists(os.path.join(path, "model.pt")):
         cfg = load_config(None, [f"model.arch={arch}", "model.pretrained=none", f"preprocess.image_size={image_size}", "dicom.windows.CT=bone"])
         torch.manual_seed(0)
-        save_checkpoint(path, CLASSIFY.build_model(cfg, pretrained=False), cfg, CLASSIFY, epoch=0)
+        save_checkpoint(path, CLASSIFY.build_model(cfg), cfg, CLASSIFY, epoch=0)
     return path
 
 

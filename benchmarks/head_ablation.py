@@ -54,11 +54,14 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from medhier import columns as C  # noqa: E402
 from medhier.classify import model as M  # noqa: E402
 from medhier.config import load_config  # noqa: E402
-from medhier.data.cache import CacheInfo, prepare  # noqa: E402
+from medhier.classify.api import prepare  # noqa: E402
+from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX  # noqa: E402
+from medhier.classify.step import class_weights, renormalised  # noqa: E402
+from medhier.data.cache import CacheInfo  # noqa: E402
 from medhier.classify.metrics import evaluate  # noqa: E402
 from medhier.classify.presets import eval_preset, train_preset  # noqa: E402
 from medhier.classify.taxonomy import Taxonomy  # noqa: E402
-from medhier.train.loop import _class_weights, _renorm, _warmup_cosine  # noqa: E402
+from medhier.train.loop import warmup_cosine  # noqa: E402
 from common import head_archive, machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
@@ -124,10 +127,10 @@ class LeafEvidence(M.HierarchicalResNet):
 
 
 def load_split(rows: str, split: str, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = pads.dataset(os.path.join(rows, f"{C.SPLIT}={split}"), format="parquet").to_table(columns=[C.IMAGE, C.MAIN_LABEL, C.LEAF_LABEL])
-    t = t.filter(pads.field(C.LEAF_LABEL) >= 0)
+    t = pads.dataset(os.path.join(rows, f"{C.SPLIT}={split}"), format="parquet").to_table(columns=[C.IMAGE, MAIN_INDEX, LEAF_INDEX])
+    t = t.filter(pads.field(LEAF_INDEX) >= 0)
     images = np.frombuffer(b"".join(t[C.IMAGE].to_pylist()), np.uint8).reshape(-1, size, size).copy()
-    return torch.from_numpy(images), torch.from_numpy(t[C.MAIN_LABEL].to_numpy()), torch.from_numpy(t[C.LEAF_LABEL].to_numpy())
+    return torch.from_numpy(images), torch.from_numpy(t[MAIN_INDEX].to_numpy()), torch.from_numpy(t[LEAF_INDEX].to_numpy())
 
 
 def run(variant: str, seed: int, epochs: int, size: int, data: dict) -> dict:
@@ -144,11 +147,11 @@ def run(variant: str, seed: int, epochs: int, size: int, data: dict) -> dict:
     model = model.to(memory_format=torch.channels_last)
     train = data["train"]
     counts = {name: int((train[2] == i).sum()) for i, name in enumerate(tax.leaf_names)}
-    main_w, leaf_w = _class_weights(tax, counts, tc.class_weights)
+    main_w, leaf_w = class_weights(tax, counts) if tc.class_weights else (None, None)
     loss_fn = M.HierarchicalLoss(tax, tc.sub_loss_weight, tc.label_smoothing, main_w, leaf_w, flat=cfg.model.head == "flat")
     optimizer = torch.optim.AdamW(model.param_groups(tc.lr_backbone, tc.lr_head, tc.weight_decay))
     batch = tc.batch_size * tc.num_workers
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(tc, math.ceil(len(train[0]) / batch)))
+    scheduler = warmup_cosine(optimizer, tc, math.ceil(len(train[0]) / batch))
     augment, plain = train_preset(cfg.preprocess), eval_preset(cfg.preprocess)
     generator = torch.Generator().manual_seed(seed * 1000 + 7)
 
@@ -156,7 +159,7 @@ def run(variant: str, seed: int, epochs: int, size: int, data: dict) -> dict:
         model.eval()
         with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(plain(split[0]).contiguous(memory_format=torch.channels_last))
-        p_main, p_leaf = _renorm(out.log_p_main.exp().float().numpy()), _renorm(out.log_p_leaf.exp().float().numpy())
+        p_main, p_leaf = renormalised(out.log_p_main.exp().float().numpy()), renormalised(out.log_p_leaf.exp().float().numpy())
         return evaluate(tax, split[1].numpy(), split[2].numpy(), p_main, p_leaf)
 
     best, best_state, t = -1.0, None, time.perf_counter()

@@ -26,25 +26,27 @@ from medhier.config import load_config  # noqa: E402
 from medhier.data.cache import load_cache  # noqa: E402
 from medhier.classify.metrics import evaluate  # noqa: E402
 from medhier.runtime import init_ray  # noqa: E402
-from medhier.infer.batch import predict_dataset  # noqa: E402
+from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX  # noqa: E402
+from medhier.classify.task import CLASSIFY  # noqa: E402
+from medhier.infer.actor import predict_dataset  # noqa: E402
 from medhier.classify.taxonomy import Taxonomy  # noqa: E402
-from medhier.train.loop import fit  # noqa: E402
+from medhier.classify.api import fit  # noqa: E402
 from common import head_archive, machine  # noqa: E402
 
 SMOKE = os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.yaml")
 
 
 def held_out_metrics(cfg, run: str, cache: str) -> dict:
-    parts = {"p_main": [], "p_leaf": [], C.MAIN_LABEL: [], C.LEAF_LABEL: []}
+    parts = {"p_main": [], "p_leaf": [], MAIN_INDEX: [], LEAF_INDEX: []}
     for split in ("val", "test"):
-        ds, _ = load_cache(cache, cfg.storage, split, columns=[C.IMAGE, C.MAIN_LABEL, C.LEAF_LABEL])
-        pred = predict_dataset(ds, os.path.join(run, "best"), cfg, keep=[C.MAIN_LABEL, C.LEAF_LABEL])
+        ds, _ = load_cache(cache, cfg.storage, split, columns=[C.IMAGE, MAIN_INDEX, LEAF_INDEX])
+        pred = predict_dataset(ds, CLASSIFY, os.path.join(run, "best"), cfg)
         for k in parts:
             parts[k].append(pred[k])
     arrays = {k: np.concatenate(v) for k, v in parts.items()}
     p_main = arrays["p_main"] / arrays["p_main"].sum(1, keepdims=True)
     p_leaf = arrays["p_leaf"] / arrays["p_leaf"].sum(1, keepdims=True)
-    return evaluate(Taxonomy.from_config(cfg.taxonomy), arrays[C.MAIN_LABEL], arrays[C.LEAF_LABEL], p_main, p_leaf)
+    return evaluate(Taxonomy.from_config(cfg.taxonomy), arrays[MAIN_INDEX], arrays[LEAF_INDEX], p_main, p_leaf)
 
 
 def main() -> None:

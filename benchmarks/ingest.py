@@ -6,7 +6,7 @@ against cores x the single-core rate, side by side in one run.
 
 On phantom CT files of --size px (generated once into --workdir), it measures:
   * single core, in process, per transfer syntax (uncompressed, RLE, JPEG 2000):
-    medhier.dicom.decode + resize + uint8 from bytes in memory; and the direct pydicom way
+    medhier.io.dicom.decode + resize + uint8 from bytes in memory; and the direct pydicom way
     (dcmread, apply_modality_lut, apply_voi_lut) for reference;
   * single core, in process, the whole per-file work of a decode task: `decode_batch` on manifest
     batches (read the file, decode, resize, build the row) plus encoding the rows as the cache's
@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from medhier.synthetic import spine as synthetic  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.io.dicom import decode  # noqa: E402
-from medhier.classify.presets import resize_image, to_uint8  # noqa: E402
+from medhier.io.image import resize_image, to_uint8  # noqa: E402
 from common import archive_files, busy_share, cpu_by_role, cpu_times, machine, process_cpu, read_through  # noqa: E402
 
 
@@ -123,7 +123,8 @@ def _task_work(archive: str, image_size: int, workdir: str, overrides: tuple[str
     without Ray. The archive is listed once per call."""
     import pyarrow.parquet as pq
 
-    from medhier.data.cache import decode_settings, write_manifest
+    from medhier.data.ingest import decode_settings
+    from medhier.data.manifest import write_manifest
 
     cfg = _config(image_size, overrides)
     manifest = os.path.join(workdir, "single-manifest")
@@ -152,7 +153,7 @@ def _task_pass(batches: list[dict], settings, sink: str | None) -> tuple[float, 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from medhier.data.cache import decode_batch
+    from medhier.data.ingest import decode_batch
 
     n, t, cpu = 0, time.perf_counter(), _cpu_seconds()
     for batch in batches:
@@ -238,7 +239,9 @@ def pipeline_rate(archive: str, image_size: int, workdir: str, repeat: int, over
     import pyarrow.parquet as pq
     import ray
 
-    from medhier.data.cache import build_ingest, decode_settings, write_manifest, write_rows
+    from medhier.data.cache import write_rows
+    from medhier.data.ingest import build_ingest, decode_settings
+    from medhier.data.manifest import write_manifest
     from medhier.runtime import init_ray
 
     cfg = _config(image_size, overrides)

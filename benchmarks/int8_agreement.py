@@ -28,7 +28,10 @@ from medhier.synthetic import spine as synthetic  # noqa: E402
 from medhier.train.checkpoint import load_checkpoint  # noqa: E402
 from medhier.config import load_config  # noqa: E402
 from medhier.runtime import init_ray, shutdown_ray  # noqa: E402
-from medhier.infer.batch import leaf_column, report_table, score_archive  # noqa: E402
+from medhier.classify.report import leaf_column  # noqa: E402
+from medhier.classify.score import score  # noqa: E402
+from medhier.classify.task import CLASSIFY, taxonomy_of  # noqa: E402
+from medhier.infer.batch import report_table  # noqa: E402
 from common import machine  # noqa: E402
 
 
@@ -46,15 +49,14 @@ def main() -> None:
     if not os.path.exists(os.path.join(archive, "labels.csv")):
         shutil.rmtree(archive, ignore_errors=True)
         synthetic.generate_archive(archive, args.n, seed=77, size=args.size, difficulty=0.3)
-    loaded = load_checkpoint(checkpoint)
-    leaves = loaded.taxonomy.leaf_names
+    leaves = taxonomy_of(load_checkpoint(checkpoint, CLASSIFY)).leaf_names
 
     cfg = load_config(None, ["runtime.progress=false"])
     init_ray(cfg.runtime)
     reports, summaries = {}, {}
     for precision in ("fp32", "int8"):
         out = os.path.join(args.workdir, f"int8-agreement-{precision}-{time.time_ns()}")
-        summaries[precision] = score_archive(load_config(None, ["runtime.progress=false", f"score.precision={precision}"]),
+        summaries[precision] = score(load_config(None, ["runtime.progress=false", f"score.precision={precision}"]),
                                              archive, checkpoint, out)
         rows = report_table(out).to_pylist()
         reports[precision] = {r[C.PATH]: r for r in rows if r[C.STATUS] == "ok"}

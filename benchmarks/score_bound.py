@@ -41,20 +41,19 @@ BATCH = 32
 
 def _decode_one(path: str, cfg, image_size: int) -> np.ndarray:
     """One file -> the (S, S) uint8 image a decode task makes of it (first frame)."""
-    from medhier.io.dicom import decode
-    from medhier.classify.presets import resize_image, to_uint8
+    from medhier.io.image import decode_images
 
     with open(path, "rb") as f:
-        pixels = decode(f.read(), cfg.dicom).pixels[0]
-    return to_uint8(resize_image(pixels, image_size, cfg.preprocess.resize))
+        return decode_images(f.read(), cfg.dicom, image_size, cfg.preprocess.resize)[1][0]
 
 
 def _decoder(checkpoint: str, paths: list[str], image_size: int, queue, consumers: int) -> None:
     """Decode ``paths`` as medhier's decode tasks do and put batches of BATCH uint8 images on
     ``queue``; then one None per consumer."""
+    from medhier.classify.task import CLASSIFY
     from medhier.train.checkpoint import load_checkpoint
 
-    cfg = load_checkpoint(checkpoint).cfg
+    cfg = load_checkpoint(checkpoint, CLASSIFY).cfg
     batch = []
     for path in paths:
         batch.append(_decode_one(path, cfg, image_size))
@@ -69,15 +68,17 @@ def _decoder(checkpoint: str, paths: list[str], image_size: int, queue, consumer
 
 def _model(checkpoint: str, calibration: str, threads: int, image_size: int, seconds: float, rounds: int,
            barrier, queue, results) -> None:
-    """One model process: medhier's int8 Scorer with ``threads`` threads. Per round, the ceiling
+    """One model process: medhier's int8 model actor with ``threads`` threads. Per round, the ceiling
     (the same batch over and over for ``seconds``), then batches from ``queue`` until None."""
     import torch
 
-    from medhier.infer.batch import Scorer
+    from medhier.classify.task import CLASSIFY
+    from medhier.infer.actor import ActorSettings, Int8Settings, ModelActor
 
     torch.set_num_threads(threads)
-    scorer = Scorer(checkpoint, {}, precision="int8", compile=True, batch_size=BATCH, threads=threads,
-                    int8={"images": calibration, "min_agreement": 0.0})
+    # the model cache beside the checkpoint: every process after the first loads the compiled int8 model
+    settings = ActorSettings(precision="int8", batch_size=BATCH, threads=threads, model_cache=f"{checkpoint}-compiled")
+    scorer = ModelActor(CLASSIFY, checkpoint, None, settings, Int8Settings(images=calibration, min_agreement=0.0, calibration_images=64))
     images = np.random.default_rng(1).integers(0, 256, (BATCH, image_size, image_size), dtype=np.uint8)
     for _ in range(3):
         scorer.predict_images(images)
@@ -134,9 +135,10 @@ def decode_cost(checkpoint: str, paths: list[str], image_size: int) -> tuple[flo
     """-> (ms of one core per image for read + decode + resize + uint8, transfer syntax counts)."""
     import pydicom
 
+    from medhier.classify.task import CLASSIFY
     from medhier.train.checkpoint import load_checkpoint
 
-    cfg = load_checkpoint(checkpoint).cfg
+    cfg = load_checkpoint(checkpoint, CLASSIFY).cfg
     syntaxes = collections.Counter(pydicom.dcmread(p, stop_before_pixels=True).file_meta.TransferSyntaxUID.name for p in paths)
     best = float("inf")
     for _ in range(3):  # best of 3: the machine is shared, noise only slows a pass down

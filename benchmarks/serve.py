@@ -110,10 +110,11 @@ def main() -> None:
             f"serve.replica_cpus={os.cpu_count() or 1}", *args.overrides]
     batched_cfg = load_config(None, [*base, "serve.route=/batched/"])
     unbatched_cfg = load_config(None, [*base, "serve.route=/unbatched/", "serve.max_batch_size=1", "serve.batch_wait_timeout_s=0"])
+    from medhier.classify.task import CLASSIFY
     from medhier.infer.serve import run, shutdown
 
-    urls = {"batched": run(batched_cfg, checkpoint, blocking=False, name="bench-batched"),
-            "unbatched": run(unbatched_cfg, checkpoint, blocking=False, name="bench-unbatched")}
+    urls = {"batched": run(batched_cfg, checkpoint, CLASSIFY, blocking=False, name="bench-batched"),
+            "unbatched": run(unbatched_cfg, checkpoint, CLASSIFY, blocking=False, name="bench-unbatched")}
     results: dict[str, dict[int, dict[str, float]]] = {"batched": {}, "unbatched": {}}
     try:
         for url in urls.values():
@@ -128,7 +129,7 @@ def main() -> None:
 
     from medhier.train.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(checkpoint)
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
     s = batched_cfg.serve
     print(f"\n{machine(gpu=bool(s.replica_gpus))} | "
           f"{loaded.cfg.model.arch} at {loaded.cfg.preprocess.image_size} px, precision {batched_cfg.score.precision} | "

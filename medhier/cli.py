@@ -100,6 +100,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
     _common(p)
 
+    p = sub.add_parser("plaque", help="longitudinal carotid plaque change: phantoms and measurements")
+    plaque = p.add_subparsers(dest="plaque_command", required=True)
+    q = plaque.add_parser("synth", help="generate a phantom carotid MR archive (visits, SEGs, patients.csv, truth)")
+    q.add_argument("--out", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    q.add_argument("--patients", type=int, default=4, help="number of patients (2-3 visits each)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--broken", action="store_true", help="also write series that must be rejected (under broken/)")
+    _common(q)
+    q = plaque.add_parser("measure", help="measure every visit of an archive into a Parquet report (incremental, crash-safe)")
+    q.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    q.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger and visits.parquet")
+    q.add_argument("--segmentations", default="",
+                   help="label maps named <StudyInstanceUID>.dcm (DICOM SEG) or .nii/.nii.gz (NIfTI); "
+                        "default: the DICOM SEG objects in each study")
+    q.add_argument("--full", action="store_true", help="measure every visit again, not only new or changed ones")
+    _common(q)
+
+    p = sub.add_parser("export", help="the model as an ONNX file, checked against PyTorch with onnxruntime first")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
+    p.add_argument("--output", required=True, help="the file to write (local path or s3:// URI)")
+    p.add_argument("--samples", default="", help="archive whose first DICOMs check the file (default: phantom CT slices)")
+    p.add_argument("--n-samples", type=int, default=32, help="images the check runs on")
+    _common(p)
+
     p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
     p.add_argument("--workdir", default="medhier-demo", help="where the archive and outputs go")
     _common(p)
@@ -112,11 +137,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_config(args.config or None, args.overrides)
         return _COMMANDS[args.command](args, cfg)
     except (ConfigError, TaxonomyError, FileNotFoundError, ValueError) as exc:
-        print(f"medhier {args.command}: error: {exc}", file=sys.stderr)
+        print(f"medhier {_name(args)}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except storage.ArchiveUnavailable as exc:  # before a run, or from inside one (Ray's error is then an instance of it)
-        print(f"medhier {args.command}: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+        print(f"medhier {_name(args)}: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _name(args: argparse.Namespace) -> str:
+    return " ".join(filter(None, (args.command, getattr(args, "plaque_command", None))))
 
 
 # Each command imports the library it calls when it runs: torch and Ray take seconds to import,
@@ -244,6 +273,45 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _plaque(args: argparse.Namespace, cfg: Config) -> int:
+    return {"synth": _plaque_synth, "measure": _plaque_measure}[args.plaque_command](args, cfg)
+
+
+def _plaque_synth(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.synthetic import carotid  # the phantoms need neither torch nor Ray: not loaded at start-up
+    from medhier.runtime import set_verbosity
+
+    set_verbosity(args.verbose)
+    if args.patients < 1:
+        raise ValueError(f"--patients must be at least 1, got {args.patients}")
+    summary = carotid.generate_plaque_archive(args.out, args.patients, seed=args.seed, storage_cfg=cfg.storage,
+                                              patient_salt=cfg.dicom.patient_salt, broken=args.broken)
+    print(summary.table())
+    return 0
+
+
+def _plaque_measure(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.api import measure_archive  # heavy (Ray, SimpleITK): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("archive", args.archive, cfg)
+    if args.segmentations:
+        _require("segmentations", args.segmentations, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(measure_archive(cfg, args.archive, args.output, segmentations=args.segmentations, full=args.full).table())
+    return 0
+
+
+def _export(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import export  # heavy (torch, onnx): only when this command runs
+    from medhier.runtime import set_verbosity
+
+    set_verbosity(args.verbose)
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    print(export(cfg, args.checkpoint, args.output, fmt=args.format, samples=args.samples, n_samples=args.n_samples).table())
+    return 0
+
+
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.demo import demo_config, run_demo  # heavy (torch, Ray): only when this command runs
 
@@ -252,7 +320,7 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 _COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score,
-             "explain": _explain, "serve": _serve, "demo": _demo}
+             "explain": _explain, "serve": _serve, "export": _export, "plaque": _plaque, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -305,6 +305,9 @@ class ScoreConfig:
     # a minute per actor: auto compiles when each actor has at least compile_min_images to score.
     compile: Literal["auto", "true", "false"] = "auto"
     compile_min_images: int = 5000
+    # Compiled (and int8-quantized) models kept across runs per model id and machine type
+    # (medhier/infer/compiled.py); a warm one makes auto compile at any size. "" = <output>/compiled.
+    model_cache: str = ""
     actors: int = 0  # model actors; 0 = one per GPU, or one on a CPU-only cluster
     # GPU actors: auto = when the cluster has GPUs at submit time; "true" waits for them (an
     # autoscaling cluster whose GPU nodes are scaled to zero would otherwise score on CPUs).
@@ -399,7 +402,8 @@ class PlaqueConfig:
     # general (CE-T1w before T1w).
     sequences: dict[str, list[str]] = field(
         default_factory=lambda: {
-            "CE-T1w": ["*CE*T1*", "*T1*CE*", "*T1*POST*", "*POST*T1*", "*T1*GAD*", "*T1*+C*"],
+            # [-_ ] anchors "CE" as a word: "T1W ... SLICE" is no contrast-enhanced series
+            "CE-T1w": ["*CE[-_ ]T1*", "*T1*[-_ ]CE", "*T1*[-_ ]CE[-_ ]*", "*T1*POST*", "*POST*T1*", "*T1*GAD*", "*T1*+C*"],
             "T1w": ["*T1*"],
             "T2w": ["*T2*"],
             "TOF": ["*TOF*", "*MRA*"],

@@ -25,12 +25,13 @@ from medhier.config import Config
 from medhier.data.cache import PrepareSummary, load_cache
 from medhier.data.cache import prepare as prepare_cache
 from medhier.infer.actor import predict_dataset
+from medhier.infer.export import ExportResult, export_checkpoint
 from medhier.io import storage
 from medhier.train import tune as train_tune
 from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
 from medhier.train.loop import train_on_cache
 
-__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "fit", "prepare", "tune"]
+__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "export", "fit", "prepare", "tune"]
 
 
 def prepare(cfg: Config, archive: str, cache: str, labels: str = "", force: bool = False) -> PrepareSummary:
@@ -131,3 +132,10 @@ def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool 
     cache = cfg.data.cache or storage.join(output, "cache")
     prepare(cfg, archive, cache, labels)
     return train_tune.tune(cfg, cache, output, CLASSIFY, resume=resume)
+
+
+def export(cfg: Config, checkpoint: str, output: str, fmt: str = "onnx", samples: str = "", n_samples: int = 32) -> ExportResult:
+    """``medhier export``: the checkpoint as an ONNX file at ``output`` (medhier/classify/export.py
+    says what the file holds), checked against PyTorch with onnxruntime on ``n_samples`` images
+    from the archive ``samples`` ("" for phantoms) before it is written. No Ray needed."""
+    return export_checkpoint(cfg, checkpoint, output, CLASSIFY, samples=samples, n_samples=n_samples, fmt=fmt)

@@ -12,12 +12,13 @@ the ledger (:mod:`medhier.infer.ledger`) are the same for every task.
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -33,7 +34,8 @@ from medhier import columns as C
 from medhier.config import Config, StorageConfig
 from medhier.data.ingest import DecodeSettings, build_ingest, decode_batch, decode_settings
 from medhier.data.manifest import write_manifest
-from medhier.infer.actor import SCORED_MS, ActorSettings, Annotator, InferTask, Int8Settings, ModelActor, actor_resources
+from medhier.infer.actor import (SCORED_MS, ActorSettings, Annotator, InferTask, Int8Settings, ModelActor, actor_resources,
+                                 compiled_variant, model_cache)
 from medhier.infer.deliver import Delivery, DeliveryStats, deliver
 from medhier.infer.ledger import Heartbeat, Ledger, mtime_column, new_run_id
 from medhier.io import storage
@@ -147,6 +149,9 @@ class ScoreSummary:
     compiled: bool = False
     precision: str = ""  # what the model ran in: int8, bf16, fp16 or fp32
     int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32 (medhier/infer/int8.py)
+    # how the compiled actors got their model: {"cache": hit|built|not kept|mixed, "actors", "folder", "built_at",
+    # "start_s": the slowest actor's start-up}
+    compiled_model: dict[str, Any] = field(default_factory=dict)
     deliveries: list[dict[str, Any]] = field(default_factory=list)  # DeliveryStats per Delivery (medhier/infer/deliver.py)
 
     @property
@@ -175,10 +180,16 @@ class ScoreSummary:
             lines.append(f"recovered        ledger of interrupted commit(s): {', '.join(self.recovered_runs)}")
         if self.precision:
             lines.append(f"precision        {self.precision}{', compiled' if self.compiled else ''}")
+        if self.compiled_model:
+            cm = self.compiled_model
+            how = {"hit": f"loaded from the model cache (built {cm['built_at']})", "built": "compiled now and kept in the model cache",
+                   "not kept": "compiled now (no model cache)"}.get(cm["cache"], "some actors loaded it from the cache, some compiled it")
+            lines.append(f"compiled model   {how}; actor start-up {cm['start_s']:.1f} s")
         if self.int8.get("images"):
             lines.append(f"int8 vs fp32     same leaf on {self.int8['leaf_agreement']:.1%} of {self.int8['images']} check images "
                          f"(largest probability difference {self.int8['max_abs_diff']:.3f}; "
-                         f"{self.int8['calibration_images']} calibration images)")
+                         f"{self.int8['calibration_images']} calibration images"
+                         f"{'; measured when the cached model was built' if self.int8.get('cached') else ''})")
         elif self.int8:
             lines.append(f"int8 vs fp32     not compared (score.int8_check_images=0; {self.int8['calibration_images']} calibration images)")
         lines += [f"sent to PACS     {DeliveryStats(**d).line()}" for d in self.deliveries]
@@ -238,7 +249,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task:
         summary.listed, summary.excluded = listing.objects, listing.excluded
         summary.files, summary.already_scored = _write_todo(run, full)
         if summary.files:
-            _score(run, summary, full, annotator, stages)
+            _score(run, summary, full, annotator, stages, loaded.model)
         summary.deliveries = [asdict(deliver(run.ledger, run.run_id, d)) for d in deliveries]
         summary.removed_runs = run.ledger.remove_dead_runs(keep=(run.run_id,))
         summary.seconds = time.perf_counter() - start
@@ -261,20 +272,27 @@ def _write_todo(run: RunInfo, full: bool) -> tuple[int, int]:
 
 
 def _score(run: RunInfo, summary: ScoreSummary, full: bool, annotator: Callable[[RunInfo], Annotator] | None,
-           stages: tuple[Stage, ...]) -> None:
+           stages: tuple[Stage, ...], model: torch.nn.Module) -> None:
     """The pipeline into staging, then the commit."""
     cfg, scfg = run.user, run.cfg.storage
     gpus, cpus = actor_resources(cfg.score.use_gpu)
     actors = _actors(cfg, gpus)
     settings = decode_settings(run.cfg, run.archive, None)
-    compiled = cfg.score.compile == "true" or (cfg.score.compile == "auto" and summary.files / actors >= cfg.score.compile_min_images)
+    device = torch.device("cuda" if gpus else "cpu")
+    actor = ActorSettings(precision=cfg.score.precision, channels_last=cfg.train.channels_last, threads=0 if gpus else int(cpus),
+                          compile=True, batch_size=cfg.score.batch_size,
+                          model_cache=cfg.score.model_cache or storage.join(run.output, "compiled"), report=storage.join(run.dir, "actors"))
     precision, int8 = cfg.score.precision, None
     if precision == "int8":
-        int8 = _int8_settings(run, settings, gpus)
-        precision, compiled = ("int8", True) if int8 else ("auto", compiled)
-    summary.compiled, summary.precision = compiled, precision_name(precision, torch.device("cuda" if gpus else "cpu"))
-    actor = ActorSettings(precision=precision, channels_last=cfg.train.channels_last, threads=0 if gpus else int(cpus),
-                          compile=compiled, batch_size=cfg.score.batch_size)
+        int8 = _int8_settings(run, settings, gpus, _warm(run, actor, device, model))
+        precision = "int8" if int8 else "auto"
+    actor = replace(actor, precision=precision)
+    # Compiling pays once each actor has enough images to amortise it, or at once when the model
+    # cache already holds the compiled model (loading it takes about a second).
+    compiled = precision == "int8" or cfg.score.compile == "true" or (cfg.score.compile == "auto" and (
+        summary.files / actors >= cfg.score.compile_min_images or _warm(run, actor, device, model)))
+    actor = replace(actor, compile=compiled)
+    summary.compiled, summary.precision = compiled, precision_name(precision, device)
 
     def run_pipeline() -> float:
         scored = build_ingest(storage.join(run.dir, "todo"), settings, run.cfg.data).map_batches(
@@ -294,8 +312,8 @@ def _score(run: RunInfo, summary: ScoreSummary, full: bool, annotator: Callable[
         return time.perf_counter() - started
 
     seconds = execute_pipeline(run_pipeline)
-    if int8:
-        summary.int8 = _int8_checks(int8.report, scfg)
+    if compiled:
+        summary.compiled_model, summary.int8 = _actor_reports(actor.report, actor.model_cache, scfg)
     tally = run.task.tally(run.cfg)
     stats = run.ledger.commit(run.run_id, report_schema(run.task, run.cfg), tally, replace=(run.model_id, run.version) if full else None)
     summary.rows, summary.images_ok, summary.error_files, summary.errors = stats.rows, stats.ok_rows, stats.error_files, stats.errors
@@ -310,14 +328,34 @@ def _actors(cfg: Config, gpus: int) -> int:
     return max(1, int(ray.cluster_resources().get("GPU", 0))) if gpus else 1
 
 
-def _int8_settings(run: RunInfo, settings: DecodeSettings, gpus: int) -> Int8Settings | None:
-    """Sample, decode and store the int8 calibration and check images -> the actors' settings,
-    or None (scoring in ``auto`` precision, with a warning) when no sampled object decodes."""
+def _warm(run: RunInfo, actor: ActorSettings, device: torch.device, model: torch.nn.Module) -> bool:
+    """Whether the model cache holds the compiled model ``actor`` settings ask for. CPU actors:
+    one built for this machine's fingerprint (local runs and clusters of one CPU type). GPU
+    actors: one built on a GPU with this torch and code, since the driver may have no GPU to
+    fingerprint; an actor on another GPU type compiles its own."""
+    calibration = run.user.score.int8_calibration_images
+    variant = compiled_variant(run.task.predictor(run.cfg).preset, run.cfg.preprocess.image_size, actor, device, calibration)
+    cache = model_cache(actor.model_cache, run.cfg.storage, torch.device("cpu"), model)
+    if device.type == "cpu":
+        return cache.meta(run.model_id, variant) is not None
+    return any(fp.get("device") == "cuda" and fp.get("torch") == torch.__version__ and fp.get("code") == cache.fingerprint["code"]
+               for fp in cache.fingerprints(run.model_id, variant))
+
+
+def _int8_settings(run: RunInfo, settings: DecodeSettings, gpus: int, warm: bool) -> Int8Settings | None:
+    """The actors' int8 settings. ``warm`` (the model cache holds the int8 model): no images
+    now; an actor that misses anyway (another CPU type) samples them itself. Otherwise sample,
+    decode and store the calibration and check images now, or return None (scoring in ``auto``
+    precision, with a warning) when no sampled object decodes."""
     cfg = run.user
     if gpus:
         raise ValueError("score.precision=int8 is a CPU path, but the cluster has GPUs and score.use_gpu=auto "
                          "would score there: set score.use_gpu=false to score on CPUs, or use bf16 or fp16")
-    images = _int8_images(storage.join(run.dir, "todo"), settings, cfg)
+    todo = storage.join(run.dir, "todo")
+    if warm:
+        return Int8Settings(images="", min_agreement=cfg.score.int8_min_agreement, calibration_images=cfg.score.int8_calibration_images,
+                            sample=functools.partial(_int8_images, todo, settings, cfg))
+    images = _int8_images(todo, settings, cfg)
     if not len(images["calibration"]):
         log.warning("score.precision=int8: none of the sampled objects decoded to an image to calibrate on; scoring with precision auto")
         return None
@@ -325,8 +363,8 @@ def _int8_settings(run: RunInfo, settings: DecodeSettings, gpus: int) -> Int8Set
     # the object store, which a restarted actor cannot count on.
     buffer = io.BytesIO()
     np.savez(buffer, **images)
-    int8 = Int8Settings(images=storage.join(run.dir, "int8", "images.npz"), report=storage.join(run.dir, "int8"),
-                        min_agreement=cfg.score.int8_min_agreement)
+    int8 = Int8Settings(images=storage.join(run.dir, "int8", "images.npz"), min_agreement=cfg.score.int8_min_agreement,
+                        calibration_images=cfg.score.int8_calibration_images)
     storage.write_bytes(int8.images, buffer.getvalue(), cfg.storage)
     return int8
 
@@ -353,11 +391,18 @@ def _int8_images(todo: str, settings: DecodeSettings, cfg: Config) -> dict[str, 
     return {"calibration": images[~is_check][: cfg.score.int8_calibration_images], "check": images[is_check]}
 
 
-def _int8_checks(folder: str, scfg: StorageConfig) -> dict[str, Any]:
-    """The int8 actors' comparisons with fp32 (one JSON each) -> the summary's ``int8`` entry:
-    the least agreement over the actors (they calibrate on the same images, so they agree)."""
-    checks = [json.loads(storage.read_bytes(storage.join(folder, o.path), scfg))
-              for page in storage.list_objects(folder, scfg) for o in page if o.path.endswith(".json")]
-    if not checks:
-        return {}
-    return {**min(checks, key=lambda c: c["leaf_agreement"] if c["images"] else 2.0), "actors": len(checks)}
+def _actor_reports(folder: str, cache: str, scfg: StorageConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The compiled actors' reports (one JSON each, medhier.infer.actor.ActorReport) -> the
+    summary's (``compiled_model``, ``int8``). int8: the least agreement over the actors (they
+    calibrate on the same images, so they agree)."""
+    reports = [json.loads(storage.read_bytes(storage.join(folder, o.path), scfg))
+               for page in storage.list_objects(folder, scfg) for o in page if o.path.endswith(".json")] if storage.exists(folder, scfg) else []
+    if not reports:
+        return {}, {}
+    ways = {r["cache"] for r in reports}
+    compiled = {"cache": ways.pop() if len(ways) == 1 else "mixed", "actors": len(reports), "folder": cache,
+                "built_at": max(r["built_at"] for r in reports), "start_s": max(r["seconds"] for r in reports),
+                "build_s": max(r["build_seconds"] for r in reports)}
+    checks = [{**r["int8"], "cached": r["cache"] == "hit"} for r in reports if r["int8"]]
+    int8 = {**min(checks, key=lambda c: c["leaf_agreement"] if c["images"] else 2.0), "actors": len(checks)} if checks else {}
+    return compiled, int8

@@ -159,7 +159,9 @@ class Ledger:
         return stats
 
     def finish(self, run_id: str, summary: dict) -> None:
-        """Write the run's summary (in its folder and as OUTPUT/summary.json), then mark it committed."""
+        """Write the run's summary (in its folder and as OUTPUT/summary.json), then mark it
+        committed. A run that had nothing to commit leaves no working files behind either."""
+        self._drop_staging(run_id)
         text = json.dumps(summary, indent=2)
         storage.write_text(storage.join(self.run_dir(run_id), "summary.json"), text, self.storage)
         storage.write_text(storage.join(self.output, "summary.json"), text, self.storage)

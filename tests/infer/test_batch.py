@@ -129,22 +129,35 @@ def test_predictions_equal_the_model_called_directly(archive, checkpoint, ray_se
     np.testing.assert_allclose(report, direct, atol=1e-5)
 
 
-def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, checkpoint, ray_session, tmp_path, capsys):
-    root, broken = archive
-    fp32_out, int8_out = str(tmp_path / "fp32"), str(tmp_path / "int8")
+INT8 = ("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8")
+
+
+@pytest.fixture(scope="module")
+def int8_run(source_archive, checkpoint, ray_session, tmp_path_factory):
+    """The archive scored in fp32 and in int8 (the int8 model built and kept in the model cache)
+    -> (fp32 output, int8 output, int8 summary)."""
+    root, _ = source_archive
+    fp32_out, int8_out = str(tmp_path_factory.mktemp("fp32")), str(tmp_path_factory.mktemp("int8"))
     score(_cfg("score.precision=fp32"), root, checkpoint, fp32_out)
-    summary = score(_cfg("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8"),
-                            root, checkpoint, int8_out)
+    return fp32_out, int8_out, score(_cfg(*INT8), root, checkpoint, int8_out)
+
+
+def _by_path(out: str) -> dict[str, dict]:
+    return {r[C.PATH]: r for r in report_table(out).to_pylist()}
+
+
+def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(source_archive, checkpoint, int8_run):
+    _, broken = source_archive
+    fp32_out, int8_out, summary = int8_run
     assert summary.precision == "int8" and summary.compiled
     # N good images in the sample: 16 calibrate, 8 others check against fp32
     check = summary.int8
-    assert check["calibration_images"] == 16 and check["images"] == 8 and check["actors"] == 1
+    assert check["calibration_images"] == 16 and check["images"] == 8 and check["actors"] == 1 and not check["cached"]
     assert check["leaf_agreement"] >= 0.95 and 0 < check["max_abs_diff"] < 0.1  # > 0: the model did run in int8
     assert json.loads(Path(int8_out, "summary.json").read_text())["int8"] == check
     assert "int8 vs fp32     same leaf on" in summary.table()
 
-    by_path = lambda out: {r[C.PATH]: r for r in report_table(out).to_pylist()}  # noqa: E731
-    fp32, int8 = by_path(fp32_out), by_path(int8_out)
+    fp32, int8 = _by_path(fp32_out), _by_path(int8_out)
     assert fp32.keys() == int8.keys() and len(int8) == N + len(broken)  # every file, once
     assert {p: r["error_reason"] for p, r in int8.items() if r[C.STATUS] == "error"} == broken
     ok = [p for p, r in fp32.items() if r[C.STATUS] == "ok"]
@@ -153,6 +166,26 @@ def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, chec
     diff = max(abs(fp32[p][leaf_column(n)] - int8[p][leaf_column(n)]) for p in ok for n in leaves)
     assert same >= 0.9 and 0 < diff < 0.1, (same, diff)
     assert all(int8[p]["leaf_label"].startswith(int8[p]["main_label"] + "/") for p in ok)
+
+
+def test_a_second_run_takes_the_int8_model_from_the_cache_and_scores_the_same(source_archive, checkpoint, int8_run, tmp_path):
+    """The nightly case: the same model again, on a machine of the same type. No calibration
+    images are sampled, nothing is compiled, and every probability is the first run's, bit for bit."""
+    root, _ = source_archive
+    _, int8_out, first = int8_run
+    out = str(tmp_path / "warm")
+    cache = str(Path(int8_out, "compiled"))
+    summary = score(_cfg(*INT8, f"score.model_cache={cache}"), root, checkpoint, out)
+    assert first.compiled_model["cache"] == "built" and first.compiled_model["build_s"] > 0
+    assert summary.compiled_model["cache"] == "hit" and summary.compiled_model["build_s"] == 0
+    assert summary.compiled_model["built_at"] == json.loads(next(Path(cache).rglob("meta.json")).read_text())["built_at"]
+    assert not list(Path(out).rglob("images.npz"))  # the calibration images were never sampled
+    assert {k: v for k, v in summary.int8.items() if k != "cached"} == {k: v for k, v in first.int8.items() if k != "cached"}
+    assert summary.int8["cached"] and "loaded from the model cache" in summary.table()
+    assert len(list(Path(cache).rglob("model.pt2"))) == 1  # one entry: model x variant x machine
+    warm, cold = _by_path(out), _by_path(int8_out)
+    assert warm.keys() == cold.keys()
+    assert all(warm[p][k] == cold[p][k] for p in warm for k in warm[p] if k.startswith("p_") or k.endswith("_label"))
 
 
 def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_session, tmp_path):

@@ -114,6 +114,29 @@ def test_a_phantom_is_answered_as_the_scorer_answers_it(url, archive, checkpoint
     assert 0 < body["timing_ms"]["decode"] <= body["timing_ms"]["total"]
 
 
+def test_one_image_gets_one_p_sub_given_main_in_the_report_the_sr_and_the_endpoint(url, archive, checkpoint, ray_session, tmp_path):
+    """P(sub | main) is the model's own conditional output, the same number wherever it is read
+    (medhier 0.1 divided in the report, clamped in the SR and answered 0 in serve)."""
+    from medhier.classify.score import score
+    from medhier.classify.sr import read_sr
+    from medhier.infer.batch import report_table
+
+    root, files, _ = archive
+    out = str(tmp_path / "scores")
+    score(load_config(SMOKE, ["runtime.progress=false", "score.precision=fp32"]), root, checkpoint, out, sr=True)
+    rows = {r["path"]: r for r in report_table(out).to_pylist() if r["status"] == "ok"}
+    for path in files[:4]:
+        row = rows[path]
+        served = _post(url, Path(root, path).read_bytes()).json()
+        in_sr = read_sr(Path(out, row["sr_path"]).read_bytes())
+        assert row["sub_label"] == served["sub_label"] == in_sr["sub_label"]
+        assert row["sub_prob"] == pytest.approx(served["sub_prob"], abs=1e-6)
+        assert row["sub_prob"] == pytest.approx(in_sr["sub_prob"], abs=1e-6)
+        assert row["leaf_prob"] == pytest.approx(served["leaf_prob"], abs=1e-6)
+        assert row["leaf_prob"] == pytest.approx(in_sr["leaf_prob"], abs=1e-6)
+        assert 0 < row["sub_prob"] <= 1
+
+
 def test_multipart_upload_and_raw_body_give_the_same_answer(url, archive):
     root, files, _ = archive
     data = Path(root, files[1]).read_bytes()
