@@ -26,6 +26,8 @@ __all__ = ["main"]
 
 EXIT_USAGE = 2  # a user error: bad config, missing input, ...
 EXIT_ERROR_RATE = 3  # the run worked, but more files failed to decode than --max-error-rate allows
+EXIT_UNDELIVERED = 4  # the run committed, but some results could not be stored in the PACS (the next run retries)
+EXIT_FAILED = 1  # the run failed, e.g. the archive stopped answering; nothing was committed
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -49,14 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("prepare", help="decode and preprocess an archive into the cache")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--output", required=True, help="cache URI")
     p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
     _common(p)
 
     p = sub.add_parser("train", help="train the hierarchical model with Ray Train (DDP)")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
     p.add_argument("--output", required=True, help="run directory (local or s3://); re-running resumes")
     _common(p)
@@ -69,14 +71,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("tune", help="search fine-tuning depth and learning rates with Ray Tune (ASHA)")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
     p.add_argument("--output", required=True, help="search directory (local or s3://)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
     _common(p)
 
     p = sub.add_parser("score", help="score an archive into a Parquet report (incremental, crash-safe)")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
     p.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger")
     p.add_argument("--full", action="store_true", help="rescore everything, not only new or changed objects")
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 3 when more than this share of the scored files are error rows")
     p.add_argument("--explain", action="store_true", help="Grad-CAM overlays for the rows score.explain_* selects")
     p.add_argument("--sr", action="store_true", help="a DICOM SR (TID 1500) per scored image, for the PACS")
+    p.add_argument("--sr-to", default="", metavar="URI",
+                   help="also store the SRs in a PACS with STOW-RS (dicomweb+http(s)://host/prefix; implies --sr); "
+                        "credentials from MEDHIER_DICOMWEB_TOKEN or MEDHIER_DICOMWEB_USER/_PASSWORD")
     _common(p)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays of one DICOM file for both heads")
@@ -144,6 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, TaxonomyError, FileNotFoundError, ValueError) as exc:
         print(f"medhier {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except storage.ArchiveUnavailable as exc:  # before a run, or from inside one (Ray's error is then an instance of it)
+        print(f"medhier {name}: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+        return EXIT_FAILED
     except Stopped as stop:
         again = argv + (["--resume"] if args.command == "tune" and not args.resume else [])
         print(f"medhier {name}: stopped by {stop.name}. Committed: {stop.committed or 'nothing'}. "
@@ -239,13 +247,22 @@ def _score(args: argparse.Namespace, cfg: Config) -> int:
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
+    if args.sr_to:  # a malformed destination fails here, before Ray starts
+        if not storage.is_dicomweb(args.sr_to):
+            raise ValueError(f"--sr-to {args.sr_to!r}: a PACS's DICOMweb URI is needed (dicomweb+http(s)://host/prefix)")
+        storage.normalize(args.sr_to)
     init_ray(cfg.runtime, verbose=args.verbose)
-    summary = score(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr)
+    summary = score(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr,
+                    sr_to=args.sr_to)
     print(summary.table())
     limit = args.max_error_rate if args.max_error_rate is not None else cfg.score.max_error_rate
     if limit >= 0 and summary.error_rate > limit:
         print(f"medhier score: error rate {summary.error_rate:.1%} exceeds --max-error-rate {limit:.1%}", file=sys.stderr)
         return EXIT_ERROR_RATE
+    if summary.undelivered:
+        print(f"medhier score: {summary.undelivered:,} SRs not stored in {args.sr_to} (recorded under deliveries/; "
+              "the next run retries them)", file=sys.stderr)
+        return EXIT_UNDELIVERED
     return 0
 
 

@@ -72,6 +72,10 @@ def init_ray(cfg: RuntimeConfig, verbose: bool = False) -> None:
     ctx.enable_progress_bars = cfg.progress
     ctx.print_on_execution_start = verbose
     ctx.verbose_stats_logs = verbose
+    # A failed map stage raises its own exception (Ray's RayTaskError is then an instance of it),
+    # not Ray Data's generic UserCodeException: callers tell an archive that stopped answering
+    # (medhier.io.storage.ArchiveUnavailable) from a bug, and say so in one line.
+    ctx.raise_original_map_exception = True
 
 
 class _local_instance_environment:

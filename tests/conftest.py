@@ -18,6 +18,13 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MEDHIER_PATIENT_SALT", "test-salt")
+# The test PACS's bearer token (tests/orthanc.py), a fresh secret per session: Ray's workers
+# inherit it, and tests check that it never reaches an output or a log. Nothing of the
+# developer's own environment is used.
+os.environ["MEDHIER_DICOMWEB_TOKEN"] = "medhier-test-" + uuid.uuid4().hex
+for _name in ("MEDHIER_DICOMWEB_USER", "MEDHIER_DICOMWEB_PASSWORD", "MEDHIER_DICOMWEB_CA_BUNDLE",
+              "MEDHIER_DICOMWEB_CLIENT_CERT", "MEDHIER_DICOMWEB_CLIENT_KEY"):
+    os.environ.pop(_name, None)
 
 
 def _free_port() -> int:
@@ -53,6 +60,20 @@ def storage_cfg(s3_endpoint):
     from medhier.config import StorageConfig
 
     return StorageConfig(s3_endpoint=s3_endpoint)
+
+
+@pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """One real PACS for the session: Orthanc with DICOMweb on 127.0.0.1 (tests/orthanc.py),
+    stopped by its process id at the end. Tests keep to their own studies (their phantoms'
+    UIDs differ by seed), through the archive URI's StudyInstanceUID filter."""
+    from tests import orthanc as pacs  # imports requests; only sessions with PACS tests need it
+
+    if not pacs.installed():
+        pytest.skip(f"Orthanc is not installed ({pacs.ORTHANC}, {pacs.PLUGIN}): apt-get install -y orthanc orthanc-dicomweb")
+    server = pacs.start(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,7 @@
     list ─▶ manifest ─▶ minus the ledger (what this model already did) ─▶ todo
     todo ─▶ decode + preprocess (CPU tasks) ─▶ model actors (GPU, or CPU) ─▶ the task's extra stages
          (e.g. SR files) ─▶ report rows ─▶ staging Parquet under runs/<run_id>/ ─▶ commit
+    committed files the task sends (e.g. SRs) ─▶ a PACS over STOW-RS (:mod:`medhier.infer.deliver`)
 
 The task (the classifier) hands the platform its report columns, its extra stages and what to
 do after a commit (the study roll-up); the listing, the todo list, the pipeline, the commit and
@@ -43,6 +44,7 @@ from medhier.data.ingest import DecodeSettings, build_ingest, decode_batch, deco
 from medhier.data.manifest import write_manifest
 from medhier.infer.actor import (SCORED_MS, ActorSettings, Annotator, InferTask, Int8Settings, ModelActor, actor_resources,
                                  compiled_variant, model_cache)
+from medhier.infer.deliver import Delivery, DeliveryStats, deliver
 from medhier.infer.ledger import Heartbeat, Ledger, mtime_column, new_run_id
 from medhier.io import storage
 from medhier.runtime import execute_pipeline
@@ -162,16 +164,23 @@ class ScoreSummary:
     # how the compiled actors got their model: {"cache": hit|built|not kept|mixed, "actors", "folder", "built_at",
     # "start_s": the slowest actor's start-up}
     compiled_model: dict[str, Any] = field(default_factory=dict)
+    deliveries: list[dict[str, Any]] = field(default_factory=list)  # DeliveryStats per Delivery (medhier/infer/deliver.py)
 
     @property
     def error_rate(self) -> float:
         return self.error_files / self.files if self.files else 0.0
 
+    @property
+    def undelivered(self) -> int:
+        """Files this run tried to send to a PACS and could not (the next run retries them)."""
+        return sum(d["failed"] for d in self.deliveries)
+
     def table(self) -> str:
         lines = [
             f"run              {self.run_id}  (model {self.model_id}, {self.model_version})",
             f"archive          {self.archive}",
-            f"listed           {self.listed:,} objects ({self.excluded:,} excluded by data.exclude)",
+            f"listed           {self.listed:,} objects ({self.excluded:,} excluded by data.exclude"
+            f"{' or storage.dicomweb_exclude_modalities' if storage.is_dicomweb(self.archive) else ''})",
             f"already scored   {self.already_scored:,}",
             *([f"adopted          {self.adopted:,} files scored by stopped run(s) {', '.join(self.adopted_from)} (not scored again)"]
               if self.adopted else []),
@@ -199,6 +208,7 @@ class ScoreSummary:
                          f"{'; measured when the cached model was built' if self.int8.get('cached') else ''})")
         elif self.int8:
             lines.append(f"int8 vs fp32     not compared (score.int8_check_images=0; {self.int8['calibration_images']} calibration images)")
+        lines += [f"sent to PACS     {DeliveryStats(**d).line()}" for d in self.deliveries]
         lines.append(f"wall time        {self.seconds:,.1f} s  ({self.images_per_s:,.1f} images/s{', compiled' if self.compiled else ''})")
         lines.append(f"report           {storage.join(self.output, 'report')}")
         return "\n".join(lines)
@@ -233,12 +243,14 @@ class RunInfo:
 
 
 def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task: ScoreTask, *, full: bool = False,
-                  annotator: Callable[[RunInfo], Annotator] | None = None, stages: tuple[Stage, ...] = ()) -> ScoreSummary:
+                  annotator: Callable[[RunInfo], Annotator] | None = None, stages: tuple[Stage, ...] = (),
+                  deliveries: tuple[Delivery, ...] = ()) -> ScoreSummary:
     """Score the new or changed objects of ``archive`` (all of them with ``full``) into ``output``.
 
     ``annotator``: makes, for this run, the model actors' extra per-batch columns (Grad-CAM);
-    ``stages``: extra map stages over the scored rows (SR files). Needs Ray initialised. Raises on
-    failure; report rows become visible only if the run commits.
+    ``stages``: extra map stages over the scored rows (SR files); ``deliveries``: files named by
+    report columns, sent to a PACS after the commit (with the earlier runs' unsent ones). Needs
+    Ray initialised. Raises on failure; report rows become visible only if the run commits.
     """
     start = time.perf_counter()
     archive, output = storage.normalize(archive), storage.normalize(output)
@@ -255,6 +267,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task:
             summary.files, summary.already_scored, adopted_ok = _write_todo(run, summary, full)
             if summary.files or summary.adopted:
                 _score(run, summary, full, annotator, stages, loaded.model, adopted_ok)
+            summary.deliveries = [asdict(deliver(run.ledger, run.run_id, d)) for d in deliveries]
             with deferred():  # a few small files: a stop signal waits for them
                 summary.removed_runs = run.ledger.remove_dead_runs(keep=(run.run_id,))
                 summary.seconds = time.perf_counter() - start
