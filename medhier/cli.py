@@ -37,6 +37,7 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag (long: kept in one place it reads as the CLI's reference)."""
     parser = argparse.ArgumentParser(prog="medhier", description="Hierarchical medical-image classification on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
