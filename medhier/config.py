@@ -33,6 +33,7 @@ __all__ = [
     "ServeConfig",
     "StorageConfig",
     "TaxonomyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "WINDOW_PRESETS",
@@ -474,6 +475,24 @@ class PlaqueConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking with MLflow (the optional extra ``medhier[tracking]``); off unless
+    ``uri`` is set. See medhier.train.tracking."""
+
+    # empty: off; http(s)://host:port (an MLflow server); sqlite:///path.db; or a local folder
+    # (e.g. mlruns: an SQLite store mlruns/mlflow.db with artifacts in mlruns/artifacts)
+    uri: str = ""
+    experiment: str = "medhier"  # MLflow experiment the runs go to (created when missing)
+
+    def validate(self, name: str) -> None:
+        scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
+        if scheme and scheme not in ("http", "https", "sqlite", "file"):
+            raise ConfigError(f"{name}.uri: {self.uri!r}: expected http(s)://host:port, sqlite:///path or a local folder")
+        if not self.experiment.strip():
+            raise ConfigError(f"{name}.experiment: must not be empty")
+
+
+@dataclass
 class RuntimeConfig:
     """How medhier talks to Ray."""
 
@@ -502,6 +521,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     plaque: PlaqueConfig = field(default_factory=PlaqueConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).
@@ -589,7 +609,10 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it."""
+    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it.
+
+    Long: one dispatch over every kind of type a section field can have (dataclass, optional,
+    literal, tuple, list, dict, scalar), each with its own error, reads best in one place."""
     label = where or "config"
     if dataclasses.is_dataclass(tp):
         if value is None:

@@ -38,18 +38,20 @@ import numpy as np
 from medhier import columns as C
 from medhier.classify.bootstrap import bootstrap_intervals
 from medhier.classify.calibration import BINS, Temperatures, calibration_errors, reliability_png
-from medhier.classify.card import CARD_MD, write_model_card
+from medhier.classify.card import CARD_JSON, CARD_MD, write_model_card
 from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
 from medhier.classify.metrics import evaluate, hierarchical_predictions, summary_table, write_plots
 from medhier.classify.posthoc import Posthoc, calibrated, fit_posthoc, predict_splits
 from medhier.classify.referral import Referral, refer, risk_coverage, risk_coverage_png
 from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.config import Config
+from medhier.console import number
 from medhier.data.cache import PrepareSummary
 from medhier.data.cache import prepare as prepare_cache
 from medhier.data.splits import split_key
 from medhier.infer.export import ExportResult, export_checkpoint
 from medhier.io import storage
+from medhier.train import tracking
 from medhier.train import tune as train_tune
 from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
 from medhier.train.loop import train_on_cache
@@ -73,13 +75,15 @@ class FitResult:
     test_metrics: dict[str, Any]
     seconds: float
     prepare_table: str = ""
+    metric: str = "metric"  # train.metric: what best_metric is
     posthoc: dict[str, Any] | None = None  # what was fitted on the validation split (Posthoc.to_dict())
     model_card: str = ""
 
     def table(self) -> str:
-        head = ([self.prepare_table, ""] if self.prepare_table else []) + [
+        """The run's summary (the cache's own table was printed when it was ready: ``prepare_table``)."""
+        head = [
             f"output           {self.output}",
-            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation metric {self.best_metric})",
+            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation {self.metric} {number(self.best_metric)})",
             f"epochs run       {self.epochs_run}" + (f"  (resumed at epoch {', '.join(map(str, self.resumed_at))})" if self.resumed_at else ""),
             f"wall time        {self.seconds:,.1f} s",
         ]
@@ -97,9 +101,11 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "", hooks: tuple =
     output = storage.normalize(output)
     cache = cfg.data.cache or storage.join(output, "cache")
     prepared = prepare(cfg, archive, cache, labels)
+    print(prepared.table() + "\n", flush=True)  # before the epoch lines: what the run trains on
     summary = train_on_cache(cfg, cache, output, CLASSIFY, hooks=hooks)
     best = storage.join(output, "best")
-    posthoc, metrics = finish_best(cfg, best, cache, output)
+    posthoc, test_metrics = finish_best(cfg, best, cache, output)
+    tracking.log_results(cfg, output, files=("metrics.json", "plots", CARD_MD, CARD_JSON), metrics={"test": test_metrics})
     return FitResult(
         output=output,
         best_checkpoint=best,
@@ -107,9 +113,10 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "", hooks: tuple =
         best_metric=summary.get("best_metric"),
         epochs_run=int(summary.get("epochs_run", 0)),
         resumed_at=list(summary.get("resumed_at", [])),
-        test_metrics=metrics,
+        test_metrics=test_metrics,
         seconds=time.perf_counter() - start,
         prepare_table=prepared.table(),
+        metric=cfg.train.metric,
         posthoc=posthoc.to_dict(),
         model_card=storage.join(output, CARD_MD),
     )
