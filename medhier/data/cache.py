@@ -151,20 +151,7 @@ def prepare(cfg: Config, archive: str, cache: str, labels_uri: str = "", force: 
     rows_dir = f"rows-{fingerprint[:16]}"
     rows_uri = storage.join(cache, rows_dir)
     storage.delete(rows_uri, cfg.storage)  # leftovers of an interrupted run with the same inputs
-    ds = build_ingest(storage.join(cache, "manifest"), decode_settings(cfg, archive, labels), cfg.data)
-    fs, rows_path = storage.filesystem(rows_uri, cfg.storage)
-    decode_start = time.perf_counter()
-    if labels and cfg.data.split == "stratified":
-        decoded_uri = storage.join(cache, f"decoded-{fingerprint[:16]}")
-        storage.delete(decoded_uri, cfg.storage)
-        _, decoded_path = storage.filesystem(decoded_uri, cfg.storage)
-        write_rows(ds, decoded_path, fs)
-        decode_seconds = time.perf_counter() - decode_start
-        _write_stratified(decoded_uri, rows_uri, cfg, labels)
-        storage.delete(decoded_uri, cfg.storage)
-    else:
-        write_rows(ds, rows_path, fs)
-        decode_seconds = time.perf_counter() - decode_start
+    decode_seconds = _decode_into(cfg, archive, cache, rows_uri, labels, f"decoded-{fingerprint[:16]}")
 
     counts = _count_rows(rows_uri, cfg.storage, labels)
     counts["objects"] = listing.objects
@@ -197,6 +184,26 @@ def prepare(cfg: Config, archive: str, cache: str, labels_uri: str = "", force: 
     summary = PrepareSummary(cache, False, listing, counts, seconds, counts["ok"] / max(decode_seconds, 1e-9))
     storage.write_text(storage.join(cache, "summary.json"), json.dumps(asdict(summary), indent=2), cfg.storage)
     return summary
+
+
+def _decode_into(cfg: Config, archive: str, cache: str, rows_uri: str, labels: Labels | None, decoded_dir: str) -> float:
+    """Decode the cache's manifest into ``rows_uri`` -> the seconds decoding took. Stratified
+    splits need every patient's labels first: the rows are decoded into ``decoded_dir`` (under
+    ``cache``), then rewritten into their splits, and the folder removed."""
+    ds = build_ingest(storage.join(cache, "manifest"), decode_settings(cfg, archive, labels), cfg.data)
+    fs, rows_path = storage.filesystem(rows_uri, cfg.storage)
+    start = time.perf_counter()
+    if not (labels and cfg.data.split == "stratified"):
+        write_rows(ds, rows_path, fs)
+        return time.perf_counter() - start
+    decoded_uri = storage.join(cache, decoded_dir)
+    storage.delete(decoded_uri, cfg.storage)
+    _, decoded_path = storage.filesystem(decoded_uri, cfg.storage)
+    write_rows(ds, decoded_path, fs)
+    seconds = time.perf_counter() - start
+    _write_stratified(decoded_uri, rows_uri, cfg, labels)
+    storage.delete(decoded_uri, cfg.storage)
+    return seconds
 
 
 def write_rows(ds, path: str, fs) -> None:
