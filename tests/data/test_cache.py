@@ -20,7 +20,7 @@ from medhier.data.cache import CacheInfo, check_preprocess_matches, load_cache
 from medhier.data.cache import prepare as prepare_unlabelled
 from medhier.data.labels import read_labels
 from medhier.data.manifest import write_manifest
-from medhier.data.splits import assign_split
+from medhier.data.splits import stratified_splits
 from medhier.io import storage
 from medhier.io.dicom import decode
 from medhier.io.image import resize_image, to_uint8
@@ -87,12 +87,14 @@ def test_labels_splits_and_metadata(prepared):
     truth = {r["path"]: r for r in _labels(root)}
     tax = Taxonomy.from_config(Config().taxonomy)
     patients: dict[str, set[str]] = {}
+    # stratified (the default for a labelled archive): the patients of the ok rows dealt by their leaves
+    dealt = stratified_splits([r[C.PATIENT_KEY] for r in ok], [r[LEAF_INDEX] for r in ok], len(tax.leaf_names), 0, 0.7, 0.15)
     for row in ok:
         expected = truth[row[C.PATH]]
         assert (row[MAIN], row[SUB]) == (expected["main"], expected["sub"])
         assert (row[MAIN_INDEX], row[SUB_INDEX], row[LEAF_INDEX]) == tax.encode(expected["main"], expected["sub"])
         assert row[C.PATIENT_KEY] == expected["patient_key"]
-        assert row[C.SPLIT] == assign_split(row[C.PATIENT_KEY], 0, 0.7, 0.15)
+        assert row[C.SPLIT] == dealt[row[C.PATIENT_KEY]]
         patients.setdefault(row[C.PATIENT_KEY], set()).add(row[C.SPLIT])
         assert row[C.MODALITY] == "CT" and row[C.SOP_INSTANCE_UID]
     assert all(len(s) == 1 for s in patients.values())  # no patient in two splits
