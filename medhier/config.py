@@ -515,7 +515,7 @@ class PredictConfig:
     base: Literal["ridge", "mean"] = "ridge"
     ridge_alpha: float = 1.0  # L2 penalty of the ridge (baseline and base) on standardised inputs
     # XGBoost (tree_method hist, squared error), one booster per factor.
-    num_boost_round: int = 400
+    num_boost_round: int = 1000
     early_stopping_rounds: int = 40  # on the validation split; 0 = off
     max_depth: int = 3
     learning_rate: float = 0.05
