@@ -111,6 +111,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "default: the DICOM SEG objects in each study")
     q.add_argument("--full", action="store_true", help="measure every visit again, not only new or changed ones")
     _common(q)
+    for name, what in (("fit", "fit the change-factor prediction model (XGBoost on Ray Train) against mean and ridge baselines"),
+                       ("tune", "search the prediction model's XGBoost parameters with Ray Tune, then fit the best")):
+        q = plaque.add_parser(name, help=what)
+        q.add_argument("--measurements", required=True,
+                       help="visit measurements: a `medhier plaque measure` output, or a Parquet file/folder with its report's columns")
+        q.add_argument("--patients", required=True, help="the patients' records: CSV or Parquet keyed by patient_key or patient_id")
+        q.add_argument("--output", required=True, help="where the model, metrics.json and plots go (local or s3://)")
+        if name == "tune":
+            q.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
+        _common(q)
+    q = plaque.add_parser("predict", help="predict the change factors of every patient's latest visit (incremental, crash-safe)")
+    q.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    q.add_argument("--patients", required=True, help="the patients' records: CSV or Parquet keyed by patient_key or patient_id")
+    q.add_argument("--model", required=True, help="a `medhier plaque fit` output (or its model/ folder)")
+    q.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger")
+    q.add_argument("--segmentations", default="",
+                   help="label maps named <StudyInstanceUID>.dcm/.nii/.nii.gz; default: the DICOM SEG objects in each study")
+    q.add_argument("--full", action="store_true", help="predict every latest visit again, not only new or changed ones")
+    _common(q)
+    q = plaque.add_parser("demo", help="the plaque job end to end on phantoms, on a local Ray")
+    q.add_argument("--workdir", default="medhier-plaque-demo", help="where the archives and outputs go")
+    _common(q)
 
     p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
     p.add_argument("--workdir", default="medhier-demo", help="where the archive and outputs go")
@@ -246,7 +268,9 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _plaque(args: argparse.Namespace, cfg: Config) -> int:
-    return {"synth": _plaque_synth, "measure": _plaque_measure}[args.plaque_command](args, cfg)
+    commands = {"synth": _plaque_synth, "measure": _plaque_measure, "fit": _plaque_fit, "tune": _plaque_tune,
+                "predict": _plaque_predict, "demo": _plaque_demo}
+    return commands[args.plaque_command](args, cfg)
 
 
 def _plaque_synth(args: argparse.Namespace, cfg: Config) -> int:
@@ -272,6 +296,52 @@ def _plaque_measure(args: argparse.Namespace, cfg: Config) -> int:
     init_ray(cfg.runtime, verbose=args.verbose)
     print(measure_archive(cfg, args.archive, args.output, segmentations=args.segmentations, full=args.full).table())
     return 0
+
+
+def _plaque_fit(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.fit import fit_model  # heavy (Ray, XGBoost): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("measurements", args.measurements, cfg)
+    _require("patients", args.patients, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(fit_model(cfg, args.measurements, args.patients, args.output).table())
+    return 0
+
+
+def _plaque_tune(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.tune import plaque_space, tune_model  # heavy (Ray Tune, XGBoost): only when this command runs
+    from medhier.runtime import init_ray
+
+    plaque_space(cfg)  # a bad search space fails here, before Ray starts
+    if not args.resume:
+        _require("measurements", args.measurements, cfg)
+        _require("patients", args.patients, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(tune_model(cfg, args.measurements, args.patients, args.output, resume=args.resume).table())
+    return 0
+
+
+def _plaque_predict(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.predict import predict_archive  # heavy (Ray, SimpleITK, XGBoost): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("archive", args.archive, cfg)
+    _require("patients", args.patients, cfg)
+    _require("model", args.model, cfg)
+    if args.segmentations:
+        _require("segmentations", args.segmentations, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    summary = predict_archive(cfg, args.archive, args.patients, args.model, args.output,
+                              segmentations=args.segmentations, full=args.full)
+    print(summary.table())
+    return 0
+
+
+def _plaque_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.demo import plaque_demo_config, run_plaque_demo  # heavy (Ray, XGBoost): only when this command runs
+
+    return run_plaque_demo(args.workdir, cfg if args.config else plaque_demo_config(args.overrides), verbose=args.verbose)
 
 
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
