@@ -298,12 +298,26 @@ def _plaque_measure(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _check_patients(uri: str, cfg: Config, model: str = "") -> None:
+    """A patients table that does not match the covariates (the model's, when given) fails
+    here, naming the column, before Ray starts."""
+    from medhier.plaque.patients import read_patients  # reads one small table; the model loads xgboost, not Ray
+
+    _require("patients", uri, cfg)
+    covariates = cfg.predict.covariates
+    if model:
+        from medhier.plaque.model import load_model  # xgboost, not Ray: only when this command runs
+
+        covariates = load_model(model, cfg.storage).space.covariate_specs
+    read_patients(uri, covariates, cfg.storage, cfg.dicom.patient_salt)
+
+
 def _plaque_fit(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.plaque.fit import fit_model  # heavy (Ray, XGBoost): only when this command runs
     from medhier.runtime import init_ray
 
     _require("measurements", args.measurements, cfg)
-    _require("patients", args.patients, cfg)
+    _check_patients(args.patients, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
     print(fit_model(cfg, args.measurements, args.patients, args.output).table())
     return 0
@@ -316,7 +330,7 @@ def _plaque_tune(args: argparse.Namespace, cfg: Config) -> int:
     plaque_space(cfg)  # a bad search space fails here, before Ray starts
     if not args.resume:
         _require("measurements", args.measurements, cfg)
-        _require("patients", args.patients, cfg)
+        _check_patients(args.patients, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
     print(tune_model(cfg, args.measurements, args.patients, args.output, resume=args.resume).table())
     return 0
@@ -327,8 +341,8 @@ def _plaque_predict(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.runtime import init_ray
 
     _require("archive", args.archive, cfg)
-    _require("patients", args.patients, cfg)
     _require("model", args.model, cfg)
+    _check_patients(args.patients, cfg, model=args.model)
     if args.segmentations:
         _require("segmentations", args.segmentations, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)

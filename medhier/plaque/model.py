@@ -40,7 +40,7 @@ from medhier.plaque.features import FeatureSpace
 from medhier.plaque.intervals import local_scale
 from medhier.plaque.linear import LinearModel
 
-__all__ = ["MODEL_FILE", "ModelError", "Prediction", "PredictionModel", "is_model"]
+__all__ = ["MODEL_FILE", "ModelError", "Prediction", "PredictionModel", "load_model", "model_folder"]
 
 MODEL_FILE = "model.json"
 FORMAT = 1
@@ -182,5 +182,16 @@ class PredictionModel:
         return model
 
 
-def is_model(uri: str, storage_cfg: StorageConfig) -> bool:
-    return storage.exists(storage.join(uri, MODEL_FILE), storage_cfg)
+def model_folder(uri: str, storage_cfg: StorageConfig) -> str:
+    """``uri`` itself when it holds model.json, else its model/ folder when that does (a
+    ``medhier plaque fit`` output)."""
+    uri = storage.normalize(uri)
+    inner = storage.join(uri, "model")
+    if not storage.exists(storage.join(uri, MODEL_FILE), storage_cfg) and storage.exists(storage.join(inner, MODEL_FILE), storage_cfg):
+        return inner
+    return uri
+
+
+def load_model(uri: str, storage_cfg: StorageConfig) -> PredictionModel:
+    """The model of a fit output or of a model folder, verified (:meth:`PredictionModel.load`)."""
+    return PredictionModel.load(model_folder(uri, storage_cfg), storage_cfg)

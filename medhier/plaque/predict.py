@@ -65,7 +65,7 @@ from medhier.data.manifest import write_manifest
 from medhier.data.series import DIGEST, STUDY_DATE, STUDY_TIME, SeriesSettings, Study, map_studies, read_study_keys, write_study_index
 from medhier.infer.ledger import Heartbeat, Ledger, new_run_id
 from medhier.io import storage
-from medhier.plaque.model import MODEL_FILE, PredictionModel
+from medhier.plaque.model import PredictionModel, model_folder
 from medhier.plaque.patients import covariate_schema, read_patients
 from medhier.plaque.report import REASONS as MEASURE_REASONS
 from medhier.plaque.report import REPORT_SCHEMA, VISIT_KEY
@@ -198,7 +198,7 @@ def predict_archive(cfg: Config, archive: str, patients: str, model: str, output
     initialised; raises on failure (the run's rows then never become visible)."""
     start = time.perf_counter()
     archive, output = storage.normalize(archive), storage.normalize(output)
-    model_uri = _model_folder(model, cfg)
+    model_uri = model_folder(model, cfg.storage)
     predictor = PredictionModel.load(model_uri, cfg.storage)
     # The model's own covariates decide the record's columns: it was trained on them.
     records = read_patients(patients, predictor.space.covariate_specs, cfg.storage, cfg.dicom.patient_salt)
@@ -228,15 +228,6 @@ def predict_archive(cfg: Config, archive: str, patients: str, model: str, output
         summary.seconds = time.perf_counter() - start
         ledger.finish(run_id, asdict(summary))
     return summary
-
-
-def _model_folder(model: str, cfg: Config) -> str:
-    """``model`` itself when it holds model.json, else its model/ (a fit's output)."""
-    model = storage.normalize(model)
-    inner = storage.join(model, "model")
-    if not storage.exists(storage.join(model, MODEL_FILE), cfg.storage) and storage.exists(storage.join(inner, MODEL_FILE), cfg.storage):
-        return inner
-    return model
 
 
 def _latest_visits(keys: pa.Table, records: pa.Table, source: SegmentationSource, summary: PredictSummary) -> pa.Table:

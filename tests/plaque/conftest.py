@@ -10,3 +10,15 @@ from tests.plaque.phantoms import make_phantom
 @pytest.fixture(scope="session")
 def carotid_archive(tmp_path_factory):
     return make_phantom(str(tmp_path_factory.mktemp("carotid-visits")))
+
+
+@pytest.fixture(scope="session")
+def cohort_fit(ray_session, tmp_path_factory):
+    """The prediction model fitted once on the frozen phantom cohort (tests.plaque.cohort):
+    -> (FitSummary, output folder). Shared by the fit, predict and tune tests (read-only)."""
+    from medhier.plaque.fit import fit_model
+    from tests.plaque.cohort import PATIENTS_CSV, VISITS
+    from tests.plaque.phantoms import cfg
+
+    output = str(tmp_path_factory.mktemp("cohort-fit"))
+    return fit_model(cfg(), VISITS, PATIENTS_CSV, output), output
