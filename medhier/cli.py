@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger")
     q.add_argument("--segmentations", default="",
                    help="label maps named <StudyInstanceUID>.dcm/.nii/.nii.gz; default: the DICOM SEG objects in each study")
+    q.add_argument("--seg-checkpoint", default="",
+                   help="segment each visit with this segmentation model (a `medhier plaque train-seg` checkpoint; needs issue 19's "
+                        "segmentation model in this install) instead of the study's SEGs")
     q.add_argument("--full", action="store_true", help="predict every latest visit again, not only new or changed ones")
     _common(q)
     q = plaque.add_parser("demo", help="the plaque job end to end on phantoms, on a local Ray")
@@ -387,7 +390,7 @@ def _plaque_tune(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _plaque_predict(args: argparse.Namespace, cfg: Config) -> int:
-    from medhier.plaque.predict import predict_archive  # heavy (Ray, SimpleITK, XGBoost): only when this command runs
+    from medhier.plaque.predict import predict_archive, seg_model_source  # heavy (Ray, SimpleITK, XGBoost): only when this command runs
     from medhier.runtime import init_ray
 
     _require("archive", args.archive, cfg)
@@ -395,9 +398,14 @@ def _plaque_predict(args: argparse.Namespace, cfg: Config) -> int:
     _check_patients(args.patients, cfg, model=args.model)
     if args.segmentations:
         _require("segmentations", args.segmentations, cfg)
+    if args.segmentations and args.seg_checkpoint:
+        raise ValueError("--segmentations and --seg-checkpoint are two segmentation sources: name one")
+    if args.seg_checkpoint:
+        _require("seg checkpoint", args.seg_checkpoint, cfg, "model.pt")
+        seg_model_source(cfg, args.seg_checkpoint)  # a missing segmentation model or a wrong checkpoint fails here, before Ray starts
     init_ray(cfg.runtime, verbose=args.verbose)
     summary = predict_archive(cfg, args.archive, args.patients, args.model, args.output,
-                              segmentations=args.segmentations, full=args.full)
+                              segmentations=args.segmentations, seg_checkpoint=args.seg_checkpoint, full=args.full)
     print(summary.table())
     return 0
 

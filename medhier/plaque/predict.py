@@ -73,7 +73,8 @@ from medhier.plaque.segmentations import SEGMENTATION_VERSION, ArchiveSegmentati
 from medhier.plaque.study import VisitSettings, measure_study, measure_version
 from medhier.runtime import execute_pipeline
 
-__all__ = ["LEDGER_KEY", "REASONS", "PredictSettings", "PredictSummary", "predict_archive", "predict_schema", "predict_study"]
+__all__ = ["LEDGER_KEY", "REASONS", "PredictSettings", "PredictSummary", "SegModelUnavailable", "predict_archive", "predict_schema",
+           "predict_study", "seg_model_source"]
 
 LEDGER_KEY = (C.STUDY_INSTANCE_UID, VISIT_KEY)
 VISIT_NUMBER, COVERAGE, SEGMENTATION_MODEL_ID = "visit_number", "coverage", "segmentation_model_id"
@@ -189,19 +190,57 @@ class PredictSummary:
         return "\n".join(lines)
 
 
+class SegModelUnavailable(ValueError):
+    """``--seg-checkpoint`` was given, but this install has no segmentation model code."""
+
+
+SEG_MODEL_MODULE = "medhier.plaque.segmenter"  # the segmentation model's source (issue 19)
+
+
+def seg_model_source(cfg: Config, checkpoint: str) -> SegmentationSource:
+    """The segmentation model at ``checkpoint`` (a ``medhier plaque train-seg`` checkpoint) as
+    the job's segmentation source. Raises :class:`SegModelUnavailable` when the segmentation
+    model (issue 19, ``medhier.plaque.segmenter``) is not part of this install: nothing stands in
+    for it."""
+    try:
+        # Deferred on purpose: torch and MONAI load only when the model segments, and the module
+        # comes with issue 19 (absent from installs without it).
+        from medhier.plaque.segmenter import ModelSegmentations
+        from medhier.plaque.seg_task import PLAQUE_SEG
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").startswith("medhier.plaque.seg"):
+            raise
+        raise SegModelUnavailable(
+            f"--seg-checkpoint {checkpoint!r}: this install has no segmentation model ({SEG_MODEL_MODULE}, issue 19, not merged yet); "
+            "leave --seg-checkpoint out to measure the label maps of the study's own DICOM SEGs, or give them with --segmentations"
+        ) from exc
+    # Deferred on purpose: loading a checkpoint needs torch, which the archive's own SEGs do not.
+    from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
+
+    loaded = load_checkpoint(checkpoint, PLAQUE_SEG, cfg.storage)
+    reference = config_for_checkpoint(cfg, loaded).plaque.reference  # the sequence the model was trained to segment on
+    return ModelSegmentations(storage.normalize(checkpoint), loaded.model_id, reference, cfg.storage)
+
+
 def predict_archive(cfg: Config, archive: str, patients: str, model: str, output: str, *,
-                    source: SegmentationSource | None = None, segmentations: str = "", full: bool = False) -> PredictSummary:
+                    source: SegmentationSource | None = None, segmentations: str = "", seg_checkpoint: str = "",
+                    full: bool = False) -> PredictSummary:
     """Predict the change factors of every patient's latest visit in ``archive`` that the ledger
-    of ``output`` has not seen (all with ``full``). The label maps come from ``source`` (the
-    segmentation model), else from files under ``segmentations``, else from the study's own
-    DICOM SEGs. ``model``: a ``medhier plaque fit`` output or its model/ folder. Needs Ray
-    initialised; raises on failure (the run's rows then never become visible)."""
+    of ``output`` has not seen (all with ``full``). The label maps come from ``source``, else
+    from the segmentation model at ``seg_checkpoint`` (:func:`seg_model_source`), else from
+    files under ``segmentations``, else from the study's own DICOM SEGs. ``model``: a
+    ``medhier plaque fit`` output or its model/ folder. Needs Ray initialised; raises on failure
+    (the run's rows then never become visible)."""
+    if sum(map(bool, (source, segmentations, seg_checkpoint))) > 1:
+        raise ValueError("name one segmentation source: source, --segmentations or --seg-checkpoint")
     start = time.perf_counter()
     archive, output = storage.normalize(archive), storage.normalize(output)
     model_uri = model_folder(model, cfg.storage)
     predictor = PredictionModel.load(model_uri, cfg.storage)
     # The model's own covariates decide the record's columns: it was trained on them.
     records = read_patients(patients, predictor.space.covariate_specs, cfg.storage, cfg.dicom.patient_salt)
+    if seg_checkpoint:
+        source = seg_model_source(cfg, seg_checkpoint)
     if source is None:
         source = GivenSegmentations(segmentations, cfg.storage) if segmentations else ArchiveSegmentations()
     version = f"{source.model_id}|{measure_version(cfg.plaque)}"

@@ -6,6 +6,7 @@ through the ledger."""
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import os
 import shutil
@@ -134,3 +135,17 @@ def test_the_model_s_covariates_decide_what_a_record_needs(cohort_fit, tmp_path,
                  "--output", str(tmp_path / "out")])
     assert code == 2 and "column 'smoker' is not a covariate" in capsys.readouterr().err
     assert not np.isnan(model.quantile["stenosis_change_pct_per_year"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("medhier.plaque.segmenter") is not None,
+                    reason="the segmentation model (issue 19) is installed: --seg-checkpoint then runs it")
+def test_a_seg_checkpoint_without_the_segmentation_model_is_refused_naming_it(carotid_archive, cohort_fit, tmp_path, capsys):
+    checkpoint = tmp_path / "best"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").write_bytes(b"weights")
+    root = carotid_archive.root
+    code = main(["plaque", "predict", "--archive", root, "--patients", os.path.join(root, "patients.csv"), "--model", cohort_fit[1],
+                 "--seg-checkpoint", str(checkpoint), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no segmentation model (medhier.plaque.segmenter, issue 19" in err and "leave --seg-checkpoint out" in err
+    assert not (tmp_path / "out").exists()
