@@ -114,7 +114,11 @@ class PredictionModel:
     def _booster(self, name: str, kind: str = "point") -> xgboost.Booster:
         key = f"{name}:{kind}"
         if key not in self._loaded:
-            self._loaded[key] = booster_from_bytes(self.boosters[name] if kind == "point" else self.scales[name])
+            booster = booster_from_bytes(self.boosters[name] if kind == "point" else self.scales[name])
+            # One thread: the model predicts a few rows inside a one-CPU Ray task; XGBoost's default
+            # (every core) spends more on OpenMP start-up and contention than on the trees.
+            booster.set_param({"nthread": 1})
+            self._loaded[key] = booster
         return self._loaded[key]
 
     # -- storage ------------------------------------------------------------------------------
