@@ -37,6 +37,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag.
+
+    Long: kept in one place, it reads as the command line's reference."""
     parser = argparse.ArgumentParser(prog="medhier", description="Hierarchical medical-image classification on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 

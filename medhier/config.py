@@ -724,7 +724,10 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it."""
+    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it.
+
+    Long: one dispatch over every kind of type a section field can have (dataclass, optional,
+    literal, tuple, list, dict, scalar), each with its own error, reads best in one place."""
     label = where or "config"
     if dataclasses.is_dataclass(tp):
         if value is None:

@@ -47,7 +47,7 @@ from torch import nn
 from medhier.config import StorageConfig
 from medhier.io import storage
 
-__all__ = ["PACKAGE_FILE", "CompiledModel", "ModelCache", "Variant", "as_tuple", "build_package", "code_hash", "fingerprint"]
+__all__ = ["PACKAGE_FILE", "CompiledModel", "ModelCache", "Variant", "as_tuple", "build_package", "code_hash", "cpu_info", "fingerprint"]
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,10 @@ class Variant:
         return f"{self.precision}-b{self.batch_size}-{shape}{'-cl' if self.channels_last else ''}{cal}"
 
 
-def _cpu() -> dict[str, str]:
-    name, flags = platform.processor() or platform.machine(), set()
+def cpu_info() -> tuple[str, frozenset[str]]:
+    """The CPU's model name and its feature flags, from /proc/cpuinfo; off Linux, the platform's
+    name and no flags (a narrower cache key, still not shared across CPU types)."""
+    name, flags = platform.processor() or platform.machine(), frozenset()
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -83,10 +85,15 @@ def _cpu() -> dict[str, str]:
                 if key.strip() == "model name":
                     name = value.strip()
                 elif key.strip() == "flags":
-                    flags = set(value.split())
+                    flags = frozenset(value.split())
                     break
-    except OSError:  # not Linux: the platform's name and no flags (a narrower key, still not shared across CPU types)
+    except OSError:
         pass
+    return name, flags
+
+
+def _cpu() -> dict[str, str]:
+    name, flags = cpu_info()
     return {"cpu": name, "isa": ",".join(f for f in _ISA_FLAGS if f in flags)}
 
 

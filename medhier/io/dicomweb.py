@@ -93,12 +93,12 @@ import io
 import json
 import logging
 import os
-import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import pydicom
@@ -116,6 +116,7 @@ from medhier.io.storage import (
     check_dicomweb_filters,
     is_dicomweb,
 )
+from medhier.io.streaming import Producer, stream_threads
 
 __all__ = [
     "ENV_CA_BUNDLE",
@@ -336,79 +337,73 @@ def list_instances(uri: str, cfg: StorageConfig, excluded: list[str] | None = No
     endpoint = parse(uri)
     date, modalities, studies = endpoint.filters(cfg)
     web = client(uri, cfg)
-    skip = {m.upper() for m in cfg.dicomweb_exclude_modalities}
-    pages: queue.Queue = queue.Queue(maxsize=4 * cfg.list_threads)
-    done, stop, errors, found = object(), threading.Event(), [], set()
-
-    def list_study(study: str) -> None:
-        try:
-            for series in _paged(web.search_for_series, cfg.dicomweb_page_size, study_instance_uid=study):
-                if stop.is_set():
-                    return
-                uid, modality = _value(series, "0020000E"), _value(series, "00080060").upper()
-                page = []
-                for instance in _paged(web.search_for_instances, cfg.dicomweb_page_size, study_instance_uid=study, series_instance_uid=uid):
-                    sop = _value(instance, "00080018")
-                    page.append(ObjectInfo(f"{study}/{uid}/{sop}", 0, sop, 0.0))
-                    if len(page) >= cfg.dicomweb_page_size:
-                        pages.put((modality in skip, page))
-                        page = []
-                    if stop.is_set():
-                        return
-                if page:
-                    pages.put((modality in skip, page))
-        except BaseException as exc:  # surfaced in the consumer
-            errors.append(exc)
-            stop.set()
-
-    def run_all() -> None:
-        try:
-            slots = threading.BoundedSemaphore(2 * cfg.list_threads)  # studies in flight: the listing streams
-            with ThreadPoolExecutor(max_workers=cfg.list_threads, thread_name_prefix="medhier-qido") as pool:
-                for study in _studies(web, date, modalities, studies, cfg.dicomweb_page_size):
-                    if stop.is_set():
-                        break
-                    if studies:
-                        found.add(study)
-                    slots.acquire()
-                    pool.submit(list_study, study).add_done_callback(lambda _: slots.release())
-        except BaseException as exc:
-            errors.append(exc)
-            stop.set()
-        finally:
-            pages.put(done)
-
-    runner = threading.Thread(target=run_all, name="medhier-qido-studies", daemon=True)
-    runner.start()
+    found: set[str] = set()
     try:
-        while True:
-            item = pages.get()
-            if item is done:
-                break
-            skipped, infos = item
+        for skipped, infos in stream_threads(_qido_producer(web, cfg, (date, modalities, studies), found),
+                                             maxsize=4 * cfg.list_threads, name="medhier-qido-studies"):
             if not skipped:
                 yield from infos
             elif excluded is not None:
                 excluded.extend(i.path for i in infos)
-    finally:
-        stop.set()
-        while runner.is_alive():  # unblock the listing threads so that the pool can finish
-            try:
-                pages.get(timeout=0.1)
-            except queue.Empty:
-                pass
-    if errors:
-        exc = errors[0]
-        if isinstance(exc, requests.HTTPError) and _status(exc) in _GONE:
+    except requests.HTTPError as exc:
+        if _status(exc) in _GONE:
             raise FileNotFoundError(f"no DICOMweb service at {endpoint.uri} (HTTP {_status(exc)}): check the host and prefix "
                                     "(Orthanc's is /dicom-web)") from None
-        if isinstance(exc, requests.RequestException):
-            raise _unavailable(endpoint.uri, exc, cfg) from None
-        raise exc
+        raise _unavailable(endpoint.uri, exc, cfg) from None
+    except requests.RequestException as exc:
+        raise _unavailable(endpoint.uri, exc, cfg) from None
     missing = sorted(set(studies) - found)
     if missing:
         log.warning("%s: %d of the %d studies named are not in the PACS or do not match the other filters, e.g. %s",
                     endpoint.uri, len(missing), len(studies), ", ".join(missing[:3]))
+
+
+def _qido_producer(web: DICOMwebClient, cfg: StorageConfig, filters: tuple[str, tuple[str, ...], tuple[str, ...]],
+                   found: set[str]) -> Producer:
+    """The listing's producer for :func:`~medhier.io.streaming.stream_threads`: the matching
+    studies, each listed (series, then instances, QIDO-RS paged) on a pool of ``list_threads``;
+    puts ``(excluded, [ObjectInfo...])`` pages and adds the named studies it found to ``found``."""
+    date, modalities, studies = filters
+    skip = {m.upper() for m in cfg.dicomweb_exclude_modalities}
+
+    def produce(put: Callable[[Any], None], stop: threading.Event) -> None:
+        errors: list[BaseException] = []
+
+        def list_study(study: str) -> None:
+            try:
+                for series in _paged(web.search_for_series, cfg.dicomweb_page_size, study_instance_uid=study):
+                    if stop.is_set():
+                        return
+                    uid, modality = _value(series, "0020000E"), _value(series, "00080060").upper()
+                    page = []
+                    for instance in _paged(web.search_for_instances, cfg.dicomweb_page_size, study_instance_uid=study,
+                                           series_instance_uid=uid):
+                        sop = _value(instance, "00080018")
+                        page.append(ObjectInfo(f"{study}/{uid}/{sop}", 0, sop, 0.0))
+                        if len(page) >= cfg.dicomweb_page_size:
+                            put((modality in skip, page))
+                            page = []
+                        if stop.is_set():
+                            return
+                    if page:
+                        put((modality in skip, page))
+            except BaseException as exc:  # raised by the producer once the pool is done
+                errors.append(exc)
+                stop.set()
+
+        slots = threading.BoundedSemaphore(2 * cfg.list_threads)  # studies in flight: the listing streams
+        with ThreadPoolExecutor(max_workers=cfg.list_threads, thread_name_prefix="medhier-qido") as pool:
+            for study in _studies(web, date, modalities, studies, cfg.dicomweb_page_size):
+                if stop.is_set():
+                    break
+                if studies:
+                    found.add(study)
+                slots.acquire()
+                pool.submit(list_study, study).add_done_callback(lambda _: slots.release())
+        if errors:
+            raise errors[0]
+
+    return produce
 
 
 def _studies(web: DICOMwebClient, date: str, modalities: tuple[str, ...], studies: tuple[str, ...], page_size: int) -> Iterator[str]:

@@ -253,7 +253,7 @@ def build_report(
     the UIDs an SR must reference, a frame it does not have, no groups, two groups with one
     name, a non-finite value, an undeclared private coding scheme.
 
-    The body stays one sequence (check the source, derive the UIDs, build the TID 1500 tree, wrap
+    Long: the body stays one sequence (check the source, derive the UIDs, build the TID 1500 tree, wrap
     it in the SR document) because each step feeds the next; most of its length is highdicom's
     keyword arguments, named where they are set.
     """

@@ -19,15 +19,17 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
-import queue
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import pyarrow.fs as pafs
+
+from medhier.io.streaming import stream_threads
 
 
 __all__ = [
@@ -392,43 +394,29 @@ def _list_s3(uri: str, cfg: StorageConfig) -> Iterator[ObjectInfo]:
             raise FileNotFoundError(f"archive {uri!r} has no objects")
         return
 
-    # Producer threads list sub-prefixes; a bounded queue keeps memory flat whatever the size.
-    pages: queue.Queue = queue.Queue(maxsize=4 * cfg.list_threads)
-    done = object()
-    errors: list[BaseException] = []
-    stop = threading.Event()
+    yield from _list_prefixes(client, bucket, prefix, sub_prefixes, cfg.list_threads)
 
-    def list_prefix(sub: str) -> None:
-        try:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=sub):
-                if stop.is_set():
-                    return
-                pages.put([_s3_info(o, prefix) for o in page.get("Contents", []) if not o["Key"].endswith("/")])
-        except BaseException as exc:  # surfaced in the consumer
-            errors.append(exc)
 
-    def run_all() -> None:
-        with ThreadPoolExecutor(max_workers=cfg.list_threads) as pool:
-            list(pool.map(list_prefix, sub_prefixes))
-        pages.put(done)
+def _list_prefixes(client: Any, bucket: str, prefix: str, sub_prefixes: list[str], threads: int) -> Iterator[ObjectInfo]:
+    """Every key under ``sub_prefixes``, listed by ``threads`` parallel threads and streamed as
+    their pages come (a bounded queue keeps memory flat whatever the size)."""
 
-    runner = threading.Thread(target=run_all, daemon=True)
-    runner.start()
-    try:
-        while True:
-            item = pages.get()
-            if item is done:
-                break
-            yield from item
-    finally:
-        stop.set()
-        while runner.is_alive():  # unblock producers so that the pool can finish
+    def produce(put: Callable[[Any], None], stop: threading.Event) -> None:
+        def list_prefix(sub: str) -> None:
             try:
-                pages.get(timeout=0.1)
-            except queue.Empty:
-                pass
-    if errors:
-        raise errors[0]
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=sub):
+                    if stop.is_set():
+                        return
+                    put([_s3_info(o, prefix) for o in page.get("Contents", []) if not o["Key"].endswith("/")])
+            except BaseException:
+                stop.set()  # the other threads stop at their next page
+                raise
+
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medhier-s3-list") as pool:
+            list(pool.map(list_prefix, sub_prefixes))  # re-raises a thread's error
+
+    for page in stream_threads(produce, maxsize=4 * threads, name="medhier-s3-prefixes"):
+        yield from page
 
 
 def _s3_info(obj: dict, prefix: str) -> ObjectInfo:

@@ -230,16 +230,7 @@ def _search(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool,
         # last checkpoint (each trial's training resumes from its own run directory).
         tuner = rt.Tuner.restore(f"{root}/tune", trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
-        scheduler = (
-            rt.schedulers.ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=cfg.train.epochs,
-                grace_period=cfg.tune.grace_period,
-                reduction_factor=cfg.tune.reduction_factor,
-            )
-            if cfg.tune.scheduler == "asha"
-            else rt.schedulers.FIFOScheduler()
-        )
+        scheduler = _scheduler(cfg)
         tuner = rt.Tuner(
             trainable,
             param_space={**space, "_base": base, "_cache": cache, "_output": output, "_task": task, "_tracking": parent},
@@ -273,15 +264,29 @@ def _search(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool,
             (t for t in trials if t["best_metric"] is not None and not math.isnan(t["best_metric"])), key=lambda t: t["best_metric"]
         )
         _write_outputs(cfg, output, trials, best, metric, mode)
-        for trial in trials:  # Tune ends a stopped trial's process before its own run can end
-            trial_dir = storage.join(output, "trials", trial["trial_id"])
-            status = "FAILED" if trial["status"] == "ERROR" else "KILLED" if trial["stopped_early"] else "FINISHED"
-            tracking.end_run(tracking.run_of(trial_dir, cfg), cfg, trial_dir, status=status, files=("config.yaml", "history.json"),
-                             if_running=True)
+        _end_trial_runs(cfg, output, trials)
         tracking.log_results(cfg, output, metrics={f"best_{metric}": best["best_metric"], "trials": len(trials)},
                              tags={"best_trial": best["trial_id"]})
     return TuneSummary(output, metric, mode, trials, best["trial_id"], best["best_metric"],
                        storage.join(output, "best"), concurrent, time.perf_counter() - start)
+
+
+def _scheduler(cfg: Config) -> Any:
+    """ASHA (stops the weaker trials at each rung) or FIFO (every trial runs all its epochs)."""
+    if cfg.tune.scheduler != "asha":
+        return rt.schedulers.FIFOScheduler()
+    return rt.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                       grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+
+
+def _end_trial_runs(cfg: Config, output: str, trials: list[dict[str, Any]]) -> None:
+    """End each trial's tracking run with its outcome: Tune ends a stopped trial's process before
+    the trial's own run can end."""
+    for trial in trials:
+        trial_dir = storage.join(output, "trials", trial["trial_id"])
+        status = "FAILED" if trial["status"] == "ERROR" else "KILLED" if trial["stopped_early"] else "FINISHED"
+        tracking.end_run(tracking.run_of(trial_dir, cfg), cfg, trial_dir, status=status, files=("config.yaml", "history.json"),
+                         if_running=True)
 
 
 def _trial_rows(results, cfg: Config, output: str, metric: str, mode: str) -> list[dict[str, Any]]:
