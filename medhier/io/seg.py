@@ -96,6 +96,7 @@ __all__ = [
     "Labels",
     "SegRejected",
     "SegmentSpec",
+    "header_bytes",
     "read_nifti_labels",
     "read_seg",
     "write_seg",
@@ -416,6 +417,17 @@ def _outside(array: np.ndarray, geometry: hd.VolumeGeometry, reference: SeriesVo
 
 
 # -- writing -----------------------------------------------------------------------------------
+
+
+def header_bytes(data: bytes, *, source: str = "") -> bytes:
+    """A DICOM object (bytes) without its pixel data, as DICOM bytes: all :func:`write_seg` needs
+    of a reference instance, a few kilobytes instead of the whole image, so that a pipeline can
+    carry a series' headers from the stage that read it to the one that writes its SEG.
+    Raises :class:`~medhier.io.dicom.DicomRejected`."""
+    ds = read_dataset(data, source=source, pixels=False)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds)  # as it was read: preamble and file meta where it had them
+    return buf.getvalue()
 
 
 def write_seg(
