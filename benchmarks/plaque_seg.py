@@ -46,17 +46,23 @@ def make_archive(workdir: str, patients: int, seed: int) -> str:
 
 
 def model_alone_training(cfg, batch: int, steps: int) -> float:
-    """Slices/s of forward + DiceCELoss + backward + AdamW step on one in-memory batch (augmented on the device)."""
+    """Slices/s of forward + DiceCELoss + backward + AdamW step on one in-memory batch (augmented on
+    the device), as a training worker runs them: its CPUs' threads (Ray sets OMP_NUM_THREADS to a
+    worker's CPUs), channels_last, the autocast of train.precision."""
     import torch
     from monai.losses import DiceCELoss
+
+    from medhier.train.precision import autocast_dtype
 
     from medhier.plaque.seg_inputs import input_channels
     from medhier.plaque.seg_network import build_network
     from medhier.plaque.seg_presets import train_preset
 
     torch.manual_seed(0)
+    torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
     seg = cfg.seg
-    model = build_network(seg).train()
+    model = build_network(seg).train().to(memory_format=torch.channels_last)
+    amp = autocast_dtype(cfg.train.precision, torch.device("cpu"))
     opt = torch.optim.AdamW(model.parameters(), lr=seg.lr)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)
     augment = train_preset(seg)
@@ -66,8 +72,8 @@ def model_alone_training(cfg, batch: int, steps: int) -> float:
         if step == 2:  # two warm-up steps
             start = time.perf_counter()
         inputs, labels = augment(x, y)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            logits = model(inputs)
+        with torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+            logits = model(inputs.contiguous(memory_format=torch.channels_last))
         loss = loss_fn(logits.float(), labels[:, None])
         opt.zero_grad()
         loss.backward()
@@ -75,11 +81,11 @@ def model_alone_training(cfg, batch: int, steps: int) -> float:
     return batch * steps / (time.perf_counter() - start)
 
 
-def model_alone_segmenting(checkpoint: str, slices: int, repeats: int) -> float:
-    """Slices/s of the Segmenter (forward, argmax) on ``slices`` in-memory slices."""
+def model_alone_segmenting(checkpoint: str, slices: int, repeats: int, threads: int) -> float:
+    """Slices/s of the Segmenter (forward, argmax) on ``slices`` in-memory slices, ``threads`` torch threads."""
     from medhier.plaque.segmenter import Segmenter
 
-    s = Segmenter(checkpoint)
+    s = Segmenter(checkpoint, threads=threads)
     x = np.random.default_rng(0).random((slices, s.channels, s.size, s.size), dtype=np.float32)
     s.segment(x[: s.batch_size])  # warm-up
     start = time.perf_counter()
@@ -131,7 +137,9 @@ def main() -> None:
         shutdown_ray()
     slices = summary.visits_ok * 10  # the phantom's 10 slices per visit
     alone_train = model_alone_training(cfg, cfg.train.batch_size, steps=20)
-    alone_seg = model_alone_segmenting(fit.best_checkpoint, slices, repeats=3)
+    # one thread per core: more threads than cores (the job's actor takes Ray's logical CPUs less
+    # one) make OpenMP's threads wait on each other on a shared VM
+    alone_seg = model_alone_segmenting(fit.best_checkpoint, slices, repeats=3, threads=os.cpu_count() or 1)
 
     print(f"\n{machine(gpu=True)} | {args.cpus} logical CPUs | {args.patients} patients, {summary.visits} studies, "
           f"{counts['ok']} cached slices (train {counts['samples'].get('train', 0)}) | U-Net {cfg.seg.channels} at "
