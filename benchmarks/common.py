@@ -13,21 +13,12 @@ import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from medhier.infer.compiled import cpu_info
+
 
 def cpu_model() -> str:
-    """The CPU's model name and whether it has AMX (bf16 matrix units), from /proc/cpuinfo."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    name = value.strip()
-                elif key.strip() == "flags":
-                    flags = set(value.split())
-                    break
-    except OSError:  # not Linux: the platform's own name
-        return name
+    """The CPU's model name and whether it has AMX (bf16 matrix units)."""
+    name, flags = cpu_info()
     return f"{name} ({'AMX' if 'amx_bf16' in flags else 'no AMX'}{', avx512_bf16' if 'avx512_bf16' in flags else ''})"
 
 

@@ -73,12 +73,12 @@ def _model(checkpoint: str, calibration: str, threads: int, image_size: int, sec
     import torch
 
     from medhier.classify.task import CLASSIFY
-    from medhier.config import StorageConfig
     from medhier.infer.actor import ActorSettings, Int8Settings, ModelActor
 
     torch.set_num_threads(threads)
-    scorer = ModelActor(CLASSIFY, checkpoint, StorageConfig(), ActorSettings(precision="int8", compile=True, batch_size=BATCH, threads=threads),
-                        int8=Int8Settings(images=calibration, report=calibration + "-report", min_agreement=0.0))
+    # the model cache beside the checkpoint: every process after the first loads the compiled int8 model
+    settings = ActorSettings(precision="int8", batch_size=BATCH, threads=threads, model_cache=f"{checkpoint}-compiled")
+    scorer = ModelActor(CLASSIFY, checkpoint, None, settings, Int8Settings(images=calibration, min_agreement=0.0, calibration_images=64))
     images = np.random.default_rng(1).integers(0, 256, (BATCH, image_size, image_size), dtype=np.uint8)
     for _ in range(3):
         scorer.predict_images(images)

@@ -1,8 +1,10 @@
 """``medhier`` command line: one subcommand per library entry point.
 
 Every subcommand takes ``--config FILE`` and trailing ``section.key=value`` overrides, and
-``--verbose`` for Ray's and medhier's INFO logs. Errors a user can cause print one line naming
-the input and exit with status 2.
+``--verbose`` for Ray's and medhier's INFO logs (without it, Ray's own noise is kept off the
+console: medhier.console). Errors a user can cause print one line naming the input and exit
+with status 2. SIGTERM and Ctrl-C (medhier.stopping) print one line, what was committed and the
+command that continues, stop Ray, and exit with 143 and 130.
 """
 
 from __future__ import annotations
@@ -10,17 +12,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 from collections.abc import Sequence
 
+from medhier import console, stopping
 from medhier.classify.taxonomy import TaxonomyError
 from medhier.config import Config, ConfigError, load_config
 from medhier.io import storage
+from medhier.stopping import Stopped
 
 __all__ = ["main"]
 
 EXIT_USAGE = 2  # a user error: bad config, missing input, ...
 EXIT_ERROR_RATE = 3  # the run worked, but more files failed to decode than --max-error-rate allows
+EXIT_UNDELIVERED = 4  # the run committed, but some results could not be stored in the PACS (the next run retries)
+EXIT_FAILED = 1  # the run failed, e.g. the archive stopped answering; nothing was committed
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +37,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and flag.
+
+    Long: kept in one place, it reads as the command line's reference."""
     parser = argparse.ArgumentParser(prog="medhier", description="Hierarchical medical-image classification on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -44,14 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("prepare", help="decode and preprocess an archive into the cache")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--output", required=True, help="cache URI")
     p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
     p.add_argument("--force", action="store_true", help="rebuild even when the cache is up to date")
     _common(p)
 
     p = sub.add_parser("train", help="train the hierarchical model with Ray Train (DDP)")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
     p.add_argument("--output", required=True, help="run directory (local or s3://); re-running resumes")
     _common(p)
@@ -64,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("tune", help="search fine-tuning depth and learning rates with Ray Tune (ASHA)")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--labels", default="", help="labels manifest (CSV/Parquet); default <archive>/labels.csv")
     p.add_argument("--output", required=True, help="search directory (local or s3://)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
     _common(p)
 
     p = sub.add_parser("score", help="score an archive into a Parquet report (incremental, crash-safe)")
-    p.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    p.add_argument("--archive", required=True, help="archive URI (local folder, s3://bucket/prefix or dicomweb+http(s)://host/prefix)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
     p.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger")
     p.add_argument("--full", action="store_true", help="rescore everything, not only new or changed objects")
@@ -79,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 3 when more than this share of the scored files are error rows")
     p.add_argument("--explain", action="store_true", help="Grad-CAM overlays for the rows score.explain_* selects")
     p.add_argument("--sr", action="store_true", help="a DICOM SR (TID 1500) per scored image, for the PACS")
+    p.add_argument("--sr-to", default="", metavar="URI",
+                   help="also store the SRs in a PACS with STOW-RS (dicomweb+http(s)://host/prefix; implies --sr); "
+                        "credentials from MEDHIER_DICOMWEB_TOKEN or MEDHIER_DICOMWEB_USER/_PASSWORD")
     _common(p)
 
     p = sub.add_parser("explain", help="Grad-CAM overlays of one DICOM file for both heads")
@@ -122,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--full", action="store_true", help="segment every visit again, not only new or changed ones")
     _common(q)
 
+    p = sub.add_parser("export", help="the model as an ONNX file, checked against PyTorch with onnxruntime first")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train output>/best)")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="file format (onnx)")
+    p.add_argument("--output", required=True, help="the file to write (local path or s3:// URI)")
+    p.add_argument("--samples", default="", help="archive whose first DICOMs check the file (default: phantom CT slices)")
+    p.add_argument("--n-samples", type=int, default=32, help="images the check runs on")
+    _common(p)
+
     p = sub.add_parser("demo", help="end to end on a generated phantom archive, on a local Ray")
     p.add_argument("--workdir", default="medhier-demo", help="where the archive and outputs go")
     _common(p)
@@ -129,14 +150,33 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    stopping.install()
+    if not args.verbose:
+        console.hide_ray_noise()
+    name = " ".join(filter(None, (args.command, getattr(args, "plaque_command", None))))
     try:
         cfg = load_config(args.config or None, args.overrides)
         return _COMMANDS[args.command](args, cfg)
     except (ConfigError, TaxonomyError, FileNotFoundError, ValueError) as exc:
-        name = " ".join(filter(None, (args.command, getattr(args, "plaque_command", None))))
         print(f"medhier {name}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except storage.ArchiveUnavailable as exc:  # before a run, or from inside one (Ray's error is then an instance of it)
+        print(f"medhier {name}: error: {getattr(exc, 'cause', None) or exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except Stopped as stop:
+        again = argv + (["--resume"] if args.command == "tune" and not args.resume else [])
+        print(f"medhier {name}: stopped by {stop.name}. Committed: {stop.committed or 'nothing'}. "
+              f"To continue, re-run: {shlex.join(['medhier', *again])}", file=sys.stderr, flush=True)
+        if "ray" in sys.modules:  # Ray was started: stop it and every process it started
+            from medhier.runtime import shutdown_ray  # already loaded with Ray
+
+            shutdown_ray()
+        return stop.exit_code
+    finally:
+        console.restore_output()
+        stopping.uninstall()
 
 
 # Each command imports the library it calls when it runs: torch and Ray take seconds to import,
@@ -149,9 +189,13 @@ def _synth(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.synthetic import spine
 
     set_verbosity(args.verbose)
-    summary = spine.generate_archive(args.out, args.n, seed=args.seed, size=args.size, difficulty=args.difficulty,
-                                     taxonomy=Taxonomy.from_config(cfg.taxonomy), storage_cfg=cfg.storage,
-                                     patient_salt=cfg.dicom.patient_salt, workers=args.workers)
+    try:
+        summary = spine.generate_archive(args.out, args.n, seed=args.seed, size=args.size, difficulty=args.difficulty,
+                                         taxonomy=Taxonomy.from_config(cfg.taxonomy), storage_cfg=cfg.storage,
+                                         patient_salt=cfg.dicom.patient_salt, workers=args.workers)
+    except Stopped as stop:
+        stop.note(f"part of the archive at {args.out} (a re-run writes it again)")
+        raise
     print(summary.table())
     if args.broken:
         broken = spine.add_broken_files(args.out, cfg.storage, seed=args.seed)
@@ -216,13 +260,22 @@ def _score(args: argparse.Namespace, cfg: Config) -> int:
 
     _require("checkpoint", args.checkpoint, cfg, "model.pt")
     _require("archive", args.archive, cfg)
+    if args.sr_to:  # a malformed destination fails here, before Ray starts
+        if not storage.is_dicomweb(args.sr_to):
+            raise ValueError(f"--sr-to {args.sr_to!r}: a PACS's DICOMweb URI is needed (dicomweb+http(s)://host/prefix)")
+        storage.normalize(args.sr_to)
     init_ray(cfg.runtime, verbose=args.verbose)
-    summary = score(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr)
+    summary = score(cfg, args.archive, args.checkpoint, args.output, full=args.full, explain=args.explain, sr=args.sr,
+                    sr_to=args.sr_to)
     print(summary.table())
     limit = args.max_error_rate if args.max_error_rate is not None else cfg.score.max_error_rate
     if limit >= 0 and summary.error_rate > limit:
         print(f"medhier score: error rate {summary.error_rate:.1%} exceeds --max-error-rate {limit:.1%}", file=sys.stderr)
         return EXIT_ERROR_RATE
+    if summary.undelivered:
+        print(f"medhier score: {summary.undelivered:,} SRs not stored in {args.sr_to} (recorded under deliveries/; "
+              "the next run retries them)", file=sys.stderr)
+        return EXIT_UNDELIVERED
     return 0
 
 
@@ -306,6 +359,16 @@ def _plaque_segment(args: argparse.Namespace, cfg: Config) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.classify.api import export  # heavy (torch, onnx): only when this command runs
+    from medhier.runtime import set_verbosity
+
+    set_verbosity(args.verbose)
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    print(export(cfg, args.checkpoint, args.output, fmt=args.format, samples=args.samples, n_samples=args.n_samples).table())
+    return 0
+
+
 def _demo(args: argparse.Namespace, cfg: Config) -> int:
     from medhier.demo import demo_config, run_demo  # heavy (torch, Ray): only when this command runs
 
@@ -314,7 +377,7 @@ def _demo(args: argparse.Namespace, cfg: Config) -> int:
 
 
 _COMMANDS = {"synth": _synth, "prepare": _prepare, "train": _train, "evaluate": _evaluate, "tune": _tune, "score": _score,
-             "explain": _explain, "serve": _serve, "plaque": _plaque, "demo": _demo}
+             "explain": _explain, "serve": _serve, "export": _export, "plaque": _plaque, "demo": _demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -34,6 +34,7 @@ __all__ = [
     "ServeConfig",
     "StorageConfig",
     "TaxonomyConfig",
+    "TrackingConfig",
     "TrainConfig",
     "TuneConfig",
     "WINDOW_PRESETS",
@@ -306,6 +307,9 @@ class ScoreConfig:
     # a minute per actor: auto compiles when each actor has at least compile_min_images to score.
     compile: Literal["auto", "true", "false"] = "auto"
     compile_min_images: int = 5000
+    # Compiled (and int8-quantized) models kept across runs per model id and machine type
+    # (medhier/infer/compiled.py); a warm one makes auto compile at any size. "" = <output>/compiled.
+    model_cache: str = ""
     actors: int = 0  # model actors; 0 = one per GPU, or one on a CPU-only cluster
     # GPU actors: auto = when the cluster has GPUs at submit time; "true" waits for them (an
     # autoscaling cluster whose GPU nodes are scaled to zero would otherwise score on CPUs).
@@ -501,6 +505,24 @@ class SegConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """Experiment tracking with MLflow (the optional extra ``medhier[tracking]``); off unless
+    ``uri`` is set. See medhier.train.tracking."""
+
+    # empty: off; http(s)://host:port (an MLflow server); sqlite:///path.db; or a local folder
+    # (e.g. mlruns: an SQLite store mlruns/mlflow.db with artifacts in mlruns/artifacts)
+    uri: str = ""
+    experiment: str = "medhier"  # MLflow experiment the runs go to (created when missing)
+
+    def validate(self, name: str) -> None:
+        scheme = self.uri.split("://", 1)[0] if "://" in self.uri else ""
+        if scheme and scheme not in ("http", "https", "sqlite", "file"):
+            raise ConfigError(f"{name}.uri: {self.uri!r}: expected http(s)://host:port, sqlite:///path or a local folder")
+        if not self.experiment.strip():
+            raise ConfigError(f"{name}.experiment: must not be empty")
+
+
+@dataclass
 class RuntimeConfig:
     """How medhier talks to Ray."""
 
@@ -530,6 +552,7 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     plaque: PlaqueConfig = field(default_factory=PlaqueConfig)
     seg: SegConfig = field(default_factory=SegConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     # Keys whose values never leave the process (resolved configs, checkpoints, logs).
@@ -617,7 +640,10 @@ def _apply_override(data: dict[str, Any], item: str) -> None:
 
 
 def _build(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it."""
+    """Check ``value`` against type ``tp`` (coercing only lossless cases) and build it.
+
+    Long: one dispatch over every kind of type a section field can have (dataclass, optional,
+    literal, tuple, list, dict, scalar), each with its own error, reads best in one place."""
     label = where or "config"
     if dataclasses.is_dataclass(tp):
         if value is None:

@@ -1,14 +1,17 @@
 """Connecting to Ray: a cluster when one is given (``ray job submit`` sets RAY_ADDRESS), else a
-local instance; quiet logs unless verbose; Ray Data progress bars on request."""
+local instance; quiet logs unless verbose; Ray Data progress bars on request; medhier's stop
+signals kept in force after Ray installs its own (:mod:`medhier.stopping`)."""
 
 from __future__ import annotations
 
 import gc
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import TypeVar
 
+from medhier import stopping
 from medhier.config import RuntimeConfig
 
 __all__ = ["execute_pipeline", "init_ray", "release_failed_pipeline", "set_verbosity", "shutdown_ray", "verbose"]
@@ -60,11 +63,60 @@ def init_ray(cfg: RuntimeConfig, verbose: bool = False) -> None:
             )
             # The dashboard stays on: Ray Train's placement-group cleaner queries the state API
             # it serves (without it, that cleaner polls and warns in a loop, costing CPU).
-            ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), **kwargs)
+            with _local_instance_environment(verbose) as dashboard_port:
+                ray.init(num_cpus=cfg.local_num_cpus or default_local_cpus(), dashboard_host="127.0.0.1",
+                         dashboard_port=dashboard_port, **kwargs)
+    if stopping.installed():  # ray.init set its own SIGTERM handling (exit, or abort with a stack trace)
+        stopping.install()
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = cfg.progress
     ctx.print_on_execution_start = verbose
     ctx.verbose_stats_logs = verbose
+    # A failed map stage raises its own exception (Ray's RayTaskError is then an instance of it),
+    # not Ray Data's generic UserCodeException: callers tell an archive that stopped answering
+    # (medhier.io.storage.ArchiveUnavailable) from a bug, and say so in one line.
+    ctx.raise_original_map_exception = True
+
+
+class _local_instance_environment:
+    """Environment for the processes of a local Ray instance, which inherit it from this one
+    while ``ray.init`` starts them; this process's own environment is restored afterwards (its
+    subprocesses, e.g. a ``ray job submit`` to another cluster, must not inherit it).
+
+    - ``RAY_API_SERVER_ADDRESS``: this instance's dashboard. Ray's workers find the state API by
+      looking for a running Ray on the machine; with two instances on one machine (a test
+      session and a command it runs, two users) Ray Train's placement-group cleaner fails with
+      "Found multiple active Ray instances" and a stack trace, and stops cleaning.
+    - ``RAY_DATA_LOG_LEVEL=WARNING`` unless verbose: Ray Data's INFO lines from inside workers
+      (each training pass's "execution finished") stay out of the console.
+    -> the dashboard port to start the instance with.
+    """
+
+    def __init__(self, verbose: bool):
+        self.port = _free_port()
+        self.env = {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{self.port}"}
+        if not verbose:
+            self.env["RAY_DATA_LOG_LEVEL"] = os.environ.get("RAY_DATA_LOG_LEVEL", "WARNING")
+        self.saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> int:
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        return self.port
+
+    def __exit__(self, *exc) -> bool:
+        for key, value in self.saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def default_local_cpus() -> int:

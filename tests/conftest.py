@@ -18,6 +18,13 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MEDHIER_PATIENT_SALT", "test-salt")
+# The test PACS's bearer token (tests/orthanc.py), a fresh secret per session: Ray's workers
+# inherit it, and tests check that it never reaches an output or a log. Nothing of the
+# developer's own environment is used.
+os.environ["MEDHIER_DICOMWEB_TOKEN"] = "medhier-test-" + uuid.uuid4().hex
+for _name in ("MEDHIER_DICOMWEB_USER", "MEDHIER_DICOMWEB_PASSWORD", "MEDHIER_DICOMWEB_CA_BUNDLE",
+              "MEDHIER_DICOMWEB_CLIENT_CERT", "MEDHIER_DICOMWEB_CLIENT_KEY"):
+    os.environ.pop(_name, None)
 
 
 def _free_port() -> int:
@@ -56,6 +63,20 @@ def storage_cfg(s3_endpoint):
 
 
 @pytest.fixture(scope="session")
+def orthanc(tmp_path_factory):
+    """One real PACS for the session: Orthanc with DICOMweb on 127.0.0.1 (tests/orthanc.py),
+    stopped by its process id at the end. Tests keep to their own studies (their phantoms'
+    UIDs differ by seed), through the archive URI's StudyInstanceUID filter."""
+    from tests import orthanc as pacs  # imports requests; only sessions with PACS tests need it
+
+    if not pacs.installed():
+        pytest.skip(f"Orthanc is not installed ({pacs.ORTHANC}, {pacs.PLUGIN}): apt-get install -y orthanc orthanc-dicomweb")
+    server = pacs.start(tmp_path_factory.mktemp("orthanc"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray instance for the whole session (starting Ray takes ~15 s).
 
@@ -68,3 +89,53 @@ def ray_session():
     init_ray(RuntimeConfig(local_num_cpus=8, progress=False))
     yield
     shutdown_ray()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real MLflow tracking server on 127.0.0.1 (SQLite backend, artifacts served through it),
+    shared by the session and stopped by its own process id -> its URL."""
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    pytest.importorskip("mlflow", reason="MLflow is the optional extra medhier[tracking] ('.[dev]' installs it)")
+    from tests.processes import descendants, gone_after
+
+    root = tmp_path_factory.mktemp("mlflow")
+    url = f"http://127.0.0.1:{_free_port()}"
+    host, port = url[len("http://"):].split(":")
+    log = open(root / "server.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--host", host, "--port", port, "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT,
+        # no background job runner: tracking needs none, and it outlives a stopped server
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )
+    deadline = time.monotonic() + 240
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"mlflow server exited with {server.returncode}: {(root / 'server.log').read_text()[-2000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=5).ok:
+                break
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            server.kill()
+            raise TimeoutError(f"mlflow server did not answer in 240 s: {(root / 'server.log').read_text()[-2000:]}")
+        time.sleep(0.5)
+    children = descendants(server.pid)
+    yield url
+    server.terminate()  # mlflow forwards it to its uvicorn process and exits with it
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+    for pid in gone_after(children, timeout=10):
+        os.kill(pid, 9)
+    log.close()

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from medhier.cli import EXIT_USAGE, main
+from medhier.cli import EXIT_FAILED, EXIT_USAGE, main
 from medhier.config import Config, load_config
 from medhier.demo import demo_config
 
@@ -72,5 +72,27 @@ def test_synth_writes_an_archive_and_prints_its_summary(tmp_path, capsys):
 )
 def test_user_errors_exit_2_with_one_line_naming_the_input(argv, message, capsys):
     assert main(argv) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "argv,status,message",
+    [
+        (["score", "--sr-to", "s3://bucket/srs"], EXIT_USAGE, "--sr-to 's3://bucket/srs': a PACS's DICOMweb URI is needed"),
+        (["score", "--sr-to", "dicomweb+http://user:pw@pacs/dicom-web"], EXIT_USAGE, "credentials in a URI end up in summaries and logs"),
+        (["score", "--archive", "dicomweb+http://127.0.0.1:{port}/dicom-web"], EXIT_FAILED, "did not answer after 0 retries"),
+        (["prepare", "--archive", "dicomweb+http://127.0.0.1:{port}/dicom-web"], EXIT_FAILED, "did not answer after 0 retries"),
+    ],
+)
+def test_pacs_errors_exit_before_ray_starts_with_one_line(argv, status, message, tmp_path, capsys):
+    from tests.orthanc import free_port  # a port nothing listens on
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "model.pt").write_bytes(b"")  # only its presence is checked before the archive
+    base = {"score": ["score", "--archive", str(tmp_path), "--checkpoint", str(tmp_path / "ckpt"), "--output", str(tmp_path / "o")],
+            "prepare": ["prepare", "--archive", str(tmp_path), "--output", str(tmp_path / "o")]}[argv[0]]
+    args = base + [a.format(port=free_port()) for a in argv[1:]] + ["storage.dicomweb_retries=0"]
+    assert main(args) == status
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1

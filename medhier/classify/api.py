@@ -22,15 +22,18 @@ from medhier.classify.metrics import evaluate, summary_table, write_plots
 from medhier.classify.report import P_LEAF, P_MAIN
 from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.config import Config
+from medhier.console import number
 from medhier.data.cache import PrepareSummary, load_cache
 from medhier.data.cache import prepare as prepare_cache
 from medhier.infer.actor import predict_dataset
+from medhier.infer.export import ExportResult, export_checkpoint
 from medhier.io import storage
+from medhier.train import tracking
 from medhier.train import tune as train_tune
 from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
 from medhier.train.loop import train_on_cache
 
-__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "fit", "prepare", "tune"]
+__all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "export", "fit", "prepare", "tune"]
 
 
 def prepare(cfg: Config, archive: str, cache: str, labels: str = "", force: bool = False) -> PrepareSummary:
@@ -49,11 +52,13 @@ class FitResult:
     test_metrics: dict[str, Any]
     seconds: float
     prepare_table: str = ""
+    metric: str = "metric"  # train.metric: what best_metric is
 
     def table(self) -> str:
-        head = ([self.prepare_table, ""] if self.prepare_table else []) + [
+        """The run's summary (the cache's own table was printed when it was ready: ``prepare_table``)."""
+        head = [
             f"output           {self.output}",
-            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation metric {self.best_metric})",
+            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation {self.metric} {number(self.best_metric)})",
             f"epochs run       {self.epochs_run}" + (f"  (resumed at epoch {', '.join(map(str, self.resumed_at))})" if self.resumed_at else ""),
             f"wall time        {self.seconds:,.1f} s",
         ]
@@ -69,8 +74,11 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "", hooks: tuple =
     output = storage.normalize(output)
     cache = cfg.data.cache or storage.join(output, "cache")
     prepared = prepare(cfg, archive, cache, labels)
+    print(prepared.table() + "\n", flush=True)  # before the epoch lines: what the run trains on
     summary = train_on_cache(cfg, cache, output, CLASSIFY, hooks=hooks)
     best = storage.join(output, "best")
+    test_metrics = evaluate_checkpoint(best, cache, cfg, output=output)
+    tracking.log_results(cfg, output, files=("metrics.json", "plots", "model_card.md"), metrics={"test": test_metrics})
     return FitResult(
         output=output,
         best_checkpoint=best,
@@ -78,9 +86,10 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "", hooks: tuple =
         best_metric=summary.get("best_metric"),
         epochs_run=int(summary.get("epochs_run", 0)),
         resumed_at=list(summary.get("resumed_at", [])),
-        test_metrics=evaluate_checkpoint(best, cache, cfg, output=output),
+        test_metrics=test_metrics,
         seconds=time.perf_counter() - start,
         prepare_table=prepared.table(),
+        metric=cfg.train.metric,
     )
 
 
@@ -131,3 +140,10 @@ def tune(cfg: Config, archive: str, output: str, labels: str = "", resume: bool 
     cache = cfg.data.cache or storage.join(output, "cache")
     prepare(cfg, archive, cache, labels)
     return train_tune.tune(cfg, cache, output, CLASSIFY, resume=resume)
+
+
+def export(cfg: Config, checkpoint: str, output: str, fmt: str = "onnx", samples: str = "", n_samples: int = 32) -> ExportResult:
+    """``medhier export``: the checkpoint as an ONNX file at ``output`` (medhier/classify/export.py
+    says what the file holds), checked against PyTorch with onnxruntime on ``n_samples`` images
+    from the archive ``samples`` ("" for phantoms) before it is written. No Ray needed."""
+    return export_checkpoint(cfg, checkpoint, output, CLASSIFY, samples=samples, n_samples=n_samples, fmt=fmt)

@@ -21,6 +21,8 @@ P(main) is a sum over leaves), and log-probabilities mean the same thing for bot
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,25 +123,7 @@ def grad_cam(
     _check_stage(stage)
     # A torch.compile'd or DDP model: hook the eager module inside (compiled graphs skip hooks).
     model = unwrap(model)
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    was_training = model.training
-    captured: dict[str, torch.Tensor] = {}
-
-    def cut_and_keep(_module, _inputs, output):
-        # The activations become a leaf that requires grad: gradients reach them even where the
-        # stage is frozen, and autograd never walks (or stores) the trunk below the stage.
-        leaf = output.detach().requires_grad_(True)
-        captured["A"] = leaf
-        return leaf
-
-    handle = getattr(model.trunk, stage).register_forward_hook(cut_and_keep)
-    try:
-        # Parameter gradients are not needed: without them autograd keeps only what the
-        # activations' gradient needs.
-        for p in params:
-            p.requires_grad_(False)
-        model.eval()
+    with _cut_at(getattr(model.trunk, stage)) as captured, _eval_without_parameter_grads(model):
         with torch.inference_mode(False), torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
             # clone: a tensor made under inference_mode cannot enter autograd
             out = model(x.detach().clone().float())
@@ -149,18 +133,58 @@ def grad_cam(
             # Images do not interact in eval mode (BatchNorm uses running statistics), so the
             # gradient of the batch's summed score is each image's own gradient.
             (grads,) = torch.autograd.grad(scores.sum(), activations)
-            weights = grads.float().mean((2, 3), keepdim=True)  # (B, K, 1, 1)
-            cam = F.relu((weights * activations.detach().float()).sum(1, keepdim=True))  # (B, 1, h, w)
-            cam = _upsample(cam, tuple(x.shape[-2:]), STRIDES[stage])
-            peak = cam.amax((1, 2), keepdim=True)
-            cam = torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
+            cam = _weighted_map(activations, grads, tuple(x.shape[-2:]), STRIDES[stage])
+    detached = Outputs(*(t.detach() for t in (out.main_logits, out.log_p_main, out.log_p_sub, out.log_p_leaf)))
+    return CamResult(cam.clamp_(0.0, 1.0).detach(), idx.detach(), detached)
+
+
+@contextmanager
+def _cut_at(stage: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Inside: ``stage``'s output, as the forward pass makes it, is in the yielded dict under "A"."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def cut_and_keep(_module, _inputs, output):
+        # The activations become a leaf that requires grad: gradients reach them even where the
+        # stage is frozen, and autograd never walks (or stores) the trunk below the stage.
+        leaf = output.detach().requires_grad_(True)
+        captured["A"] = leaf
+        return leaf
+
+    handle = stage.register_forward_hook(cut_and_keep)
+    try:
+        yield captured
     finally:
         handle.remove()
+
+
+@contextmanager
+def _eval_without_parameter_grads(model: nn.Module) -> Iterator[None]:
+    """Inside: ``model`` in eval mode with no parameter requiring grad; its training mode and
+    requires_grad flags are restored afterwards."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    was_training = model.training
+    try:
+        # Parameter gradients are not needed: without them autograd keeps only what the
+        # activations' gradient needs.
+        for p in params:
+            p.requires_grad_(False)
+        model.eval()
+        yield
+    finally:
         for p, flag in zip(params, flags):
             p.requires_grad_(flag)
         model.train(was_training)
-    detached = Outputs(*(t.detach() for t in (out.main_logits, out.log_p_main, out.log_p_sub, out.log_p_leaf)))
-    return CamResult(cam.clamp_(0.0, 1.0).detach(), idx.detach(), detached)
+
+
+def _weighted_map(activations: torch.Tensor, grads: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
+    """Activations (B, K, h, w) weighted by their mean gradients, ReLU, upsampled to ``size`` ->
+    (B, H, W) divided by each map's maximum (an all-zero map stays 0)."""
+    weights = grads.float().mean((2, 3), keepdim=True)  # (B, K, 1, 1)
+    cam = F.relu((weights * activations.detach().float()).sum(1, keepdim=True))  # (B, 1, h, w)
+    cam = _upsample(cam, size, stride)
+    peak = cam.amax((1, 2), keepdim=True)
+    return torch.where(peak > 0, cam / peak.clamp_min(torch.finfo(cam.dtype).tiny), torch.zeros_like(cam))
 
 
 def _upsample(cam: torch.Tensor, size: tuple[int, int], stride: int) -> torch.Tensor:
@@ -317,25 +341,38 @@ def explain_dicom(
     result: dict[str, Any] = {"checkpoint": checkpoint, "model_id": loaded.model_id, "frame": int(decoded.frames[0]), "stage": stage, "maps": {}}
     outputs = None  # set by the first map; "sub" with a main-class target comes after "main"
     for lv in levels:
-        idx = targets[lv]
-        if lv == "sub" and idx is None and targets.get("sub_within") is not None:
-            # "both" with a main-class target: the best leaf inside that main class
-            inside = torch.as_tensor(tax.leaf_mask[targets["sub_within"]])
-            idx = int(outputs.log_p_sub[0].masked_fill(~inside, float("-inf")).argmax())
-        cam = grad_cam(loaded.model, x, tax, level=lv, target=idx, stage=stage)
+        cam = grad_cam(loaded.model, x, tax, level=lv, target=_level_target(tax, targets, lv, outputs), stage=stage)
         outputs = cam.outputs
         heat = cam.heatmap[0].numpy()
         uri = storage.join(storage.normalize(output_dir), PNG_NAMES[lv])
         storage.write_bytes(uri, overlay_png(image, heat), storage_cfg)
-        t = int(cam.target[0])
-        if lv == "main":
-            name, p = tax.mains[t], float(outputs.log_p_main[0, t].exp())
-        else:
-            name, p = tax.leaf_names[t], float(outputs.log_p_sub[0, t].exp())
-        result["maps"][lv] = {"target": name, "p": p, "png": uri, **heat_summary(heat)}
+        result["maps"][lv] = {**_explained_class(cam, lv, tax), "png": uri, **heat_summary(heat)}
+    result["prediction"] = _prediction(outputs, tax)
+    return result
 
+
+def _level_target(tax: Taxonomy, targets: dict[str, int | None], level: str, outputs: Outputs | None) -> int | None:
+    """The index :func:`explain_dicom` explains at ``level``: ``targets[level]``, except that
+    "both" with a main-class target explains, at "sub", the best leaf inside that main class
+    (from the main map's ``outputs``)."""
+    if level == "sub" and targets[level] is None and targets.get("sub_within") is not None:
+        inside = torch.as_tensor(tax.leaf_mask[targets["sub_within"]])
+        return int(outputs.log_p_sub[0].masked_fill(~inside, float("-inf")).argmax())
+    return targets[level]
+
+
+def _explained_class(cam: CamResult, level: str, tax: Taxonomy) -> dict[str, Any]:
+    """The first image's explained class at ``level`` and its probability: P(main), or P(sub | main)."""
+    t = int(cam.target[0])
+    if level == "main":
+        return {"target": tax.mains[t], "p": float(cam.outputs.log_p_main[0, t].exp())}
+    return {"target": tax.leaf_names[t], "p": float(cam.outputs.log_p_sub[0, t].exp())}
+
+
+def _prediction(outputs: Outputs, tax: Taxonomy) -> dict[str, Any]:
+    """The first image's hierarchical prediction: names and p_main, p_sub = P(sub | main), p_leaf."""
     main, leaf = (int(v[0]) for v in predict(outputs, tax))
-    result["prediction"] = {
+    return {
         "main": tax.mains[main],
         "sub": tax.leaves[leaf][1],
         "leaf": tax.leaf_names[leaf],
@@ -343,7 +380,6 @@ def explain_dicom(
         "p_sub": float(outputs.log_p_sub[0, leaf].exp()),
         "p_leaf": float(outputs.log_p_leaf[0, leaf].exp()),
     }
-    return result
 
 
 def _dicom_targets(tax: Taxonomy, level: str, target: str | None) -> dict[str, int | None]:

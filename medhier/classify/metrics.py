@@ -136,7 +136,7 @@ def hierarchical_predictions(taxonomy: Taxonomy, p_main: np.ndarray, p_leaf: np.
     return main_pred, _argmax_within(taxonomy, np.asarray(p_leaf), main_pred).astype(np.int64)
 
 
-def _prepare(taxonomy, main_true, leaf_true, p_main, p_leaf, main_pred, leaf_pred) -> _Inputs:
+def _prepare(taxonomy, main_true, leaf_true, p_main, p_leaf, main_pred=None, leaf_pred=None) -> _Inputs:
     if not isinstance(taxonomy, Taxonomy):
         raise TypeError(f"taxonomy: expected a medhier.taxonomy.Taxonomy, got {type(taxonomy).__name__}")
     main_true = _labels("main_true", main_true, taxonomy.num_mains)
@@ -339,25 +339,21 @@ def _plot_roc(path: str, title: str, names: tuple[str, ...], y_true: np.ndarray,
     fig.savefig(path, dpi=110)
 
 
-def write_plots(
-    taxonomy: Taxonomy,
-    main_true: np.ndarray,
-    leaf_true: np.ndarray,
-    p_main: np.ndarray,
-    p_leaf: np.ndarray,
-    main_pred: np.ndarray | None = None,
-    leaf_pred: np.ndarray | None = None,
-    *,
-    out_dir: str | os.PathLike,
-) -> list[str]:
+def write_plots(taxonomy: Taxonomy, *arrays: np.ndarray | None, out_dir: str | os.PathLike) -> list[str]:
     """Write confusion matrices and ROC curves as PNGs -> their paths (see :data:`PLOT_FILES`).
 
-    Takes the same arrays as :func:`evaluate` (same checks, same derived predictions), so
-    ``write_plots(*arrays, out_dir=d)`` draws exactly what ``evaluate(*arrays)`` reports.
-    ``out_dir`` is a local directory, created if missing. Classes without a ROC curve (absent
-    from the labels, or the only class present) are listed on the plot instead of drawn.
+    ``arrays``: :func:`evaluate`'s main_true, leaf_true, p_main, p_leaf and optionally main_pred,
+    leaf_pred, in that order (same checks, same derived predictions), so
+    ``write_plots(taxonomy, *arrays, out_dir=d)`` draws exactly what ``evaluate(taxonomy, *arrays)``
+    reports. ``out_dir`` is a local directory, created if missing. Classes without a ROC curve
+    (absent from the labels, or the only class present) are listed on the plot instead of drawn.
     """
-    x = _prepare(taxonomy, main_true, leaf_true, p_main, p_leaf, main_pred, leaf_pred)
+    if not 4 <= len(arrays) <= 6:
+        raise TypeError(
+            "write_plots takes evaluate's arrays: main_true, leaf_true, p_main, p_leaf[, main_pred, leaf_pred]; "
+            f"got {len(arrays)}"
+        )
+    x = _prepare(taxonomy, *arrays)
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(os.fspath(out_dir), name) for name in PLOT_FILES]
     _plot_confusion(paths[0], "Main class", taxonomy.mains, x.main_true, x.main_pred)

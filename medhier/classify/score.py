@@ -6,7 +6,11 @@ the classifier's extras around it:
   ``OUTPUT/explain/run_id=<run>/`` and where its heat lies, in the report's ``explain_*`` columns;
 * ``--sr``: one DICOM SR (TID 1500) per ok row under ``OUTPUT/sr/run_id=<run>/``, written by a
   stage of its own over the scored rows, with the very values its report row carries; the
-  row's ``sr_path`` names it.
+  row's ``sr_path`` names it;
+* ``--sr-to dicomweb+http(s)://...``: the SRs (``--sr`` implied) are also stored in a PACS with
+  STOW-RS once the run has committed, and every committed SR an earlier run could not store
+  there is tried again (:mod:`medhier.infer.deliver` records each attempt under
+  ``OUTPUT/deliveries/``).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from medhier.classify.taxonomy import Taxonomy
 from medhier.config import Config, StorageConfig
 from medhier.infer.actor import ModelActor
 from medhier.infer.batch import RunInfo, ScoreSummary, Stage, score_archive
+from medhier.infer.deliver import Delivery
 from medhier.io import storage
 from medhier.classify.sr import make_sr, sr_filename
 
@@ -73,7 +78,9 @@ def write_srs(batch: dict[str, np.ndarray], run: RunInfo) -> dict[str, np.ndarra
 
     The SR carries its source's patient and study, so the source's header is read again (one
     GET per image, only with --sr). A source an SR cannot be made for (e.g. without a
-    SeriesInstanceUID) keeps a null sr_path and a warning: the report row stands either way.
+    SeriesInstanceUID) keeps a null sr_path and a warning: the report row stands either way. An
+    archive that stops answering fails the stage (and the run): a row committed without its SR
+    would never get one.
     """
     tax = Taxonomy.from_config(run.cfg.taxonomy)
     ok = batch[C.STATUS] == C.STATUS_OK
@@ -92,16 +99,21 @@ def write_srs(batch: dict[str, np.ndarray], run: RunInfo) -> dict[str, np.ndarra
             relative = f"sr/run_id={run.run_id}/{sr_filename(str(batch[C.SOP_INSTANCE_UID][i]), run.model_id, frame)}"
             storage.write_bytes(storage.join(run.output, relative), data, run.storage)
             paths[i] = relative
+        except storage.ArchiveUnavailable:
+            raise
         except Exception as exc:  # the report row matters more than its SR
             log.warning("no SR for %s: %s", rel, exc)
     return {**batch, SR_PATH: paths}
 
 
 def score(cfg: Config, archive: str, checkpoint: str, output: str, *, full: bool = False, explain: bool = False,
-          sr: bool = False) -> ScoreSummary:
+          sr: bool = False, sr_to: str = "") -> ScoreSummary:
     """``medhier score``: the classifier over the new or changed objects of ``archive`` (all of
     them with ``full``), with Grad-CAM overlays (``explain``) and DICOM SRs (``sr``) beside the
-    report. Needs Ray initialised."""
+    report; ``sr_to``: a DICOMweb URI the SRs are stored in (implies ``sr``). Needs Ray
+    initialised. Raises ValueError naming a malformed ``sr_to``."""
     s = cfg.score
+    deliveries = (Delivery(SR_PATH, sr_to),) if sr_to else ()  # checked before any work
     annotator = (lambda run: GradCam(run.output, run.run_id, run.storage, s.explain_min_prob, tuple(s.explain_skip_mains))) if explain else None
-    return score_archive(cfg, archive, checkpoint, output, CLASSIFY, full=full, annotator=annotator, stages=(Stage(write_srs),) if sr else ())
+    return score_archive(cfg, archive, checkpoint, output, CLASSIFY, full=full, annotator=annotator,
+                         stages=(Stage(write_srs),) if sr or sr_to else (), deliveries=deliveries)

@@ -11,14 +11,16 @@ import numpy as np
 import pyarrow as pa
 from torch import nn
 
+from medhier.classify.export import export_samples, export_spec
 from medhier.classify.labels import HierarchicalLabels
 from medhier.classify.model import build_model, untie_shared_modules
 from medhier.classify.report import ClassifierPredictor, LeafTally, answer, report_columns, report_values
 from medhier.classify.step import COLUMNS, ClassifyStep
 from medhier.classify.studies import write_studies
 from medhier.classify.taxonomy import Taxonomy
-from medhier.config import Config
+from medhier.config import Config, StorageConfig
 from medhier.data.cache import CacheInfo, check_preprocess_matches
+from medhier.infer.export import ExportSpec
 from medhier.infer.ledger import Ledger
 from medhier.train.checkpoint import Loaded
 from medhier.train.loop import Env
@@ -69,6 +71,12 @@ class Classifier:
 
     def after_commit(self, cfg: Config, ledger: Ledger, model_id: str, version: str) -> None:
         write_studies(ledger, Taxonomy.from_config(cfg.taxonomy), model_id, version)
+
+    def export_spec(self, loaded: Loaded) -> ExportSpec:
+        return export_spec(loaded)
+
+    def export_samples(self, loaded: Loaded, uri: str, n: int, storage_cfg: StorageConfig) -> tuple[np.ndarray, str]:
+        return export_samples(loaded, uri, n, storage_cfg)
 
     def __reduce__(self):  # one instance everywhere, workers included
         return "CLASSIFY"

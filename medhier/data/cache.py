@@ -91,6 +91,7 @@ class PrepareSummary:
 
     def table(self) -> str:
         c = self.counts
+        width = max([15, *(len(r) + 2 for r in c["reasons"])])
         lines = [
             f"cache            {self.cache}" + ("  (up to date, reused)" if self.reused else ""),
             f"objects listed   {self.listing.objects:,}  ({self.listing.bytes / 1e6:,.1f} MB)",
@@ -98,7 +99,8 @@ class PrepareSummary:
             f"image rows       {c['ok']:,}   (train {c['splits'].get('train', 0):,} / val {c['splits'].get('val', 0):,} / test {c['splits'].get('test', 0):,})",
             f"unlabelled rows  {c['unlabelled']:,}",
             f"labels w/o file  {c['labels_without_file']:,}",
-            f"error rows       {c['errors']:,}" + "".join(f"\n  {r:<15}{n:,}" for r, n in sorted(c["reasons"].items())),
+            # reason codes are up to 18 characters (unsupported_syntax): the column fits the longest
+            f"error rows       {c['errors']:,}" + "".join(f"\n  {r:<{width}}{n:,}" for r, n in sorted(c["reasons"].items())),
         ]
         if c.get("classes"):
             lines.append(f"{'per ' + c.get('class_noun', 'class'):<17}" + ", ".join(f"{k} {v:,}" for k, v in c["classes"].items()))

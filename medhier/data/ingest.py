@@ -4,7 +4,9 @@
 
 Every listed object yields at least one row: ``status == "ok"`` with an image (one row per
 selected frame), or ``status == "error"`` with a reason code and a message naming the object.
-Nothing is dropped silently.
+Nothing is dropped silently. An archive that stops answering (``storage.ArchiveUnavailable``,
+e.g. a PACS down after retries) fails the decode task instead: an outage is not a property of
+the object, and a ``read_error`` row would mark it done for good.
 """
 
 from __future__ import annotations
@@ -88,6 +90,8 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
     def fetch(rel: str) -> bytes | Exception:
         try:
             return read(rel)
+        except storage.ArchiveUnavailable:  # an outage says nothing about the object: the run stops, records nothing
+            raise
         except Exception as exc:  # reported as a read_error row, never raised
             return exc
 

@@ -115,6 +115,9 @@ def read_labels(uri: str, codec: LabelCodec, storage_cfg: StorageConfig) -> Labe
 
 
 def default_labels_uri(archive: str, storage_cfg: StorageConfig) -> str:
-    """``<archive>/labels.csv`` when it exists (what ``medhier synth`` writes), else ""."""
+    """``<archive>/labels.csv`` when it exists (what ``medhier synth`` writes), else "" (always
+    for a PACS, which holds instances only: pass labels keyed by sop_instance_uid)."""
+    if storage.is_dicomweb(archive):
+        return ""
     candidate = storage.join(storage.normalize(archive), "labels.csv")
     return candidate if storage.exists(candidate, storage_cfg) else ""

@@ -157,12 +157,15 @@ def read_headers(batch: dict[str, np.ndarray], settings: SeriesSettings) -> pa.T
 def fetch_objects(paths: Sequence[str], settings: SeriesSettings):
     """The objects at ``paths`` (relative to the archive) in order, read concurrently with at
     most ``2 x storage.read_threads`` in flight: an iterator of bytes, or the exception a read
-    raised (the caller reports it; nothing is raised here)."""
+    raised (the caller reports it), except ``storage.ArchiveUnavailable`` (a PACS that stopped
+    answering), which is raised: an outage must not mark objects done."""
     read = storage.reader(settings.archive, settings.storage)
 
     def fetch(rel: str) -> bytes | Exception:
         try:
             return read(rel)
+        except storage.ArchiveUnavailable:  # an outage says nothing about the object: the task fails, records nothing
+            raise
         except Exception as exc:  # reported by the caller as a read error, never raised
             return exc
 

@@ -13,9 +13,10 @@ import json
 import logging
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import numpy as np
@@ -25,13 +26,17 @@ from ray.data import ActorPoolStrategy
 
 from medhier import columns as C
 from medhier.config import Config, StorageConfig
-from medhier.infer.int8 import agreement, check_agreement, quantize
+from medhier.infer import compiled as compiled_module
+from medhier.infer import int8 as int8_module
+from medhier.infer.compiled import PACKAGE_FILE, CompiledModel, ModelCache, Variant, as_tuple, build_package, code_hash, fingerprint
+from medhier.infer.int8 import Agreement, agreement, check_agreement, quantize
 from medhier.io import storage
 from medhier.runtime import execute_pipeline
 from medhier.train.checkpoint import ModelTask, load_checkpoint
-from medhier.train.precision import autocast_dtype
+from medhier.train.precision import autocast_dtype, precision_name
 
-__all__ = ["SCORED_MS", "ActorSettings", "InferTask", "Int8Settings", "ModelActor", "Predictor", "actor_resources", "predict_dataset"]
+__all__ = ["SCORED_MS", "ActorReport", "ActorSettings", "InferTask", "Int8Settings", "ModelActor", "Predictor", "actor_resources",
+           "compiled_variant", "model_cache", "predict_dataset"]
 
 log = logging.getLogger(__name__)
 
@@ -67,17 +72,57 @@ class ActorSettings:
     precision: str = "auto"  # auto, bf16, fp16, fp32 or int8 (CPU)
     channels_last: bool = True
     threads: int = 0  # torch intra-op threads on CPUs; 0 = torch's default
-    compile: bool = False  # torch.compile (inductor, freezing) at the one batch shape
+    compile: bool = False  # compiled ahead of time (AOTInductor) at the one batch shape; int8 always is
     batch_size: int = 32  # images per forward pass
+    # Compiled models kept across runs (medhier/infer/compiled.py): a folder or s3:// URI; "" =
+    # compiled for this actor only.
+    model_cache: str = ""
+    # A folder (URI) where each compiled actor writes how it got its model, as JSON (ActorReport);
+    # "" = nowhere.
+    report: str = ""
 
 
 @dataclass(frozen=True)
 class Int8Settings:
-    """int8 scoring: where the calibration and check images are, where the comparison goes."""
+    """int8 scoring: the calibration and check images, and the agreement it must reach.
 
-    images: str  # .npz URI: "calibration" and "check", (N, S, S) uint8 as decode tasks make them
-    report: str  # folder URI; each actor writes its comparison with fp32 there as JSON
+    ``images``: a .npz URI with "calibration" and "check", (N, S, S) uint8 as decode tasks make
+    them; "" when the run expects the quantized model in the model cache, in which case an actor
+    that does not find it there calls ``sample`` for the same arrays."""
+
+    images: str
     min_agreement: float  # below this share of equal predicted classes on the check images, refuse
+    calibration_images: int  # how many the run asked for: part of the compiled model's cache key
+    sample: Callable[[], dict[str, np.ndarray]] | None = None
+
+
+@dataclass
+class ActorReport:
+    """How a compiled actor got its model: written as JSON to ``ActorSettings.report``."""
+
+    variant: str  # Variant.name
+    cache: str  # "hit": loaded from the model cache; "built": compiled now and kept there; "not kept": no cache
+    folder: str  # the cache entry ("" when not kept)
+    built_at: str  # when the entry was built (hits)
+    build_seconds: float = 0.0  # calibrating (int8), compiling and checking, when built now
+    int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32, made when the model was built
+    seconds: float = 0.0  # the actor's whole start-up: checkpoint, model, cache or build
+
+
+def model_cache(root: str, storage_cfg: StorageConfig | None, device: torch.device, model: torch.nn.Module) -> ModelCache:
+    """The compiled models under ``root`` that this machine (``device``'s) can run for ``model``'s
+    code: the fingerprint names the task's model module and the compilation code."""
+    return ModelCache(root, storage_cfg, fingerprint(device, code_hash(type(model), compiled_module, int8_module)))
+
+
+def compiled_variant(preset: torch.nn.Module, image_size: int, settings: ActorSettings, device: torch.device,
+                     calibration_images: int = 0) -> Variant:
+    """The compiled model an actor with ``settings`` runs on ``device`` (its model cache key);
+    ``calibration_images``: what int8 asks for."""
+    with torch.inference_mode():
+        shape = tuple(preset.to(device)(torch.zeros((1, image_size, image_size), dtype=torch.uint8, device=device)).shape[1:])
+    precision = precision_name(settings.precision, device)
+    return Variant(precision, settings.batch_size, shape, settings.channels_last, calibration_images if precision == "int8" else 0)
 
 
 Annotator = Callable[["ModelActor", dict[str, np.ndarray], np.ndarray, np.ndarray, dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -91,6 +136,7 @@ class ModelActor:
 
     def __init__(self, task: InferTask, checkpoint: str, storage_cfg: StorageConfig, settings: ActorSettings,
                  int8: Int8Settings | None = None, annotator: Annotator | None = None):
+        started = time.perf_counter()
         if settings.threads:
             torch.set_num_threads(settings.threads)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -108,46 +154,102 @@ class ModelActor:
         self.annotator = annotator
         # Gradients (Grad-CAM) and the int8 check need the eager model even when a compiled one scores.
         self.eager = self.model
-        if settings.precision == "int8":
-            self._quantize(task, int8)
-        elif settings.compile:
-            import torch._inductor.config as inductor_config  # inductor loads only when compiling
+        self.report: ActorReport | None = None
+        if self.compiled:
+            cache = model_cache(settings.model_cache, storage_cfg, self.device, self.eager) if settings.model_cache else None
+            variant = compiled_variant(self.preset, self.image_size, settings, self.device, int8.calibration_images if int8 else 0)
+            self.report = self._int8(task, int8, cache, variant) if variant.precision == "int8" else self._compile(cache, variant)
+            self.report.seconds = round(time.perf_counter() - started, 1)
+            if settings.report:
+                where = f"{socket.gethostname()}-{os.getpid()}"
+                storage.write_text(storage.join(settings.report, f"{where}.json"), json.dumps(asdict(self.report)), storage_cfg)
+            log.info("compiled model: %s", asdict(self.report))
+            if self.report.int8:
+                check_agreement(Agreement(**{f.name: self.report.int8[f.name] for f in fields(Agreement)}), int8.min_agreement)
 
-            inductor_config.freezing = True  # constant-fold the weights: the CPU speed-up lives here
-            self.model = torch.compile(self.model)
-            # Compile now, at the one batch shape it will ever see (partial batches are padded).
-            self.predict_images(np.zeros((self.batch_size, self.image_size, self.image_size), np.uint8))
+    def _example(self) -> torch.Tensor:
+        """A preprocessed batch of ``batch_size`` blank images: the shape packages are built for."""
+        with torch.inference_mode():
+            x = self.preset(torch.zeros((self.batch_size, self.image_size, self.image_size), dtype=torch.uint8, device=self.device))
+        return x.clone().contiguous(memory_format=self.memory_format)
 
-    def _quantize(self, task: InferTask, int8: Int8Settings | None) -> None:
-        """Replace the model by its int8 version (medhier/infer/int8.py), calibrated on the
-        calibration images, then compare it with the fp32 model on the check images: below
-        ``min_agreement`` it raises. The comparison goes to ``int8.report`` as JSON."""
+    def _packaged(self, cache: ModelCache | None, variant: Variant, module: Callable[[], torch.nn.Module],
+                  info: Callable[[CompiledModel], dict[str, Any]] | None = None) -> tuple[CompiledModel, ActorReport]:
+        """The compiled model of ``variant``: from the cache when it holds one for this machine,
+        else built from ``module()`` (tuple outputs), checked by ``info`` (which may raise: then
+        nothing is kept) and stored -> (the model, how it was had)."""
+        example = self._example()
+        with torch.inference_mode():
+            output_type = type(self.eager(example[:1]))  # the dataclass the compiled model returns too
+        if cache is not None:
+            hit = cache.load(self.model_id, variant, self.device)
+            if hit is not None:
+                runner, meta = hit
+                return CompiledModel(runner, self.batch_size, output_type), ActorReport(
+                    variant.name, "hit", cache.folder(self.model_id, variant), meta["built_at"], int8=meta.get("int8", {}))
+        from torch._inductor import aoti_load_package  # inductor loads only when a package is built or loaded
+
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = build_package(module(), example, os.path.join(tmp, PACKAGE_FILE))
+            model = CompiledModel(aoti_load_package(path), self.batch_size, output_type)
+            extra = info(model) if info is not None else {}
+            built = round(time.perf_counter() - started, 1)
+            where = ""
+            if cache is not None:
+                cache.store(self.model_id, variant, path, {"build_seconds": built, **extra})
+                where = cache.folder(self.model_id, variant)
+        return model, ActorReport(variant.name, "built" if cache is not None else "not kept", where, "", built, extra.get("int8", {}))
+
+    def _compile(self, cache: ModelCache | None, variant: Variant) -> ActorReport:
+        """Replace the model by its compiled version (bf16/fp16 autocast inside the package)."""
+        self.model, report = self._packaged(cache, variant, lambda: as_tuple(self.eager, self.amp_dtype, self.device.type))
+        return report
+
+    def _int8(self, task: InferTask, int8: Int8Settings | None, cache: ModelCache | None, variant: Variant) -> ActorReport:
+        """Replace the model by its int8 version (medhier/infer/int8.py): from the cache, or
+        calibrated on the calibration images and compared with the fp32 model on the check
+        images (the comparison is kept with the compiled model). The caller refuses agreement
+        below ``min_agreement``."""
         if self.device.type != "cpu":
             raise ValueError("score.precision=int8 is a CPU path; this actor runs on a GPU: use bf16 or fp16 there")
         if int8 is None:
             raise ValueError("score.precision=int8 needs calibration images: none were given")
-        with np.load(io.BytesIO(storage.read_bytes(int8.images, self.storage))) as images:
-            calibration, check = images["calibration"], images["check"]
-        if not len(calibration):
-            raise ValueError(f"score.precision=int8: {int8.images} holds no calibration image")
-        started = time.perf_counter()
-        with torch.inference_mode():
-            x = self.preset(torch.from_numpy(calibration).to(self.device))
-        self.model = quantize(self.eager, x.contiguous(memory_format=self.memory_format), self.batch_size, prepare=task.prepare_int8)
-        fp32, quantized = [], []
-        for start in range(0, len(check), self.batch_size):
-            part = check[start : start + self.batch_size]
-            quantized.append(self.predict_images(part))  # the first call compiles
-            fp32.append(self.predict_images(part, eager=True))
-        if not len(check):
-            self.predict_images(np.zeros((self.batch_size, self.image_size, self.image_size), np.uint8))  # compile now
-        join = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
-        result = agreement(join(fp32), join(quantized)) if fp32 else agreement({"pred_leaf": np.zeros(0)}, {})
-        summary = {"calibration_images": len(calibration), **result.to_dict(), "seconds": round(time.perf_counter() - started, 1)}
-        where = f"{socket.gethostname()}-{os.getpid()}"
-        storage.write_text(storage.join(int8.report, f"{where}.json"), json.dumps(summary), self.storage)
-        log.info("int8: %s", summary)
-        check_agreement(result, int8.min_agreement)
+        state: dict[str, Any] = {}
+
+        def quantized() -> torch.nn.Module:
+            if int8.images:
+                with np.load(io.BytesIO(storage.read_bytes(int8.images, self.storage))) as images:
+                    state["calibration"], state["check"] = images["calibration"], images["check"]
+            elif int8.sample is not None:  # the run expected this model in the cache; this machine has none there
+                sampled = int8.sample()
+                state["calibration"], state["check"] = sampled["calibration"], sampled["check"]
+            else:
+                raise ValueError("score.precision=int8: no calibration images and no compiled int8 model in the cache")
+            if not len(state["calibration"]):
+                raise ValueError(f"score.precision=int8: {int8.images or 'the sample'} holds no calibration image")
+            state["started"] = time.perf_counter()
+            with torch.inference_mode():
+                x = self.preset(torch.from_numpy(state["calibration"]).to(self.device))
+            return quantize(self.eager, x.contiguous(memory_format=self.memory_format), self.batch_size, prepare=task.prepare_int8).compiled
+
+        def compare(model: CompiledModel) -> dict[str, Any]:
+            self.model = model
+            check = state["check"]
+            fp32, scored = [], []
+            for start in range(0, len(check), self.batch_size):
+                part = check[start : start + self.batch_size]
+                scored.append(self.predict_images(part))
+                fp32.append(self.predict_images(part, eager=True))
+            join = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
+            result = agreement(join(fp32), join(scored)) if fp32 else agreement({"pred_leaf": np.zeros(0)}, {})
+            summary = {"calibration_images": len(state["calibration"]), **result.to_dict(),
+                       "seconds": round(time.perf_counter() - state["started"], 1)}
+            check_agreement(result, int8.min_agreement)  # a model that disagrees is not kept
+            return {"int8": summary}
+
+        self.model, report = self._packaged(cache, variant, quantized, compare)
+        return report
 
     @torch.inference_mode()
     def predict_images(self, images: np.ndarray, eager: bool = False) -> dict[str, np.ndarray]:

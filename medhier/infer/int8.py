@@ -2,7 +2,8 @@
 
 PyTorch 2 export quantization (torchao's ``X86InductorQuantizer``): the model is exported,
 observers record the activation ranges of calibration images, and the converted graph is
-compiled by inductor into int8 convolution and linear kernels (VNNI on AVX-512 CPUs, AMX where
+compiled by inductor (:mod:`medhier.infer.compiled`, ahead of time, kept across runs) into int8
+convolution and linear kernels (VNNI on AVX-512 CPUs, AMX where
 present). On a CPU without bf16 matrix units this gives ResNet50 1.6-2x the images/s of compiled bf16
 (benchmarks/RESULTS.md). It is a CPU path: GPUs score in bf16/fp16.
 
@@ -14,42 +15,15 @@ from __future__ import annotations
 
 import copy
 import logging
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-class _AsTuple(nn.Module):
-    """The model with its dataclass of outputs as a tuple of tensors (what export traces)."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        out = self.model(x)
-        return tuple(getattr(out, f.name) for f in fields(out))
-
-
-class Int8Model(nn.Module):
-    """A quantized, compiled model with the fp32 model's interface (its outputs dataclass,
-    ``output_type``), for batches of exactly ``batch_size`` images (the graph is exported for one
-    shape; callers pad)."""
-
-    def __init__(self, compiled: nn.Module, batch_size: int, output_type: type):
-        super().__init__()
-        self.compiled = compiled
-        self.batch_size = batch_size
-        self.output_type = output_type
-
-    def forward(self, x: torch.Tensor):
-        if x.shape[0] != self.batch_size:
-            raise ValueError(f"int8 model: batches of exactly {self.batch_size} images, got {x.shape[0]}")
-        return self.output_type(*self.compiled(x))
+from medhier.infer.compiled import CompiledModel, as_tuple
 
 
 def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -60,22 +34,23 @@ def _batches(images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [images[order[i : i + batch_size]] for i in range(0, len(order), batch_size)]
 
 
-def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compile: bool = True,
-             prepare: Callable[[nn.Module], None] | None = None) -> Int8Model:
+def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int,
+             prepare: Callable[[nn.Module], None] | None = None) -> CompiledModel:
     """int8 copy of ``model`` (left untouched), calibrated on ``calibration`` (N, C, S, S),
-    preprocessed as for inference, and compiled with inductor for batches of ``batch_size``.
-    The model returns a dataclass of tensors; the int8 copy returns the same dataclass.
-    ``prepare``: the task's in-place rewrite of the copy into a form the quantizer matches (e.g.
-    one module per call). ``compile=False`` keeps the converted graph as it is: quantize/dequantize
-    steps around fp32 operators, which computes what the int8 kernels compute, slowly (for tests)."""
+    preprocessed as for inference, for batches of ``batch_size``. The model returns a dataclass
+    of tensors; the int8 copy returns the same dataclass. ``prepare``: the task's in-place
+    rewrite of the copy into a form the quantizer matches (e.g. one module per call).
+
+    The copy's ``compiled`` is the converted graph: quantize/dequantize steps around fp32
+    operators, which computes what the int8 kernels compute, slowly. Compiling it
+    (:func:`medhier.infer.compiled.build_package`) makes the int8 kernels."""
     if not len(calibration):
         raise ValueError("int8 quantization needs at least one calibration image")
     # torchao registers an enum with torch's pytree at import and torch logs a warning about it.
     pytree_log = logging.getLogger("torch.utils._pytree")
     level = pytree_log.level
     pytree_log.setLevel(logging.ERROR)
-    try:  # torchao and inductor load only for int8 scoring (seconds), under the quieted logger
-        import torch._inductor.config as inductor_config
+    try:  # torchao loads only for int8 scoring (seconds), under the quieted logger
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
         from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
     finally:
@@ -88,15 +63,12 @@ def quantize(model: nn.Module, calibration: torch.Tensor, batch_size: int, compi
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     with torch.no_grad():
         output_type = type(fp32(batches[0][:1]))  # the dataclass the int8 copy must return too
-        exported = torch.export.export(_AsTuple(fp32), (batches[0],)).module()
+        exported = torch.export.export(as_tuple(fp32), (batches[0],)).module()
         prepared = prepare_pt2e(exported, quantizer)
         for batch in batches:
             prepared(batch)
         converted = convert_pt2e(prepared)
-    inductor_config.freezing = True  # fold the int8 weights and their scales into the kernels
-    # inductor's int8 lowering copies a tensor with torch.tensor() and warns about it, once per conv
-    warnings.filterwarnings("ignore", message="To copy construct from a tensor", module=r"torch\._inductor\.mkldnn_lowerings")
-    return Int8Model(torch.compile(converted) if compile else converted, batch_size, output_type)
+    return CompiledModel(converted, batch_size, output_type)
 
 
 @dataclass

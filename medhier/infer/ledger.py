@@ -13,6 +13,13 @@ which the next run rebuilds from the report if the crash fell between the two. U
 nothing is visible; after it the rows are visible exactly once. (3) The run's staging copy is
 removed: the report holds every row, and recovery needs only the report.
 
+A run that dies (killed, stopped, crashed) leaves its completed staging files behind; the next
+run of the same model, version and config adopts their rows (:meth:`Ledger.staged`, used by
+medhier.infer.batch) instead of doing that work again, so a kill loses only the work in flight.
+A run is dead when it never committed and its heartbeat (``runs/<run>/_ALIVE``) is gone (its
+process ended with an error or a stop signal), stale, or names a process of this host that no
+longer exists (killed outright).
+
 A run's todo list is its manifest minus the ledger of the same model and version: a unit of work
 is identified by its version key — for archive scoring an object's path, size, ETag and mtime, so
 a changed object is done again; a job over other units (a visit's series) names its own key.
@@ -26,7 +33,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -180,10 +187,55 @@ class Ledger:
             run = info.base_name
             if storage.exists(storage.join(self.run_dir(run), COMMITTED), self.storage):
                 continue
-            beat = Heartbeat.last(self.run_dir(run), self.storage)
-            if beat is None or now - beat > STALE_AFTER_S:
+            beat = Heartbeat.read(self.run_dir(run), self.storage)
+            if beat is None or now - beat["time"] > STALE_AFTER_S or _gone(beat):
                 dead.append(run)
         return sorted(dead)
+
+    def run_config(self, run_id: str) -> str:
+        """The resolved config a run wrote into its folder ('' when it has none)."""
+        try:
+            return storage.read_bytes(storage.join(self.run_dir(run_id), "config.yaml"), self.storage).decode("utf-8")
+        except FileNotFoundError:
+            return ""
+
+    def staged_rows(self, run_id: str) -> int:
+        """Rows in a run's completed staging files, from their Parquet footers alone."""
+        fs, staging = storage.filesystem(storage.join(self.run_dir(run_id), "staging"), self.storage)
+        try:
+            infos = fs.get_file_info(storage.pafs.FileSelector(staging))
+        except FileNotFoundError:
+            return 0
+        rows = 0
+        for info in (i for i in infos if i.type == storage.pafs.FileType.File and i.base_name.endswith(".parquet")):
+            try:
+                with fs.open_input_file(info.path) as f:
+                    rows += pq.ParquetFile(f).metadata.num_rows
+            except (OSError, pa.ArrowInvalid):  # in flight: not counted, as it is not adopted
+                continue
+        return rows
+
+    def staged(self, run_id: str, schema: pa.Schema, columns: list[str] | None = None) -> Iterator[tuple[str, pa.Table]]:
+        """A run's completed staging files with ``schema``'s columns -> (file name, rows; only
+        ``columns`` when given). A file cut short by a kill (no Parquet footer) or of another
+        layout is passed over: its work is done again."""
+        fs, staging = storage.filesystem(storage.join(self.run_dir(run_id), "staging"), self.storage)
+        try:
+            infos = fs.get_file_info(storage.pafs.FileSelector(staging))
+        except FileNotFoundError:
+            return
+        for info in sorted((i for i in infos if i.type == storage.pafs.FileType.File and i.base_name.endswith(".parquet")),
+                           key=lambda i: i.base_name):
+            try:
+                with fs.open_input_file(info.path) as f:
+                    parquet = pq.ParquetFile(f)
+                    found = parquet.schema_arrow
+                    if any(found.get_field_index(n) < 0 or not found.field(n).type.equals(schema.field(n).type) for n in schema.names):
+                        continue
+                    table = parquet.read(columns=columns or schema.names)
+            except (OSError, pa.ArrowInvalid):  # in flight when the run died: no footer
+                continue
+            yield info.base_name, table
 
     def remove_dead_runs(self, keep: tuple[str, ...] = ()) -> list[str]:
         """Delete the folders of dead runs (their rows were never visible; a later run did them again)."""
@@ -275,7 +327,8 @@ class _atomic_file:
 class Heartbeat:
     """Marks a run alive while it works: ``runs/<run>/_ALIVE`` is rewritten every ``every_s``
     seconds from a daemon thread, so another process can tell a running run from a dead one
-    (on S3 as locally)."""
+    (on S3 as locally). It names the host and process; when the run's block ends with an error
+    or a stop signal the file is removed: the run is over and its staged work can be adopted."""
 
     def __init__(self, run_dir: str, storage_cfg: StorageConfig, every_s: float = 60.0):
         self.uri, self.storage, self.every_s = storage.join(run_dir, ALIVE), storage_cfg, every_s
@@ -287,9 +340,14 @@ class Heartbeat:
         self._thread.start()
         return self
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, kind, exc, tb) -> bool:
         self._stop.set()
         self._thread.join(timeout=5)
+        if kind is not None:
+            try:
+                storage.delete(self.uri, self.storage)
+            except Exception:  # storage unreachable: the heartbeat goes stale instead
+                pass
         return False
 
     def _beat(self) -> None:
@@ -303,9 +361,29 @@ class Heartbeat:
         storage.write_text(self.uri, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}), self.storage)
 
     @staticmethod
+    def read(run_dir: str, storage_cfg: StorageConfig) -> dict | None:
+        """The run's last heartbeat ({host, pid, time: seconds since the epoch}), or None."""
+        try:
+            beat = json.loads(storage.read_bytes(storage.join(run_dir, ALIVE), storage_cfg))
+            return {"host": str(beat.get("host", "")), "pid": int(beat.get("pid", 0)), "time": float(beat["time"])}
+        except (FileNotFoundError, ValueError, KeyError, TypeError):
+            return None
+
+    @staticmethod
     def last(run_dir: str, storage_cfg: StorageConfig) -> float | None:
         """When the run's heartbeat was last written (seconds since the epoch), or None."""
-        try:
-            return float(json.loads(storage.read_bytes(storage.join(run_dir, ALIVE), storage_cfg))["time"])
-        except (FileNotFoundError, ValueError, KeyError):
-            return None
+        beat = Heartbeat.read(run_dir, storage_cfg)
+        return beat["time"] if beat else None
+
+
+def _gone(beat: dict) -> bool:
+    """Whether a heartbeat names a process of this host that no longer exists (killed outright)."""
+    if beat["host"] != socket.gethostname() or beat["pid"] <= 0:
+        return False
+    try:
+        os.kill(beat["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # someone else's process: alive
+        return False
+    return False

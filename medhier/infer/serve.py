@@ -45,6 +45,7 @@ from medhier.io import storage
 from medhier.io.dicom import DicomRejected
 from medhier.io.image import decode_images
 from medhier.runtime import init_ray, verbose
+from medhier.stopping import Stopped
 from medhier.train.checkpoint import CHECKPOINT_FILE, config_for_checkpoint
 
 __all__ = ["Endpoint", "ServeTask", "base_url", "build_app", "run", "shutdown"]
@@ -335,19 +336,26 @@ def run(cfg: Config, checkpoint: str, task: ServeTask, *, blocking: bool = True,
     if not ray.is_initialized():
         init_ray(cfg.runtime)
     app = build_app(cfg, checkpoint, task)
-    # HTTP options are fixed for the life of Serve on a cluster: a Serve already running
-    # elsewhere keeps its own host and port (Ray logs a warning).
-    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=_logging_config())
-    serve.run(app, name=name, route_prefix=_route_prefix(cfg.serve.route))
     url = base_url(cfg.serve)
-    if blocking:
-        print(f"medhier: serving {checkpoint} at {url}predict (health: {url}healthz); Ctrl-C stops", file=sys.stderr)
-        try:
+    try:
+        # HTTP options are fixed for the life of Serve on a cluster: a Serve already running
+        # elsewhere keeps its own host and port (Ray logs a warning).
+        serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port}, logging_config=_logging_config())
+        serve.run(app, name=name, route_prefix=_route_prefix(cfg.serve.route))
+        if blocking:
+            print(f"medhier: serving {checkpoint} at {url}predict (health: {url}healthz); Ctrl-C stops", file=sys.stderr)
             while True:
                 time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
-        finally:
+    except KeyboardInterrupt:  # Ctrl-C where medhier's stop signals are not installed (a library caller)
+        if not blocking:
+            raise
+    except Stopped as stop:  # while starting or serving
+        stop.note(f"nothing to commit: the endpoint at {url} is down")
+        if not blocking:
+            shutdown(name, cfg.serve)
+        raise
+    finally:
+        if blocking:
             shutdown(name, cfg.serve)
     return url
 

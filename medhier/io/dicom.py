@@ -32,6 +32,7 @@ from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, g
 
 from medhier import columns as C
 from medhier.config import DicomConfig, window_from_spec
+from medhier.io.rejection import Rejection
 
 __all__ = ["Decoded", "DicomRejected", "REASONS", "decode", "patient_key", "read_dataset"]
 
@@ -58,14 +59,10 @@ _NO_PIXEL_TYPES = {  # SOP classes that never carry images, for a friendlier mes
 }
 
 
-class DicomRejected(Exception):
+class DicomRejected(Rejection):
     """A file medhier cannot turn into an image. ``reason`` is a code from :data:`REASONS`."""
 
-    def __init__(self, reason: str, message: str):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+    reasons = REASONS
 
 
 @dataclass(frozen=True)

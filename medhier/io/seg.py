@@ -87,6 +87,7 @@ from pydicom.uid import generate_uid
 from scipy import ndimage
 
 from medhier.io.dicom import DicomRejected, read_dataset
+from medhier.io.rejection import Rejection
 from medhier.io.volume import SEG_SOP_CLASSES, SeriesVolume, stack_slices
 
 __all__ = [
@@ -115,15 +116,14 @@ TISSUE = codes.SCT.Tissue  # 85756007, category and type of a segment without a 
 FRACTIONAL_THRESHOLD = 0.5
 
 
-class SegRejected(Exception):
+class SegRejected(Rejection):
     """A segmentation that cannot be mapped onto the reference. ``reason``: a code from
     :data:`REASONS`; ``source``: the object's name."""
 
+    reasons = REASONS
+
     def __init__(self, reason: str, message: str, *, source: str = ""):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(reason, message)
         self.source = source
 
 
@@ -456,20 +456,7 @@ def write_seg(
     else 1970-01-01), so that the same label map on the same series gives the same bytes.
     """
     stack = stack_slices(reference_datasets, pixels=False)  # SeriesRejected if the series forms no volume
-    labels = np.asarray(labels)
-    if labels.shape != stack.geometry.spatial_shape:
-        raise ValueError(f"write_seg: labels have shape {labels.shape}, the series' grid is {stack.geometry.spatial_shape}")
-    if labels.dtype.kind not in "iub":
-        raise ValueError(f"write_seg: labels must be integers, got {labels.dtype}")
-    labels = labels.astype(np.intp, copy=False)  # bool masks index as values, not as a mask
-    if labels.min() < 0:
-        raise ValueError(f"write_seg: negative label value {labels.min()}")
-    present = [int(v) for v in np.unique(labels) if v != 0]
-    if not present:
-        raise ValueError("write_seg: the label map is empty (only background); a SEG needs at least one segment")
-    unknown = [v for v in present if v not in segments]
-    if unknown:
-        raise ValueError(f"write_seg: label value(s) {unknown} have no SegmentSpec (known: {sorted(segments)})")
+    labels, present = _checked_labels(labels, stack.geometry.spatial_shape, segments)
     # Label values may skip numbers (1, 2, 5); segment numbers must run 1..n.
     remap = np.zeros(int(labels.max()) + 1, dtype=np.uint8)
     for number, value in enumerate(present, start=1):
@@ -477,26 +464,13 @@ def write_seg(
     algorithm = hd.AlgorithmIdentificationSequence(
         name=algorithm_name, family=codes.DCM.ArtificialIntelligence, version=algorithm_version
     )
-    descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=segments[value].label,
-            segmented_property_category=segments[value].property_category or TISSUE,
-            segmented_property_type=segments[value].property_type or TISSUE,
-            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-            algorithm_identification=algorithm,
-            tracking_uid=generate_uid(entropy_srcs=["medhier-seg-segment", entropy, str(value)]),
-            tracking_id=segments[value].label,
-        )
-        for number, value in enumerate(present, start=1)
-    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         seg = hd.seg.Segmentation(
             source_images=list(reference_datasets),
             pixel_array=stack.geometry.with_array(remap[labels]),
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-            segment_descriptions=descriptions,
+            segment_descriptions=_segment_descriptions(present, segments, algorithm, entropy),
             series_instance_uid=generate_uid(entropy_srcs=["medhier-seg-series", entropy]),
             series_number=series_number,
             sop_instance_uid=generate_uid(entropy_srcs=["medhier-seg-instance", entropy]),
@@ -547,3 +521,46 @@ def _stamp(seg: Dataset, created: dt.datetime, dimension_uid: str) -> None:
             elem.value = dimension_uid
 
     seg.walk(restamp)
+
+
+def _checked_labels(
+    labels: np.ndarray, shape: tuple[int, int, int], segments: Mapping[int, SegmentSpec]
+) -> tuple[np.ndarray, list[int]]:
+    """:func:`write_seg`'s label map checked against the series grid ``shape`` and ``segments``
+    -> (the map as intp, the label values present but 0, ascending)."""
+    labels = np.asarray(labels)
+    if labels.shape != shape:
+        raise ValueError(f"write_seg: labels have shape {labels.shape}, the series' grid is {shape}")
+    if labels.dtype.kind not in "iub":
+        raise ValueError(f"write_seg: labels must be integers, got {labels.dtype}")
+    labels = labels.astype(np.intp, copy=False)  # bool masks index as values, not as a mask
+    if labels.min() < 0:
+        raise ValueError(f"write_seg: negative label value {labels.min()}")
+    present = [int(v) for v in np.unique(labels) if v != 0]
+    if not present:
+        raise ValueError("write_seg: the label map is empty (only background); a SEG needs at least one segment")
+    unknown = [v for v in present if v not in segments]
+    if unknown:
+        raise ValueError(f"write_seg: label value(s) {unknown} have no SegmentSpec (known: {sorted(segments)})")
+    return labels, present
+
+
+def _segment_descriptions(
+    values: list[int], segments: Mapping[int, SegmentSpec], algorithm: hd.AlgorithmIdentificationSequence, entropy: str
+) -> list[hd.seg.SegmentDescription]:
+    """Segments 1..n for the label ``values`` (ascending): automatic segments of ``algorithm``,
+    labelled and coded as their :class:`SegmentSpec` says (SNOMED CT Tissue where it names no
+    property), tracked by a UID derived from ``entropy`` and the value."""
+    return [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=segments[value].label,
+            segmented_property_category=segments[value].property_category or TISSUE,
+            segmented_property_type=segments[value].property_type or TISSUE,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            tracking_uid=generate_uid(entropy_srcs=["medhier-seg-segment", entropy, str(value)]),
+            tracking_id=segments[value].label,
+        )
+        for number, value in enumerate(values, start=1)
+    ]

@@ -252,64 +252,31 @@ def build_report(
     Raises ValueError naming the problem: a source that is not a readable DICOM header or lacks
     the UIDs an SR must reference, a frame it does not have, no groups, two groups with one
     name, a non-finite value, an undeclared private coding scheme.
+
+    Long: the body stays one sequence (check the source, derive the UIDs, build the TID 1500 tree, wrap
+    it in the SR document) because each step feeds the next; most of its length is highdicom's
+    keyword arguments, named where they are set.
     """
     name = source_name or "source"
-    header = _header(source, name)
-    evidence = _evidence(header, name, copy=isinstance(source, Dataset))
+    evidence = _evidence(_header(source, name), name, copy=isinstance(source, Dataset))
     frames = _frame_numbers(evidence, frame, name)
     _check_groups(groups, private_schemes or {})
-
     src_class, src_uid = str(evidence.SOPClassUID), str(evidence.SOPInstanceUID)
     frame_part = [] if frames is None else [f"frame={frames[0]}"]
     sop_uid = generate_uid(entropy_srcs=["medhier-sr", src_uid, *identity, *frame_part])
     series_uid = generate_uid(entropy_srcs=["medhier-sr-series", str(evidence.StudyInstanceUID), *series_identity])
-    algorithm_id = AlgorithmIdentification(
-        name=algorithm.name,
-        version=algorithm.version,
-        parameters=list(algorithm.parameters) or None,
-        manufacturer=algorithm.manufacturer,
-    )
 
-    def measurement_group(group: Group) -> MeasurementsAndQualitativeEvaluations:
-        return MeasurementsAndQualitativeEvaluations(
-            tracking_identifier=TrackingIdentifier(
-                uid=generate_uid(entropy_srcs=[sop_uid, group.name]), identifier=group.name
-            ),
-            algorithm_id=algorithm_id,
-            measurements=[
-                Measurement(
-                    name=m.concept, value=m.value, unit=m.unit,
-                    referenced_images=[SourceImageForMeasurement(src_class, src_uid, referenced_frame_numbers=frames)],
-                )
-                for m in group.measurements
-            ] or None,
-            qualitative_evaluations=[QualitativeEvaluation(e.concept, e.value) for e in group.evaluations] or None,
-            source_images=[SourceImageForMeasurementGroup(src_class, src_uid, referenced_frame_numbers=frames)],
-        )
-
-    serial = device.serial_number or None  # an empty TEXT item is invalid: leave it out instead
-    model_name = (device.model_name or device.name)[:_MAX_LO]
-    observer = ObserverContext(
-        observer_type=codes.cid270.Device,
-        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
-            uid=generate_uid(entropy_srcs=["medhier-device", device.manufacturer, device.name, device.serial_number]),
-            name=device.name,
-            manufacturer_name=device.manufacturer,
-            model_name=model_name,
-            serial_number=serial,
-        ),
-    )
     report = MeasurementReport(
-        observation_context=ObservationContext(observer_device_context=observer),
+        observation_context=ObservationContext(observer_device_context=_observer(device)),
         procedure_reported=procedure_reported,
-        imaging_measurements=[measurement_group(g) for g in groups],
+        imaging_measurements=_measurement_groups(groups, algorithm, sop_uid, evidence, frames),
     )
     # TID 1500 puts the Image Library right before Imaging Measurements (the last item).
     root = report[0].ContentSequence
     root.insert(len(root) - 1, _image_library(evidence))
 
     software = f"medhier {__version__}"
-    texts = [software, series_description, model_name, *_content_texts(groups, algorithm, device)]
+    texts = [software, series_description, _model_name(device), *_content_texts(groups, algorithm, device)]
     with warnings.catch_warnings():
         # highdicom warns about values that are odd but legal in archives (names, dates)
         warnings.simplefilter("ignore")
@@ -325,22 +292,84 @@ def build_report(
             is_final=False,  # PRELIMINARY
             is_verified=False,  # UNVERIFIED
             series_description=series_description[:_MAX_LO] or None,
-            manufacturer_model_name=model_name,
+            manufacturer_model_name=_model_name(device),
             software_versions=software,
-            device_serial_number=serial,
+            device_serial_number=_serial_number(device),
             specific_character_set=_character_set(evidence, texts),
-            coding_schemes=[
-                CodingSchemeIdentificationItem(
-                    designator=designator, name=scheme, responsible_organization=device.manufacturer
-                )
-                for designator, scheme in sorted((private_schemes or {}).items())
-                if designator in _designators(groups)
-            ] or None,
+            coding_schemes=_coding_schemes(private_schemes or {}, groups, device.manufacturer),
         )
     _restore_sop_class(sr, src_uid, src_class)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, sr, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _measurement_groups(
+    groups: Sequence[Group], algorithm: Algorithm, sop_uid: str, evidence: Dataset, frames: list[int] | None
+) -> list[MeasurementsAndQualitativeEvaluations]:
+    """One TID 1501 group per :class:`Group`, each tracked by a UID derived from the SR's
+    ``sop_uid`` and its name, identifying ``algorithm`` and referencing the source (``frames``)."""
+    src_class, src_uid = str(evidence.SOPClassUID), str(evidence.SOPInstanceUID)
+    algorithm_id = AlgorithmIdentification(
+        name=algorithm.name,
+        version=algorithm.version,
+        parameters=list(algorithm.parameters) or None,
+        manufacturer=algorithm.manufacturer,
+    )
+    return [
+        MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=TrackingIdentifier(
+                uid=generate_uid(entropy_srcs=[sop_uid, group.name]), identifier=group.name
+            ),
+            algorithm_id=algorithm_id,
+            measurements=[
+                Measurement(
+                    name=m.concept, value=m.value, unit=m.unit,
+                    referenced_images=[SourceImageForMeasurement(src_class, src_uid, referenced_frame_numbers=frames)],
+                )
+                for m in group.measurements
+            ] or None,
+            qualitative_evaluations=[QualitativeEvaluation(e.concept, e.value) for e in group.evaluations] or None,
+            source_images=[SourceImageForMeasurementGroup(src_class, src_uid, referenced_frame_numbers=frames)],
+        )
+        for group in groups
+    ]
+
+
+def _model_name(device: Device) -> str:
+    """The SR's Manufacturer's Model Name: the device's model name, else its name (LO length)."""
+    return (device.model_name or device.name)[:_MAX_LO]
+
+
+def _serial_number(device: Device) -> str | None:
+    # an empty TEXT item is invalid: leave it out instead
+    return device.serial_number or None
+
+
+def _observer(device: Device) -> ObserverContext:
+    """TID 1004 Device observer; its UID is derived from manufacturer, name and serial number."""
+    return ObserverContext(
+        observer_type=codes.cid270.Device,
+        observer_identifying_attributes=DeviceObserverIdentifyingAttributes(
+            uid=generate_uid(entropy_srcs=["medhier-device", device.manufacturer, device.name, device.serial_number]),
+            name=device.name,
+            manufacturer_name=device.manufacturer,
+            model_name=_model_name(device),
+            serial_number=_serial_number(device),
+        ),
+    )
+
+
+def _coding_schemes(
+    private_schemes: Mapping[str, str], groups: Sequence[Group], manufacturer: str
+) -> list[CodingSchemeIdentificationItem] | None:
+    """The Coding Scheme Identification items of the private schemes the groups use, if any."""
+    used = _designators(groups)
+    return [
+        CodingSchemeIdentificationItem(designator=designator, name=scheme, responsible_organization=manufacturer)
+        for designator, scheme in sorted(private_schemes.items())
+        if designator in used
+    ] or None
 
 
 def _header(source: bytes | Dataset, name: str) -> Dataset:

@@ -1,32 +1,47 @@
-"""URIs -> filesystems: local folders and ``s3://bucket/prefix`` through the same calls.
+"""URIs -> filesystems: local folders and ``s3://bucket/prefix`` through the same calls, and a
+PACS (``dicomweb+http(s)://host/prefix``) as an archive to list and read.
 
 Reads and writes go through pyarrow's filesystems (what Ray Data uses); listing S3 uses boto3's
 paginator because it streams pages and returns ETags, which pyarrow's listing does not.
 Credentials are never configured here: both libraries read the standard AWS environment
 variables, shared profile or instance role.
+
+A DICOMweb archive (:mod:`medhier.io.dicomweb`) is read-only: :func:`list_objects`,
+:func:`reader`, :func:`exists` and :func:`normalize` take its URI; the calls that need a
+filesystem (:func:`filesystem`, :func:`read_bytes`, :func:`write_bytes`) refuse it, naming it.
+An instance is listed as ``path = "<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>"``
+with ``etag`` = its SOPInstanceUID and ``size`` = ``mtime`` = 0 (QIDO-RS says neither), so the
+manifest, the ingest and the ledger treat it like any other object.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import os
-import queue
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import pyarrow.fs as pafs
 
+from medhier.io.streaming import stream_threads
+
 
 __all__ = [
+    "ArchiveUnavailable",
+    "DICOMWEB_SCHEMES",
     "ObjectInfo",
     "StorageConfig",
+    "check_dicomweb_filters",
     "delete",
     "exists",
     "filesystem",
+    "is_dicomweb",
     "is_s3",
     "join",
     "list_objects",
@@ -42,6 +57,17 @@ class StorageConfigError(ValueError):
     """A storage setting is wrong; the message names the key (``medhier.config`` makes it a ConfigError)."""
 
 
+class ArchiveUnavailable(ConnectionError):
+    """An archive did not answer (refused connections, timeouts, overload or refused credentials,
+    after retries): nothing can be said about its objects, so a job stops rather than record
+    them as errors. The message names the archive, the problem and what to check."""
+
+
+DICOMWEB_SCHEMES = ("dicomweb+http://", "dicomweb+https://")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+
+
 @dataclass
 class StorageConfig:
     """Where object storage lives. Credentials never go here: boto3 and pyarrow read the standard
@@ -51,17 +77,56 @@ class StorageConfig:
     s3_endpoint: str = ""  # e.g. http://127.0.0.1:5000 for MinIO/moto; empty = AWS
     s3_region: str = ""  # empty = AWS_REGION / AWS_DEFAULT_REGION, else us-east-1
     s3_anonymous: bool = False  # public buckets
-    list_threads: int = 8  # parallel S3 listing of sub-prefixes
-    read_threads: int = 16  # concurrent object GETs inside one decode task
+    list_threads: int = 8  # parallel listing: S3 sub-prefixes, DICOMweb studies
+    read_threads: int = 16  # concurrent object GETs (S3) or WADO-RS retrievals inside one decode task
+    # DICOMweb archives and destinations (medhier.io.dicomweb). Credentials never go here: they
+    # come from MEDHIER_DICOMWEB_TOKEN or MEDHIER_DICOMWEB_USER/_PASSWORD (and the CA bundle from
+    # MEDHIER_DICOMWEB_CA_BUNDLE). The QIDO-RS filters below apply unless the archive URI sets its own.
+    dicomweb_study_date: str = ""  # StudyDate: YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD or YYYYMMDD-
+    dicomweb_modalities: list[str] = field(default_factory=list)  # studies with any of these (ModalitiesInStudy)
+    dicomweb_studies: list[str] = field(default_factory=list)  # only these StudyInstanceUIDs
+    # Series of these modalities are not listed (counted as excluded): medhier's own SRs and SEGs
+    # sent back to the PACS land in the source's study and must not be scored as images.
+    dicomweb_exclude_modalities: list[str] = field(default_factory=lambda: ["SR", "SEG", "KO", "PR"])
+    dicomweb_page_size: int = 1000  # QIDO-RS results per request (limit/offset paging)
+    dicomweb_timeout_s: float = 60.0  # per HTTP request (connect and each read)
+    dicomweb_retries: int = 5  # retries of a refused connection, timeout, 408/429/502/503/504
+    dicomweb_backoff_s: float = 0.5  # first wait between retries; doubles each time (Retry-After wins)
+    dicomweb_stow_batch: int = 16  # instances per STOW-RS request
+    dicomweb_stow_threads: int = 4  # concurrent STOW-RS requests
 
     def validate(self, name: str) -> None:
         if self.s3_endpoint and not self.s3_endpoint.startswith(("http://", "https://")):
             raise StorageConfigError(
                 f"{name}.s3_endpoint: {self.s3_endpoint!r} must start with http:// or https://"
             )
-        for key in ("list_threads", "read_threads"):
+        for key in ("list_threads", "read_threads", "dicomweb_page_size", "dicomweb_timeout_s", "dicomweb_stow_batch",
+                    "dicomweb_stow_threads"):
             if getattr(self, key) <= 0:
                 raise StorageConfigError(f"{name}.{key}: must be > 0, got {getattr(self, key)}")
+        for key in ("dicomweb_retries", "dicomweb_backoff_s"):
+            if getattr(self, key) < 0:
+                raise StorageConfigError(f"{name}.{key}: must be >= 0, got {getattr(self, key)}")
+        check_dicomweb_filters(f"{name}.dicomweb_", self.dicomweb_study_date, self.dicomweb_modalities, self.dicomweb_studies)
+        bad = [m for m in self.dicomweb_exclude_modalities if not re.fullmatch(r"[A-Z0-9_]{1,16}", m)]
+        if bad:
+            raise StorageConfigError(f"{name}.dicomweb_exclude_modalities: {bad} are not DICOM modality codes (upper case, e.g. SR)")
+
+
+def check_dicomweb_filters(where: str, study_date: str, modalities: list[str], studies: list[str],
+                           names: tuple[str, str, str] = ("study_date", "modalities", "studies")) -> None:
+    """Raise StorageConfigError when a QIDO-RS filter value is malformed; the message starts with
+    ``where`` and the filter's name from ``names`` (date, modalities, studies)."""
+    if study_date and not (_DATE_RANGE.match(study_date) and study_date != "-"):
+        raise StorageConfigError(
+            f"{where}{names[0]}: {study_date!r} is not a DICOM date or range (YYYYMMDD, YYYYMMDD-YYYYMMDD, -YYYYMMDD, YYYYMMDD-)"
+        )
+    bad = [m for m in modalities if not re.fullmatch(r"[A-Z0-9_]{1,16}", m)]
+    if bad:
+        raise StorageConfigError(f"{where}{names[1]}: {bad} are not DICOM modality codes (upper case, e.g. CT, MR)")
+    bad = [u for u in studies if not (_UID.match(u) and len(u) <= 64)]
+    if bad:
+        raise StorageConfigError(f"{where}{names[2]}: {bad[:3]} are not DICOM UIDs (digits and dots, at most 64 characters)")
 
 
 @dataclass(frozen=True)
@@ -78,8 +143,18 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
+def is_dicomweb(uri: str) -> bool:
+    """``dicomweb+http://`` or ``dicomweb+https://``: a PACS (see :mod:`medhier.io.dicomweb`)."""
+    return uri[:20].lower().startswith(DICOMWEB_SCHEMES)
+
+
 def normalize(uri: str) -> str:
-    """Absolute local paths (Ray workers run in other directories); S3 URIs without a trailing /."""
+    """Absolute local paths (Ray workers run in other directories); S3 URIs without a trailing /;
+    DICOMweb URIs in one canonical spelling (lower-case scheme and host, sorted filters)."""
+    if is_dicomweb(uri):
+        from medhier.io import dicomweb  # requests and dicomweb-client load only when a PACS is named
+
+        return dicomweb.normalize(uri)
     if is_s3(uri):
         return uri.rstrip("/") if uri.count("/") > 2 else uri
     if uri.startswith("file://"):
@@ -104,6 +179,8 @@ def relative_to(uri: str, root: str) -> str:
 def filesystem(uri: str, cfg: StorageConfig | None = None) -> tuple[pafs.FileSystem, str]:
     """-> (pyarrow filesystem, path inside it) for a local path or an s3:// URI."""
     cfg = cfg or StorageConfig()
+    if is_dicomweb(uri):
+        raise ValueError(f"{uri!r}: a DICOMweb archive is listed and read, never written: outputs go to a folder or s3://")
     if is_s3(uri):
         return _s3_filesystem(cfg.s3_endpoint, _region(cfg), cfg.s3_anonymous), uri[len("s3://") :].rstrip("/")
     return pafs.LocalFileSystem(), normalize(uri)
@@ -162,7 +239,12 @@ def read_bytes(uri: str, cfg: StorageConfig | None = None) -> bytes:
 
 def reader(root: str, cfg: StorageConfig | None = None) -> Callable[[str], bytes]:
     """A function that reads the object at a listed path (relative to ``root``) -> its bytes.
-    Decode tasks read through it, whatever kind of archive ``root`` is."""
+    Decode tasks read through it, whatever kind of archive ``root`` is. An object that is gone
+    raises FileNotFoundError; an archive that does not answer raises :class:`ArchiveUnavailable`."""
+    if is_dicomweb(root):
+        from medhier.io import dicomweb  # requests and dicomweb-client load only when a PACS is named
+
+        return dicomweb.reader(root, cfg or StorageConfig())
     fs, base = filesystem(root, cfg)
 
     def read(rel: str) -> bytes:
@@ -200,6 +282,12 @@ def write_text(uri: str, text: str, cfg: StorageConfig | None = None) -> None:
 
 
 def exists(uri: str, cfg: StorageConfig | None = None) -> bool:
+    """Whether a file or folder exists; for a DICOMweb URI, whether the service answers a study
+    search there (raises :class:`ArchiveUnavailable` when it refuses the credentials)."""
+    if is_dicomweb(uri):
+        from medhier.io import dicomweb  # requests and dicomweb-client load only when a PACS is named
+
+        return dicomweb.answers(uri, cfg or StorageConfig())
     fs, path = filesystem(uri, cfg)
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
@@ -231,9 +319,20 @@ def list_objects(
     ``exclude``: glob patterns matched against the relative path (and its file name); matching
     objects are not yielded, and their relative paths are appended to ``excluded`` when given,
     so callers can count them. Raises FileNotFoundError when ``uri`` does not exist.
+
+    A DICOMweb archive is listed through QIDO-RS (studies, then series, then instances; studies in
+    ``cfg.list_threads`` parallel threads); series of ``cfg.dicomweb_exclude_modalities`` count
+    as excluded. Raises :class:`ArchiveUnavailable` when the PACS does not answer.
     """
     cfg = cfg or StorageConfig()
-    source = _list_s3(uri, cfg) if is_s3(uri) else _list_local(normalize(uri))
+    if is_dicomweb(uri):
+        from medhier.io import dicomweb  # requests and dicomweb-client load only when a PACS is named
+
+        source = dicomweb.list_instances(uri, cfg, excluded)
+    elif is_s3(uri):
+        source = _list_s3(uri, cfg)
+    else:
+        source = _list_local(normalize(uri))
     page: list[ObjectInfo] = []
     for info in source:
         if _excluded(info.path, exclude):
@@ -295,43 +394,29 @@ def _list_s3(uri: str, cfg: StorageConfig) -> Iterator[ObjectInfo]:
             raise FileNotFoundError(f"archive {uri!r} has no objects")
         return
 
-    # Producer threads list sub-prefixes; a bounded queue keeps memory flat whatever the size.
-    pages: queue.Queue = queue.Queue(maxsize=4 * cfg.list_threads)
-    done = object()
-    errors: list[BaseException] = []
-    stop = threading.Event()
+    yield from _list_prefixes(client, bucket, prefix, sub_prefixes, cfg.list_threads)
 
-    def list_prefix(sub: str) -> None:
-        try:
-            for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=sub):
-                if stop.is_set():
-                    return
-                pages.put([_s3_info(o, prefix) for o in page.get("Contents", []) if not o["Key"].endswith("/")])
-        except BaseException as exc:  # surfaced in the consumer
-            errors.append(exc)
 
-    def run_all() -> None:
-        with ThreadPoolExecutor(max_workers=cfg.list_threads) as pool:
-            list(pool.map(list_prefix, sub_prefixes))
-        pages.put(done)
+def _list_prefixes(client: Any, bucket: str, prefix: str, sub_prefixes: list[str], threads: int) -> Iterator[ObjectInfo]:
+    """Every key under ``sub_prefixes``, listed by ``threads`` parallel threads and streamed as
+    their pages come (a bounded queue keeps memory flat whatever the size)."""
 
-    runner = threading.Thread(target=run_all, daemon=True)
-    runner.start()
-    try:
-        while True:
-            item = pages.get()
-            if item is done:
-                break
-            yield from item
-    finally:
-        stop.set()
-        while runner.is_alive():  # unblock producers so that the pool can finish
+    def produce(put: Callable[[Any], None], stop: threading.Event) -> None:
+        def list_prefix(sub: str) -> None:
             try:
-                pages.get(timeout=0.1)
-            except queue.Empty:
-                pass
-    if errors:
-        raise errors[0]
+                for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=sub):
+                    if stop.is_set():
+                        return
+                    put([_s3_info(o, prefix) for o in page.get("Contents", []) if not o["Key"].endswith("/")])
+            except BaseException:
+                stop.set()  # the other threads stop at their next page
+                raise
+
+        with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="medhier-s3-list") as pool:
+            list(pool.map(list_prefix, sub_prefixes))  # re-raises a thread's error
+
+    for page in stream_threads(produce, maxsize=4 * threads, name="medhier-s3-prefixes"):
+        yield from page
 
 
 def _s3_info(obj: dict, prefix: str) -> ObjectInfo:

@@ -82,6 +82,7 @@ from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut, pixel_array
 
 from medhier.io.dicom import DicomRejected, patient_key, read_dataset
+from medhier.io.rejection import Rejection
 
 __all__ = [
     "REASONS",
@@ -130,15 +131,14 @@ SHEAR_PIXELS = 0.1  # in-plane drift allowed, as a fraction of the smaller pixel
 DUPLICATE_FRACTION = 0.01  # slices closer than this fraction of the typical spacing coincide
 
 
-class SeriesRejected(Exception):
+class SeriesRejected(Rejection):
     """A series (or a lone instance) that does not form a volume. ``reason`` is a code from
     :data:`REASONS`; ``sources`` the instances this rejection accounts for."""
 
+    reasons = REASONS
+
     def __init__(self, reason: str, message: str, *, series_uid: str = "", sources: Sequence[str] = ()):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+        super().__init__(reason, message)
         self.series_uid = series_uid
         self.sources = tuple(sources)
 

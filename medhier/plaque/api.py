@@ -57,6 +57,7 @@ from medhier.plaque.segmentations import (
 from medhier.plaque.study import VisitSettings, measure_study, measure_version
 from medhier.plaque.visits import too_few_visits, visit_manifest
 from medhier.runtime import execute_pipeline
+from medhier.stopping import Stopped
 
 __all__ = ["MeasureSummary", "StudyTasks", "VisitPipeline", "measure_archive", "visits_table"]
 
@@ -172,24 +173,29 @@ def measure_archive(cfg: Config, archive: str, output: str, *, segmentations: st
                              version, min_visits=cfg.plaque.min_visits)
     run_dir = ledger.run_dir(run_id)
     settings = SeriesSettings(archive, cfg.storage, cfg.dicom.patient_salt)
-    with Heartbeat(run_dir, cfg.storage):
-        summary.recovered_runs = ledger.recover()
-        storage.write_text(storage.join(run_dir, "config.yaml"), cfg.to_yaml(), cfg.storage)
-        listing = write_manifest(archive, storage.join(run_dir, "manifest"), cfg.data, cfg.storage)
-        summary.listed, summary.excluded = listing.objects, listing.excluded
-        index = storage.join(run_dir, "studies")
-        found = write_study_index(storage.join(run_dir, "manifest"), index, settings, cfg.data)
-        summary.objects_in_no_study, summary.examples, summary.studies = found.rejected, found.examples, found.studies
-        listed = _visit_keys(read_study_keys(index, cfg.storage), source, summary)
-        todo = ledger.todo(listed, source.model_id, version, full)
-        summary.already_measured = listed.num_rows - todo.num_rows
-        if todo.num_rows:
-            visit = VisitSettings(cfg.plaque, source, source.model_id, version, run_id, cfg.dicom.patient_salt)
-            _measure(ledger, run_id, index, todo, settings, visit, summary, full, pipeline or StudyTasks())
-        _write_visits(ledger, source.model_id, version, summary, cfg)
-        summary.removed_runs = ledger.remove_dead_runs(keep=(run_id,))
-        summary.seconds = time.perf_counter() - start
-        ledger.finish(run_id, asdict(summary))
+    try:
+        with Heartbeat(run_dir, cfg.storage):
+            summary.recovered_runs = ledger.recover()
+            storage.write_text(storage.join(run_dir, "config.yaml"), cfg.to_yaml(), cfg.storage)
+            listing = write_manifest(archive, storage.join(run_dir, "manifest"), cfg.data, cfg.storage)
+            summary.listed, summary.excluded = listing.objects, listing.excluded
+            index = storage.join(run_dir, "studies")
+            found = write_study_index(storage.join(run_dir, "manifest"), index, settings, cfg.data)
+            summary.objects_in_no_study, summary.examples, summary.studies = found.rejected, found.examples, found.studies
+            listed = _visit_keys(read_study_keys(index, cfg.storage), source, summary)
+            todo = ledger.todo(listed, source.model_id, version, full)
+            summary.already_measured = listed.num_rows - todo.num_rows
+            if todo.num_rows:
+                visit = VisitSettings(cfg.plaque, source, source.model_id, version, run_id, cfg.dicom.patient_salt)
+                _measure(ledger, run_id, index, todo, settings, visit, summary, full, pipeline or StudyTasks())
+            _write_visits(ledger, source.model_id, version, summary, cfg)
+            summary.removed_runs = ledger.remove_dead_runs(keep=(run_id,))
+            summary.seconds = time.perf_counter() - start
+            ledger.finish(run_id, asdict(summary))
+    except Stopped as stop:  # medhier.stopping: the CLI prints this in its one line
+        stop.note(f"nothing of run {run_id} is in the report yet ({ledger.staged_rows(run_id):,} measured rows were staged); "
+                  "a re-run measures the visits not committed")
+        raise
     return summary
 
 

@@ -65,6 +65,8 @@ import highdicom as hd
 import numpy as np
 import SimpleITK as sitk
 
+from medhier.io.rejection import Rejection
+
 __all__ = [
     "REASONS",
     "RegistrationError",
@@ -88,14 +90,10 @@ Interpolation = Literal["linear", "nearest"]
 _INTERPOLATORS = {"linear": sitk.sitkLinear, "nearest": sitk.sitkNearestNeighbor}
 
 
-class RegistrationError(ValueError):
+class RegistrationError(Rejection, ValueError):
     """A volume pair that cannot be registered or resampled. ``reason`` is a code from :data:`REASONS`."""
 
-    def __init__(self, reason: str, message: str):
-        assert reason in REASONS, reason
-        super().__init__(f"{reason}: {message}")
-        self.reason = reason
-        self.message = message
+    reasons = REASONS
 
 
 @dataclass(frozen=True)
@@ -364,36 +362,73 @@ def register_rigid(
         raise ValueError(f"register_rigid: seed must be >= 1 (SimpleITK seeds 0 from the wall clock), got {seed}")
     if samples < 1000:
         raise ValueError(f"register_rigid: samples must be at least 1000 for a joint histogram of {bins} x {bins} bins, got {samples}")
-    images = {}
-    for name, volume in (("fixed", fixed), ("moving", moving)):
-        _check(volume, name)
-        if not np.isfinite(volume.array).all():
-            raise RegistrationError("non_finite", f"{name}: {np.count_nonzero(~np.isfinite(volume.array))} voxels are NaN or infinite")
-        if not np.ptp(volume.array) > 0:
-            raise RegistrationError("constant", f"{name}: every voxel is {volume.array.flat[0]}; mutual information needs contrast")
-        images[name] = volume_to_sitk(volume.astype(np.float32), name)
+    fixed_image, moving_image = _registrable(fixed, "fixed"), _registrable(moving, "moving")
+    transform = _initial(fixed_image, moving_image, _starts_from_scanner(initial, fixed, moving))
+    start = RigidTransform.from_sitk(transform)
+    _require_overlap(moving, start, fixed, threads, "register_rigid")
 
+    method = sitk.ImageRegistrationMethod()
+    fractions = _sampling_fractions(fixed.spatial_shape, shrink, samples)
+    _set_metric(method, bins, fractions, seed, _metric_region(moving, start, fixed, margin_mm, threads))
+    method.SetInterpolator(sitk.sitkLinear)
+    _set_optimizer(method, step_mm, min_step_mm, max_iterations)
+    method.SetShrinkFactorsPerLevel([int(s) for s in shrink])
+    method.SetSmoothingSigmasPerLevel([float(s) for s in sigmas_mm])
+    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
+    method.SetInitialTransform(transform, inPlace=True)
+    method.SetNumberOfThreads(threads)
+    return _execute(method, fixed_image, moving_image, transform, threads)
+
+
+def _registrable(volume: hd.Volume, name: str) -> sitk.Image:
+    """``volume`` checked for what mutual information needs (finite voxels, contrast) -> float32 SimpleITK image."""
+    _check(volume, name)
+    if not np.isfinite(volume.array).all():
+        raise RegistrationError("non_finite", f"{name}: {np.count_nonzero(~np.isfinite(volume.array))} voxels are NaN or infinite")
+    if not np.ptp(volume.array) > 0:
+        raise RegistrationError("constant", f"{name}: every voxel is {volume.array.flat[0]}; mutual information needs contrast")
+    return volume_to_sitk(volume.astype(np.float32), name)
+
+
+def _starts_from_scanner(initial: str, fixed: hd.Volume, moving: hd.Volume) -> bool:
+    """Whether to start from the scanner coordinates: ``initial`` "scanner", or "auto" with one
+    frame of reference for both volumes."""
     if initial == "auto":
-        same = fixed.frame_of_reference_uid is not None and fixed.frame_of_reference_uid == moving.frame_of_reference_uid
-        initial = "scanner" if same else "geometry"
-    transform = _initial(images["fixed"], images["moving"], initial == "scanner")
-    _require_overlap(moving, RigidTransform.from_sitk(transform), fixed, threads, "register_rigid")
+        return fixed.frame_of_reference_uid is not None and fixed.frame_of_reference_uid == moving.frame_of_reference_uid
+    return initial == "scanner"
+
+
+def _metric_region(moving: hd.Volume, start: RigidTransform, fixed: hd.Volume, margin_mm: float, threads: int) -> sitk.Image:
+    """The fixed voxels the metric counts: those at least ``margin_mm`` inside the moving volume
+    under ``start``, or every overlapping one when none is that far inside."""
     # Mutual information changes in jumps whenever a motion moves fixed samples across the moving
     # volume's faces (a thin slab gains or loses a layer of samples for a fraction of a degree of
     # tilt). Counting only the fixed voxels that start at least margin_mm inside the moving volume
     # keeps the sample set the same for any motion smaller than the margin.
-    region = _inside(moving, RigidTransform.from_sitk(transform), fixed, margin_mm, threads)
+    region = _inside(moving, start, fixed, margin_mm, threads)
     if not np.any(sitk.GetArrayViewFromImage(region)):
-        region = _inside(moving, RigidTransform.from_sitk(transform), fixed, 0.0, threads)
+        region = _inside(moving, start, fixed, 0.0, threads)
+    return region
 
-    method = sitk.ImageRegistrationMethod()
+
+def _sampling_fractions(shape: Sequence[int], shrink: Sequence[int], samples: int) -> list[float]:
+    """Per pyramid level, the fraction of the fixed voxels that gives ``samples`` points (at most all)."""
+    # ITK takes a fraction of each level's voxels (its shrink keeps floor(size / factor) a side).
+    voxels = [math.prod(max(1, n // int(f)) for n in shape) for f in shrink]
+    return [min(1.0, samples / n) for n in voxels]
+
+
+def _set_metric(method: sitk.ImageRegistrationMethod, bins: int, fractions: Sequence[float], seed: int,
+                region: sitk.Image) -> None:
+    """Mattes mutual information over a random ``fractions[level]`` of the fixed voxels in ``region``."""
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    # ITK takes a fraction of each level's voxels (its shrink keeps floor(size / factor) a side).
-    voxels = [math.prod(max(1, n // int(f)) for n in fixed.spatial_shape) for f in shrink]
-    method.SetMetricSamplingPercentagePerLevel([min(1.0, samples / n) for n in voxels], seed)
+    method.SetMetricSamplingPercentagePerLevel(list(fractions), seed)
     method.SetMetricFixedMask(region)
-    method.SetInterpolator(sitk.sitkLinear)
+
+
+def _set_optimizer(method: sitk.ImageRegistrationMethod, step_mm: float, min_step_mm: float, max_iterations: int) -> None:
+    """Regular-step gradient descent with scales from the physical shift of each parameter."""
     # The learning rate is estimated at the start of each level so that the first step moves no
     # voxel by more than step_mm; it halves whenever the gradient reverses.
     method.SetOptimizerAsRegularStepGradientDescent(
@@ -406,16 +441,17 @@ def register_rigid(
         maximumStepSizeInPhysicalUnits=step_mm,
     )
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel([int(s) for s in shrink])
-    method.SetSmoothingSigmasPerLevel([float(s) for s in sigmas_mm])
-    method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
-    method.SetInitialTransform(transform, inPlace=True)
-    method.SetNumberOfThreads(threads)
+
+
+def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,
+             transform: sitk.Euler3DTransform, threads: int) -> RigidTransform:
+    """Run ``method`` (optimising ``transform`` in place) -> the result, with its metric, summed
+    iterations and stop reason. Raises :class:`RegistrationError` ``failed``."""
     iterations = [0]
     method.AddCommand(sitk.sitkIterationEvent, lambda: iterations.__setitem__(0, iterations[0] + 1))
     try:
         with _itk_threads(threads):
-            method.Execute(images["fixed"], images["moving"])
+            method.Execute(fixed, moving)
     except RuntimeError as error:
         raise RegistrationError("failed", f"register_rigid: SimpleITK stopped: {str(error).strip().splitlines()[-1]}") from error
     return RigidTransform.from_sitk(

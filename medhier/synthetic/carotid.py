@@ -207,15 +207,15 @@ import datetime as dt
 import functools
 import io
 import math
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.dataset import Dataset
+from pydicom.uid import MRImageStorage
 from scipy.optimize import brentq
 from scipy.spatial.transform import Rotation
 
@@ -225,6 +225,7 @@ from medhier.io.dicom import patient_key
 from medhier.io.seg import SegmentSpec, write_seg
 from medhier.plaque import labels as L
 from medhier.plaque.measure import measure
+from medhier.synthetic import writing
 
 __all__ = [
     "BROKEN_KINDS",
@@ -609,10 +610,9 @@ def plan_plaque_archive(patients: int, seed: int = 0) -> list[PatientPlan]:
     rendering anything. Patient p depends only on (seed, p)."""
     if int(patients) != patients or patients < 0:
         raise ValueError(f"patients must be an integer >= 0, got {patients!r}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    namespace = f"medhier-carotid|seed={int(seed)}|format=1"
-    return [_plan_patient(int(seed), p, namespace) for p in range(1, int(patients) + 1)]
+    seed = writing.check_seed(seed)
+    namespace = f"medhier-carotid|seed={seed}|format=1"
+    return [_plan_patient(seed, p, namespace) for p in range(1, int(patients) + 1)]
 
 
 def _plan_patient(seed: int, index: int, namespace: str) -> PatientPlan:
@@ -1003,10 +1003,6 @@ _PROTOCOL = {
 }
 
 
-def _uid(namespace: str, *parts: object) -> str:
-    return str(generate_uid(entropy_srcs=[namespace, *map(str, parts)]))
-
-
 def series_bytes(patient: PatientPlan, visit: VisitPlan, sequence: str, pixels: np.ndarray) -> list[bytes]:
     """The MR Image Storage files of one series, one per slice in InstanceNumber order.
 
@@ -1017,23 +1013,46 @@ def series_bytes(patient: PatientPlan, visit: VisitPlan, sequence: str, pixels: 
     pixels = np.asarray(pixels)
     if pixels.shape != (SLICES, SIZE, SIZE) or pixels.dtype != np.uint16:
         raise ValueError(f"pixels must be ({SLICES}, {SIZE}, {SIZE}) uint16, got {pixels.shape} {pixels.dtype}")
+    template = Dataset(dict(_sequence_elements(sequence)))
+    for keyword, value in _series_values(patient, visit, sequence, pixels).items():
+        setattr(template, keyword, value)
+    out = []
+    for k, position in enumerate(visit.positions()):
+        ds = Dataset(template)  # a shallow copy: the slice's own elements replace, never modify
+        sop = writing.derived_uid(patient.namespace, patient.patient_id, visit.index, sequence, "sop", k + 1)
+        ds.file_meta = writing.file_meta(MRImageStorage, sop)
+        ds.SOPInstanceUID = sop
+        ds.InstanceNumber = k + 1
+        ds.ImagePositionPatient = [writing.decimal_string(x) for x in position]
+        ds.SliceLocation = writing.decimal_string(position[2])
+        ds.PixelData = pixels[k].astype("<u2", copy=False).tobytes()
+        ds["PixelData"].VR = "OW"
+        out.append(writing.part10_bytes(ds))
+    return out
+
+
+def _series_values(patient: PatientPlan, visit: VisitPlan, sequence: str, pixels: np.ndarray) -> dict:
+    """Keyword -> value of what one series' files share beyond its sequence's elements: UIDs,
+    dates and times, the patient, and a window over the 1st-99.5th percentile of ``pixels``."""
     ns, pid, v = patient.namespace, patient.patient_id, visit.index
     series_number, minutes = _PROTOCOL[sequence][:2]
     start = dt.datetime.combine(visit.date, dt.time(int(visit.time[:2]), int(visit.time[2:4])))
     series_time = (start + dt.timedelta(minutes=minutes)).strftime("%H%M%S")
+    date = visit.date.strftime("%Y%m%d")
     low, high = np.percentile(pixels, [1.0, 99.5])
     cov = patient.covariates
-    per_series = {
-        "SeriesInstanceUID": _uid(ns, pid, v, sequence, "series"),
-        "StudyInstanceUID": _uid(ns, pid, v, "study"),
-        "FrameOfReferenceUID": _uid(ns, pid, v, "frame-of-reference"),
-        "StudyDate": visit.date.strftime("%Y%m%d"),
+    return {
+        "SeriesInstanceUID": writing.derived_uid(ns, pid, v, sequence, "series"),
+        "StudyInstanceUID": writing.derived_uid(ns, pid, v, "study"),
+        "FrameOfReferenceUID": writing.derived_uid(ns, pid, v, "frame-of-reference"),
+        "SeriesNumber": series_number,
+        "StudyDate": date,
         "StudyTime": visit.time,
-        "SeriesDate": visit.date.strftime("%Y%m%d"),
+        "SeriesDate": date,
         "SeriesTime": series_time,
-        "AcquisitionDate": visit.date.strftime("%Y%m%d"),
+        "AcquisitionDate": date,
         "AcquisitionTime": series_time,
-        "ContentDate": visit.date.strftime("%Y%m%d"),
+        "ContentDate": date,
         "ContentTime": series_time,
         "AccessionNumber": f"C{patient.index:05d}V{v:02d}",
         "StudyID": f"V{v:02d}",
@@ -1044,33 +1063,9 @@ def series_bytes(patient: PatientPlan, visit: VisitPlan, sequence: str, pixels: 
         "PatientSex": cov.sex,
         "PatientAge": f"{patient.age_at(visit.date):03d}Y",
         "PatientWeight": f"{cov.weight_kg:g}",
-        "WindowCenter": _ds((low + high) / 2),
-        "WindowWidth": _ds(max(high - low, 1.0)),
+        "WindowCenter": writing.decimal_string((low + high) / 2),
+        "WindowWidth": writing.decimal_string(max(high - low, 1.0)),
     }
-    template = Dataset(dict(_sequence_elements(sequence)))
-    for keyword, value in per_series.items():
-        setattr(template, keyword, value)
-    template.SeriesNumber = series_number
-    out = []
-    for k, position in enumerate(visit.positions()):
-        ds = Dataset(template)  # a shallow copy: the slice's own elements replace, never modify
-        sop = _uid(ns, pid, v, sequence, "sop", k + 1)
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.MediaStorageSOPClassUID = MRImageStorage
-        ds.file_meta.MediaStorageSOPInstanceUID = sop
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-        ds.file_meta.ImplementationVersionName = "MEDHIER_SYNTH"
-        ds.SOPInstanceUID = sop
-        ds.InstanceNumber = k + 1
-        ds.ImagePositionPatient = [_ds(x) for x in position]
-        ds.SliceLocation = _ds(position[2])
-        ds.PixelData = pixels[k].astype("<u2", copy=False).tobytes()
-        ds["PixelData"].VR = "OW"
-        buf = io.BytesIO()
-        pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-        out.append(buf.getvalue())
-    return out
 
 
 @functools.lru_cache(maxsize=None)
@@ -1078,14 +1073,11 @@ def _sequence_elements(sequence: str) -> dict:
     """The elements every file of ``sequence`` shares, built once (setting them one by one through
     pydicom costs about as much as writing the file)."""
     _, _, scanning, variant, options, acquisition, tr, te, train, flip = _PROTOCOL[sequence]
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = writing.image_elements()
     ds.ImageType = ["ORIGINAL", "PRIMARY", "M", "NONE"]
     ds.SOPClassUID = MRImageStorage
     ds.Modality = "MR"
-    ds.Manufacturer = "medhier-phantom"
     ds.ManufacturerModelName = "phantom-mr"
-    ds.ReferringPhysicianName = ""
     ds.StudyDescription = "MR CAROTID VESSEL WALL"
     ds.SeriesDescription = SERIES_DESCRIPTIONS[sequence]
     ds.ProtocolName = SERIES_DESCRIPTIONS[sequence]
@@ -1095,31 +1087,25 @@ def _sequence_elements(sequence: str) -> dict:
     ds.ScanOptions = options
     ds.MRAcquisitionType = acquisition
     ds.SequenceName = f"*{scanning.lower()}{acquisition.lower()}"
-    ds.RepetitionTime = _ds(tr)
-    ds.EchoTime = _ds(te)
+    ds.RepetitionTime = writing.decimal_string(tr)
+    ds.EchoTime = writing.decimal_string(te)
     ds.EchoTrainLength = train
-    ds.FlipAngle = _ds(flip)
+    ds.FlipAngle = writing.decimal_string(flip)
     ds.MagneticFieldStrength = "3"
     ds.ImagingFrequency = "127.7"
     ds.ImagedNucleus = "1H"
-    ds.SliceThickness = _ds(SLICE_MM)
-    ds.SpacingBetweenSlices = _ds(SLICE_MM)
+    ds.SliceThickness = writing.decimal_string(SLICE_MM)
+    ds.SpacingBetweenSlices = writing.decimal_string(SLICE_MM)
     if sequence == "CE-T1w":
         ds.ContrastBolusAgent = "GADOTERATE MEGLUMINE"
         ds.ContrastBolusRoute = "IV"
-    ds.PatientPosition = "HFS"
-    ds.AcquisitionNumber = 1
     ds.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.Rows = ds.Columns = SIZE
-    ds.PixelSpacing = [_ds(PIXEL_MM), _ds(PIXEL_MM)]
-    ds.BitsAllocated = 16
+    ds.PixelSpacing = [writing.decimal_string(PIXEL_MM), writing.decimal_string(PIXEL_MM)]
     ds.BitsStored = 12
     ds.HighBit = 11
     ds.PixelRepresentation = 0
-    ds.LossyImageCompression = "00"
     return {elem.tag: elem for elem in ds}
 
 
@@ -1155,7 +1141,7 @@ def seg_bytes(patient: PatientPlan, visit: VisitPlan, labels: np.ndarray, refere
         series_description=SEG_SERIES_DESCRIPTION,
         algorithm_name="medhier-carotid-phantom",
         algorithm_version="1",
-        manufacturer="medhier-phantom",
+        manufacturer=writing.MANUFACTURER,
     )
     ds = pydicom.dcmread(io.BytesIO(data))
     date, time = visit.date.strftime("%Y%m%d"), visit.time
@@ -1165,7 +1151,7 @@ def seg_bytes(patient: PatientPlan, visit: VisitPlan, labels: np.ndarray, refere
         "ContentDate": date,
         "ContentTime": time,
         "ContributionDateTime": date + time,
-        "DimensionOrganizationUID": _uid(ns, pid, v, "seg-dimension-organization"),
+        "DimensionOrganizationUID": writing.derived_uid(ns, pid, v, "seg-dimension-organization"),
     }
 
     def restamp(dataset: Dataset, elem) -> None:
@@ -1173,14 +1159,7 @@ def seg_bytes(patient: PatientPlan, visit: VisitPlan, labels: np.ndarray, refere
             elem.value = replacements[elem.keyword]
 
     ds.walk(restamp)
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
-
-
-def _ds(x: float) -> str:
-    """A decimal string within DICOM's 16 characters."""
-    return f"{float(x):.10g}"[:16]
+    return writing.part10_bytes(ds)
 
 
 # -- truth ---------------------------------------------------------------------------------------------
@@ -1227,56 +1206,66 @@ def truth_tables(
     visit_rows: dict[str, list] = {}
     rate_rows: dict[str, list] = {}
     motion_rows: dict[str, list] = {}
-
-    def add(rows: dict[str, list], **values) -> None:
-        for name, value in values.items():
-            rows.setdefault(name, []).append(value)
-
     for patient in plans:
         key = patient.key(patient_salt)
         for visit in patient.visits:
-            add(
-                visit_rows,
-                patient_key=key,
-                visit=visit.index,
-                study_date=visit.date,
-                study_instance_uid=_uid(patient.namespace, patient.patient_id, visit.index, "study"),
-                days_since_first=visit.days,
-                years_since_first=visit.years,
-                **{f"geometry_{name}": float(getattr(visit.state, name)) for name in _STATE_FIELDS},
-                **measured[patient.index, visit.index],
-            )
-            origin = np.asarray(visit.offset_mm)
-            for seq in SEQUENCES:
-                if seq == REFERENCE:
-                    continue
-                m = visit.motion[seq]
-                add(
-                    motion_rows,
-                    patient_key=key,
-                    visit=visit.index,
-                    sequence=seq,
-                    series_instance_uid=_uid(patient.namespace, patient.patient_id, visit.index, seq, "series"),
-                    matrix=[float(x) for x in m.ravel()],
-                    rotation_deg=float(np.degrees(Rotation.from_matrix(m[:3, :3]).magnitude())),
-                    translation_mm=float(np.linalg.norm(m[:3, :3] @ origin + m[:3, 3] - origin)),
-                )
-        first = measured[patient.index, 1]
-        last = measured[patient.index, patient.visits[-1].index]
-        years = patient.visits[-1].years
-        add(
-            rate_rows,
-            patient_key=key,
-            visits=len(patient.visits),
-            **{f.name: getattr(patient.rates, f.name) for f in fields(Rates)},
-            rates_clipped=patient.rates_clipped,
-            **{f"measured_{rate}": (last[col] - first[col]) / years for rate, col in RATE_MEASUREMENTS.items()},
-        )
+            _append(visit_rows, patient_key=key, **_visit_truth(patient, visit), **measured[patient.index, visit.index])
+            for row in _motion_truth(patient, visit):
+                _append(motion_rows, patient_key=key, **row)
+        first, last = measured[patient.index, 1], measured[patient.index, patient.visits[-1].index]
+        _append(rate_rows, patient_key=key, **_rate_truth(patient, first, last))
     return {
         "truth.parquet": pa.table(visit_rows),
         "truth_rates.parquet": pa.table(rate_rows),
         "truth_motion.parquet": pa.table(motion_rows),
     }
+
+
+def _append(columns: dict[str, list], **values) -> None:
+    """Append one row (column name -> value) to ``columns`` (column name -> values)."""
+    for name, value in values.items():
+        columns.setdefault(name, []).append(value)
+
+
+def _visit_truth(patient: PatientPlan, visit: VisitPlan) -> dict:
+    """A truth.parquet row's visit columns, before the measurements (:func:`truth_tables`)."""
+    return dict(
+        visit=visit.index,
+        study_date=visit.date,
+        study_instance_uid=writing.derived_uid(patient.namespace, patient.patient_id, visit.index, "study"),
+        days_since_first=visit.days,
+        years_since_first=visit.years,
+        **{f"geometry_{name}": float(getattr(visit.state, name)) for name in _STATE_FIELDS},
+    )
+
+
+def _motion_truth(patient: PatientPlan, visit: VisitPlan) -> Iterator[dict]:
+    """The visit's truth_motion.parquet rows, one per non-reference sequence (:func:`truth_tables`)."""
+    origin = np.asarray(visit.offset_mm)
+    for seq in SEQUENCES:
+        if seq == REFERENCE:
+            continue
+        m = visit.motion[seq]
+        yield dict(
+            visit=visit.index,
+            sequence=seq,
+            series_instance_uid=writing.derived_uid(patient.namespace, patient.patient_id, visit.index, seq, "series"),
+            matrix=[float(x) for x in m.ravel()],
+            rotation_deg=float(np.degrees(Rotation.from_matrix(m[:3, :3]).magnitude())),
+            translation_mm=float(np.linalg.norm(m[:3, :3] @ origin + m[:3, 3] - origin)),
+        )
+
+
+def _rate_truth(patient: PatientPlan, first: dict[str, float | int], last: dict[str, float | int]) -> dict:
+    """A truth_rates.parquet row: the true rates, and the measured change per year between the
+    ``first`` and the ``last`` visit's truth measurements (:func:`truth_tables`)."""
+    years = patient.visits[-1].years
+    return dict(
+        visits=len(patient.visits),
+        **{f.name: getattr(patient.rates, f.name) for f in fields(Rates)},
+        rates_clipped=patient.rates_clipped,
+        **{f"measured_{rate}": (last[col] - first[col]) / years for rate, col in RATE_MEASUREMENTS.items()},
+    )
 
 
 _PATIENT_COLUMNS = (
@@ -1349,23 +1338,16 @@ def generate_plaque_archive(
     plans = plan_plaque_archive(patients, seed)
     root = storage.normalize(out)
     cfg = storage_cfg or StorageConfig()
-    sizes: list[int] = []
     measured: dict[tuple[int, int], dict[str, float | int]] = {}
-    threads = cfg.read_threads if storage.is_s3(root) else min(8, cfg.read_threads)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="carotid-write") as writer:
-        pending: set[Future] = set()
+
+    def files() -> Iterator[tuple[str, bytes]]:
+        # Visit by visit as the writers drain them; each visit's truth measured on the way.
         for patient in plans:
             for visit in patient.visits:
-                files, measured[patient.index, visit.index] = _visit_files(patient, visit)
-                for rel, data in files:
-                    sizes.append(len(data))
-                    pending.add(writer.submit(storage.write_bytes, storage.join(root, rel), data, cfg))
-                if len(pending) >= 4 * threads:  # bound the bytes held in memory
-                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in done:
-                        future.result()
-        for future in pending:
-            future.result()
+                visit_files, measured[patient.index, visit.index] = _visit_files(patient, visit)
+                yield from visit_files
+
+    sizes = writing.write_files(root, files(), cfg, "carotid-write")
 
     expected = add_broken_series(root, cfg, seed=seed) if broken else {}
     # The tables go last: whoever sees patients.csv and the truth sees a complete archive.
@@ -1428,11 +1410,10 @@ def add_broken_series(out: str, storage_cfg: StorageConfig | None = None, *, see
 
     They belong to patient CAROTID-BROKEN, who is in neither ``patients.csv`` nor the truth.
     """
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    seed = writing.check_seed(seed)
     root = storage.normalize(out)
     patient = dataclasses.replace(
-        _plan_patient(int(seed), 1, f"medhier-carotid-broken|seed={int(seed)}|format=1"),
+        _plan_patient(seed, 1, f"medhier-carotid-broken|seed={seed}|format=1"),
         patient_id="CAROTID-BROKEN",
         patient_name="PHANTOM^BROKEN",
     )
@@ -1441,49 +1422,57 @@ def add_broken_series(out: str, storage_cfg: StorageConfig | None = None, *, see
     files: dict[str, bytes] = {}
     expected: dict[str, str] = {}
     for kind in BROKEN_KINDS:
-        datasets = [pydicom.dcmread(io.BytesIO(data)) for data in base]
-        for k, ds in enumerate(datasets):
-            ds.SeriesInstanceUID = _uid(patient.namespace, patient.patient_id, "broken", kind, "series")
-            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = _uid(
-                patient.namespace, patient.patient_id, "broken", kind, "sop", k + 1
-            )
-            ds.SeriesDescription = f"{SERIES_DESCRIPTIONS[REFERENCE]} BROKEN {kind.upper()}"
-            ds.SeriesNumber = 100 + list(BROKEN_KINDS).index(kind)
         folder = f"broken/{kind}/"
-        if kind == "gap":
-            del datasets[4]
-            expected[folder] = "missing_positions"
-        elif kind == "duplicate_position":
-            extra = pydicom.dcmread(io.BytesIO(base[3]))
-            for keyword in ("SeriesInstanceUID", "SeriesDescription", "SeriesNumber"):
-                setattr(extra, keyword, datasets[0].get(keyword))
-            extra.SOPInstanceUID = extra.file_meta.MediaStorageSOPInstanceUID = _uid(
-                patient.namespace, patient.patient_id, "broken", kind, "sop", len(datasets) + 1
-            )
-            extra.InstanceNumber = len(datasets) + 1
-            datasets.append(extra)
-            expected[folder] = "duplicate_positions"
-        elif kind == "mixed_orientation":
-            c, s = math.cos(math.radians(10.0)), math.sin(math.radians(10.0))
-            datasets[5].ImageOrientationPatient = [_ds(x) for x in (c, s, 0.0, -s, c, 0.0)]
-            expected[folder] = "mixed_orientation"
-        elif kind == "unequal_slice_size":
-            ds = datasets[5]
-            ds.PixelData = ds.pixel_array[8:56, 8:56].astype("<u2").tobytes()
-            ds.Rows = ds.Columns = 48
-            expected[folder] = "unequal_slice_size"
-        elif kind == "non_dicom_file":
-            files[f"{folder}notes.txt"] = b"Carotid MR, visit 1: patient swallowed during T2w; repeated.\n"
-            expected[f"{folder}notes.txt"] = "unreadable_instance"
-        for ds in datasets:
-            buf = io.BytesIO()
-            pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-            files[f"{folder}IM{int(ds.InstanceNumber):04d}.dcm"] = buf.getvalue()
-        if kind == "truncated_pixels":
-            name = f"{folder}IM0006.dcm"
-            files[name] = files[name][: -SIZE * SIZE]  # half of the 2-byte pixels gone
-            expected[name] = "unreadable_instance"
-            expected[folder] = "missing_positions"
+        kind_files, kind_expected = _broken_series(kind, base, patient)
+        files.update({folder + name: data for name, data in kind_files.items()})
+        expected.update({folder + name: reason for name, reason in kind_expected.items()})
     for rel, data in files.items():
         storage.write_bytes(storage.join(root, rel), data, storage_cfg)
     return dict(sorted(expected.items()))
+
+
+def _broken_series(kind: str, base: list[bytes], patient: PatientPlan) -> tuple[dict[str, bytes], dict[str, str]]:
+    """The ``base`` series' files copied into a series of their own and damaged as ``kind`` says
+    (:data:`BROKEN_KINDS`) -> (file name -> bytes, name -> expected reason), names inside the
+    kind's folder; the name "" stands for the folder itself (the whole series)."""
+    datasets = [_relabel(pydicom.dcmread(io.BytesIO(data)), kind, patient, k + 1) for k, data in enumerate(base)]
+    files: dict[str, bytes] = {}
+    expected: dict[str, str] = {}
+    if kind == "gap":
+        del datasets[4]
+        expected[""] = "missing_positions"
+    elif kind == "duplicate_position":
+        extra = _relabel(pydicom.dcmread(io.BytesIO(base[3])), kind, patient, len(datasets) + 1)
+        extra.InstanceNumber = len(datasets) + 1
+        datasets.append(extra)
+        expected[""] = "duplicate_positions"
+    elif kind == "mixed_orientation":
+        c, s = math.cos(math.radians(10.0)), math.sin(math.radians(10.0))
+        datasets[5].ImageOrientationPatient = [writing.decimal_string(x) for x in (c, s, 0.0, -s, c, 0.0)]
+        expected[""] = "mixed_orientation"
+    elif kind == "unequal_slice_size":
+        ds = datasets[5]
+        ds.PixelData = ds.pixel_array[8:56, 8:56].astype("<u2").tobytes()
+        ds.Rows = ds.Columns = 48
+        expected[""] = "unequal_slice_size"
+    elif kind == "non_dicom_file":
+        files["notes.txt"] = b"Carotid MR, visit 1: patient swallowed during T2w; repeated.\n"
+        expected["notes.txt"] = "unreadable_instance"
+    files.update({f"IM{int(ds.InstanceNumber):04d}.dcm": writing.part10_bytes(ds) for ds in datasets})
+    if kind == "truncated_pixels":
+        files["IM0006.dcm"] = files["IM0006.dcm"][: -SIZE * SIZE]  # half of the 2-byte pixels gone
+        expected["IM0006.dcm"] = "unreadable_instance"
+        expected[""] = "missing_positions"
+    return files, expected
+
+
+def _relabel(ds: Dataset, kind: str, patient: PatientPlan, instance: int) -> Dataset:
+    """``ds`` moved into the broken series of ``kind`` as its instance ``instance`` (1-based):
+    series UID, number and description, and the SOP instance UID."""
+    ds.SeriesInstanceUID = writing.derived_uid(patient.namespace, patient.patient_id, "broken", kind, "series")
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = writing.derived_uid(
+        patient.namespace, patient.patient_id, "broken", kind, "sop", instance
+    )
+    ds.SeriesDescription = f"{SERIES_DESCRIPTIONS[REFERENCE]} BROKEN {kind.upper()}"
+    ds.SeriesNumber = 100 + list(BROKEN_KINDS).index(kind)
+    return ds

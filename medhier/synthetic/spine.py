@@ -92,7 +92,7 @@ import math
 import multiprocessing
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -106,7 +106,6 @@ from pydicom.uid import (
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     RLELossless,
-    generate_uid,
 )
 from scipy import ndimage
 
@@ -114,6 +113,7 @@ from medhier.io import storage
 from medhier.config import StorageConfig
 from medhier.io.dicom import patient_key
 from medhier.classify.taxonomy import Taxonomy
+from medhier.synthetic import writing
 
 __all__ = [
     "DEFAULT_CLASSES",
@@ -839,7 +839,7 @@ class Uids:
         unique per ``namespace`` (which should name everything that changes the pixels)."""
 
         def uid(*parts: object) -> str:
-            return str(generate_uid(entropy_srcs=[namespace, patient_id, *map(str, parts)]))
+            return writing.derived_uid(namespace, patient_id, *parts)
 
         return cls(uid("study"), uid("series"), uid("frame-of-reference"), uid("sop", instance))
 
@@ -877,12 +877,39 @@ def dicom_bytes(
     :data:`FOV_MM` / columns; ``slice_location_mm``: the slice's left-right position.
     """
     hu = np.asarray(hu)
+    transfer_syntax = _check_encoding(hu, photometric, transfer_syntax, signed, multi_window)
+    stored = _stored_values(hu, inverted=photometric == "MONOCHROME1", signed=signed)
+    spacing = FOV_MM / stored.shape[1] if pixel_spacing_mm is None else float(pixel_spacing_mm)
+
+    ds = Dataset(dict(_constant_elements()))  # shared elements, never modified
+    ds.file_meta = writing.file_meta(CTImageStorage, uids.sop)
+    ds.SOPInstanceUID = uids.sop
+    ds.AccessionNumber = accession
+    ds.PatientName = patient_name
+    ds.PatientID = patient_id
+    if issuer:
+        ds.IssuerOfPatientID = issuer
+    ds.PatientBirthDate = birth_date
+    ds.PatientSex = sex
+    ds.StudyInstanceUID = uids.study
+    ds.SeriesInstanceUID = uids.series
+    ds.FrameOfReferenceUID = uids.frame_of_reference
+    ds.StudyID = study_id
+    ds.SeriesNumber = series_number
+    ds.InstanceNumber = instance_number
+    _set_geometry(ds, stored.shape, spacing, slice_location_mm)
+    _set_display(ds, photometric, signed, multi_window)
+    _set_pixels(ds, stored, transfer_syntax)
+    return writing.part10_bytes(ds)
+
+
+def _check_encoding(hu: np.ndarray, photometric: str, transfer_syntax: str, signed: bool, multi_window: bool) -> UID:
+    """:func:`dicom_bytes`' arguments checked -> the transfer syntax as a UID."""
     if hu.ndim != 2:
         raise ValueError(f"hu must be a 2-D image, got shape {hu.shape}")
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, got {photometric!r}")
-    inverted = photometric == "MONOCHROME1"
-    if inverted and (not signed or multi_window):
+    if photometric == "MONOCHROME1" and (not signed or multi_window):
         raise ValueError(
             "MONOCHROME1 phantoms store inverted values below zero and define a single window: "
             "use signed=True, multi_window=False"
@@ -893,113 +920,90 @@ def dicom_bytes(
             f"transfer syntax {transfer_syntax} ({transfer_syntax.name}) is not available here; "
             f"use Explicit VR Little Endian or one of {[str(u) for u in compressed_syntaxes()]}"
         )
+    return transfer_syntax
 
+
+def _stored_values(hu: np.ndarray, *, inverted: bool, signed: bool) -> np.ndarray:
+    """HU (rows, columns) -> stored values HU + 1024: int16, or uint16 (12 bits) unless ``signed``;
+    reflected about the bone window first when ``inverted`` (MONOCHROME1, see :func:`dicom_bytes`)."""
     values = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
-    centre, width = BONE_WINDOW
     if inverted:
         # pydicom's LINEAR window maps x to (x - (c - 0.5)) / (w - 1) + 0.5, so reflecting about
         # c - 0.5, i.e. x' = 2c - 1 - x, gives exactly 1 - y: the inversion undoes it.
-        values = np.int16(2 * centre - 1) - values
+        values = np.int16(2 * BONE_WINDOW[0] - 1) - values
     stored = values - np.int16(RESCALE_INTERCEPT)  # HU + 1024
     if not signed:
         stored = stored.astype(np.uint16)  # 0..4095 already: HU was clipped to 12 bits
-    rows, cols = stored.shape
-    spacing = FOV_MM / cols if pixel_spacing_mm is None else float(pixel_spacing_mm)
+    return stored
 
-    ds = Dataset(dict(_constant_elements()))  # shared elements, never modified
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    ds.file_meta.MediaStorageSOPInstanceUID = uids.sop
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.ImplementationClassUID = pydicom.uid.PYDICOM_IMPLEMENTATION_UID
-    ds.file_meta.ImplementationVersionName = "MEDHIER_SYNTH"
 
-    ds.SOPInstanceUID = uids.sop
-    ds.AccessionNumber = accession
-    ds.PatientName = patient_name
-    ds.PatientID = patient_id
-    if issuer:
-        ds.IssuerOfPatientID = issuer
-    ds.PatientBirthDate = birth_date
-    ds.PatientSex = sex
-    ds.ReconstructionDiameter = _ds(spacing * cols)
-    ds.StudyInstanceUID = uids.study
-    ds.SeriesInstanceUID = uids.series
-    ds.StudyID = study_id
-    ds.SeriesNumber = series_number
-    ds.InstanceNumber = instance_number
+def _set_geometry(ds: Dataset, shape: tuple[int, int], spacing: float, slice_location_mm: float) -> None:
+    """Sagittal geometry of a (rows, columns) image of ``spacing`` mm pixels."""
+    rows, cols = shape
+    ds.ReconstructionDiameter = writing.decimal_string(spacing * cols)
     # Sagittal: rows run anterior -> posterior (+y in LPS), columns superior -> inferior (-z);
     # the position is the centre of the top-left pixel.
     ds.ImagePositionPatient = [
-        _ds(slice_location_mm), _ds(-spacing * (cols - 1) / 2), _ds(spacing * (rows - 1) / 2)
+        writing.decimal_string(slice_location_mm),
+        writing.decimal_string(-spacing * (cols - 1) / 2),
+        writing.decimal_string(spacing * (rows - 1) / 2),
     ]
-    ds.FrameOfReferenceUID = uids.frame_of_reference
-    ds.SliceLocation = _ds(slice_location_mm)
-    ds.PhotometricInterpretation = photometric
+    ds.SliceLocation = writing.decimal_string(slice_location_mm)
     ds.Rows, ds.Columns = rows, cols
-    ds.PixelSpacing = [_ds(spacing), _ds(spacing)]
+    ds.PixelSpacing = [writing.decimal_string(spacing), writing.decimal_string(spacing)]
+
+
+def _set_display(ds: Dataset, photometric: str, signed: bool, multi_window: bool) -> None:
+    """Photometric interpretation, the stored value's bits and sign, and the window(s)."""
+    ds.PhotometricInterpretation = photometric
     ds.BitsStored = 16 if signed else 12
     ds.HighBit = ds.BitsStored - 1
     ds.PixelRepresentation = 1 if signed else 0
     if multi_window:
-        ds.WindowCenter = [_ds(BONE_WINDOW[0]), _ds(SOFT_TISSUE_WINDOW[0])]
-        ds.WindowWidth = [_ds(BONE_WINDOW[1]), _ds(SOFT_TISSUE_WINDOW[1])]
+        ds.WindowCenter = [writing.decimal_string(BONE_WINDOW[0]), writing.decimal_string(SOFT_TISSUE_WINDOW[0])]
+        ds.WindowWidth = [writing.decimal_string(BONE_WINDOW[1]), writing.decimal_string(SOFT_TISSUE_WINDOW[1])]
         ds.WindowCenterWidthExplanation = ["BONE", "SOFT TISSUE"]
     else:
-        ds.WindowCenter, ds.WindowWidth = _ds(centre), _ds(width)
+        ds.WindowCenter, ds.WindowWidth = writing.decimal_string(BONE_WINDOW[0]), writing.decimal_string(BONE_WINDOW[1])
         ds.WindowCenterWidthExplanation = "BONE"
 
+
+def _set_pixels(ds: Dataset, stored: np.ndarray, transfer_syntax: UID) -> None:
+    """The stored values as native OW pixel data, or encoded in a lossless ``transfer_syntax``."""
     if transfer_syntax == ExplicitVRLittleEndian:
         ds.PixelData = stored.astype(stored.dtype.newbyteorder("<"), copy=False).tobytes()
         ds["PixelData"].VR = "OW"
-    else:
-        encoder = get_encoder(transfer_syntax)
-        # pylibjpeg's RLE encoder is compiled; pydicom's own is pure numpy and ~10x slower.
-        plugin = "pylibjpeg" if "pylibjpeg" in encoder.available_plugins else ""
-        ds.compress(transfer_syntax, stored, encoding_plugin=plugin, generate_instance_uid=False)
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+        return
+    encoder = get_encoder(transfer_syntax)
+    # pylibjpeg's RLE encoder is compiled; pydicom's own is pure numpy and ~10x slower.
+    plugin = "pylibjpeg" if "pylibjpeg" in encoder.available_plugins else ""
+    ds.compress(transfer_syntax, stored, encoding_plugin=plugin, generate_instance_uid=False)
 
 
 @functools.lru_cache(maxsize=1)
 def _constant_elements() -> dict:
     """The data elements every phantom shares, built once: setting them one by one through
     pydicom costs about as much as writing the whole file."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds = writing.image_elements()
     # A sagittal slice is a multiplanar reformat of an axial acquisition.
     ds.ImageType = ["DERIVED", "SECONDARY", "REFORMATTED"]
     ds.SOPClassUID = CTImageStorage
     ds.StudyDate = ds.SeriesDate = ds.AcquisitionDate = ds.ContentDate = _STUDY_DATE
     ds.StudyTime = ds.SeriesTime = ds.AcquisitionTime = ds.ContentTime = _STUDY_TIME
     ds.Modality = "CT"
-    ds.Manufacturer = "medhier-phantom"
-    ds.ReferringPhysicianName = ""
     ds.StudyDescription = "CT LUMBAR SPINE"
     ds.SeriesDescription = "SAG BONE"
     ds.ManufacturerModelName = "phantom-ct"
     ds.BodyPartExamined = "LSPINE"
-    ds.SliceThickness = _ds(_SLICE_THICKNESS_MM)
+    ds.SliceThickness = writing.decimal_string(_SLICE_THICKNESS_MM)
     ds.KVP = "120"
     ds.XRayTubeCurrent = 200
     ds.ConvolutionKernel = "BONE"
-    ds.PatientPosition = "HFS"
-    ds.AcquisitionNumber = 1
     ds.ImageOrientationPatient = ["0", "1", "0", "0", "0", "-1"]
-    ds.PositionReferenceIndicator = ""
-    ds.SamplesPerPixel = 1
-    ds.BitsAllocated = 16
-    ds.RescaleIntercept = _ds(RESCALE_INTERCEPT)
+    ds.RescaleIntercept = writing.decimal_string(RESCALE_INTERCEPT)
     ds.RescaleSlope = "1"
     ds.RescaleType = "HU"
-    ds.LossyImageCompression = "00"
     return {elem.tag: elem for elem in ds}
-
-
-def _ds(x: float) -> str:
-    """A decimal string within DICOM's 16 characters."""
-    return f"{x:.10g}"[:16]
 
 
 @functools.lru_cache(maxsize=1)
@@ -1089,7 +1093,6 @@ def plan_archive(
     _check_archive_args(n, seed, size, difficulty, monochrome1_fraction, compressed_fraction)
     leaves = list(taxonomy.leaf_names)
     weights = leaf_weights(leaves, difficulty)
-    syntaxes = compressed_syntaxes()
     # Everything that changes pixels or labels names the UIDs, so two archives never share one.
     namespace = f"medhier-phantom|{seed}|{int(size)}|{float(difficulty)!r}|{','.join(leaves)}"
     plan_rng = np.random.default_rng([seed, 0])
@@ -1105,9 +1108,6 @@ def plan_archive(
         patient_id = f"PHANTOM-{patient:0{width}d}"
         for instance in range(1, count + 1):
             index = len(specs)
-            draws = np.random.default_rng([seed, 2, index]).random(5)
-            mono1 = bool(draws[0] < monochrome1_fraction)
-            compressed = bool(draws[1] < compressed_fraction) and bool(syntaxes)
             specs.append(
                 ImageSpec(
                     index=index,
@@ -1123,16 +1123,26 @@ def plan_archive(
                     sex=sex,
                     accession=f"A{seed % 10000:04d}{patient:07d}",
                     uids=Uids.derive(namespace, patient_id, instance),
-                    photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
-                    transfer_syntax=(
-                        syntaxes[int(draws[2] * len(syntaxes))] if compressed else ExplicitVRLittleEndian
-                    ),
-                    signed=mono1 or bool(draws[3] >= 1 / 3),
-                    multi_window=not mono1 and bool(draws[4] < 0.3),
                     render_seed=(seed, 1, index),
+                    **_draw_encoding(seed, index, monochrome1_fraction, compressed_fraction),
                 )
             )
     return specs
+
+
+def _draw_encoding(seed: int, index: int, monochrome1_fraction: float, compressed_fraction: float) -> dict:
+    """Image ``index``'s encoding choices (:class:`ImageSpec` fields photometric, transfer_syntax,
+    signed, multi_window), from ``default_rng([seed, 2, index])`` alone (the module docstring)."""
+    draws = np.random.default_rng([seed, 2, index]).random(5)
+    syntaxes = compressed_syntaxes()
+    mono1 = bool(draws[0] < monochrome1_fraction)
+    compressed = bool(draws[1] < compressed_fraction) and bool(syntaxes)
+    return dict(
+        photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
+        transfer_syntax=syntaxes[int(draws[2] * len(syntaxes))] if compressed else ExplicitVRLittleEndian,
+        signed=mono1 or bool(draws[3] >= 1 / 3),
+        multi_window=not mono1 and bool(draws[4] < 0.3),
+    )
 
 
 @dataclass(frozen=True)
@@ -1194,29 +1204,10 @@ def generate_archive(
     )
     root = storage.normalize(out)
     cfg = storage_cfg or StorageConfig()
-    sizes = [0] * len(specs)
-    threads = cfg.read_threads if storage.is_s3(root) else min(8, cfg.read_threads)
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="synth-write") as writer:
-        pending: set[Future] = set()
-        for spec, data in zip(specs, _encoded(specs, size, difficulty, int(workers))):
-            sizes[spec.index] = len(data)
-            pending.add(writer.submit(storage.write_bytes, storage.join(root, spec.path), data, cfg))
-            if len(pending) >= 4 * threads:  # bound the bytes held in memory
-                done, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for future in done:
-                    future.result()
-        for future in pending:
-            future.result()
-
+    encoded = _encoded(specs, size, difficulty, int(workers))
+    sizes = writing.write_files(root, ((spec.path, data) for spec, data in zip(specs, encoded)), cfg, "synth-write")
     # The manifest goes last: whoever sees labels.csv sees a complete archive.
-    text = io.StringIO()
-    rows = csv.writer(text, lineterminator="\n")
-    rows.writerow(["path", "main", "sub", "patient_key"])
-    for spec in specs:
-        main, sub = spec.leaf.split("/")
-        rows.writerow([spec.path, main, sub, patient_key(spec.patient_id, spec.issuer, patient_salt)])
-    storage.write_bytes(storage.join(root, "labels.csv"), text.getvalue().encode("utf-8"), cfg)
-
+    storage.write_bytes(storage.join(root, "labels.csv"), _labels_csv(specs, patient_salt), cfg)
     leaf_counts = Counter(s.leaf for s in specs)
     return SynthSummary(
         out=root,
@@ -1227,6 +1218,17 @@ def generate_archive(
         transfer_syntaxes=dict(sorted(Counter(UID(s.transfer_syntax).name for s in specs).items())),
         photometrics=dict(sorted(Counter(s.photometric for s in specs).items())),
     )
+
+
+def _labels_csv(specs: list[ImageSpec], patient_salt: str) -> bytes:
+    """labels.csv: path,main,sub,patient_key, one row per image in archive order."""
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator="\n")
+    rows.writerow(["path", "main", "sub", "patient_key"])
+    for spec in specs:
+        main, sub = spec.leaf.split("/")
+        rows.writerow([spec.path, main, sub, patient_key(spec.patient_id, spec.issuer, patient_salt)])
+    return text.getvalue().encode("utf-8")
 
 
 def _encoded(specs: list[ImageSpec], size: int, difficulty: float, workers: int) -> Iterator[bytes]:
@@ -1272,8 +1274,7 @@ def _taxonomy(taxonomy: Taxonomy | None) -> Taxonomy:
 def _check_archive_args(n, seed, size, difficulty, monochrome1_fraction, compressed_fraction) -> None:
     if int(n) != n or n < 0:
         raise ValueError(f"n must be an integer >= 0, got {n!r}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    writing.check_seed(seed)
     if int(size) != size or size < 32:
         raise ValueError(f"size must be an integer >= 32 pixels, got {size!r}")
     _check_difficulty(difficulty)
@@ -1290,8 +1291,7 @@ def add_broken_files(out: str, storage_cfg: StorageConfig | None = None, seed: i
     """Write files under ``out``/broken/ that medhier.dicom must reject, one per kind of damage
     seen in real archives. -> {path relative to ``out`` (with "broken/"): expected
     :data:`medhier.dicom.REASONS` code}. They are not listed in labels.csv."""
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+    writing.check_seed(seed)
     root = storage.normalize(out)
     phantom = render("normal/normal", np.random.default_rng([seed, 3]), size=64, difficulty=0.0)
     namespace = f"medhier-phantom-broken|seed={seed}"
@@ -1332,9 +1332,7 @@ def _encapsulated(hu: np.ndarray, tags: dict, syntax: str, fragment: bytes) -> b
     ds.PixelData = encapsulate([fragment])
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    return writing.part10_bytes(ds)
 
 
 def _text_report(uids: Uids) -> bytes:
@@ -1349,7 +1347,7 @@ def _text_report(uids: Uids) -> bytes:
     ds.StudyDate = ds.ContentDate = _STUDY_DATE
     ds.StudyTime = ds.ContentTime = _STUDY_TIME
     ds.Modality = "SR"
-    ds.Manufacturer = "medhier-phantom"
+    ds.Manufacturer = writing.MANUFACTURER
     ds.PatientName, ds.PatientID = "BROKEN^P0001", "BROKEN-0001"
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uids.study, uids.series
     ds.SeriesNumber, ds.InstanceNumber = 2, 1
@@ -1367,6 +1365,4 @@ def _text_report(uids: Uids) -> bytes:
     finding.ConceptNameCodeSequence = [concept]
     finding.TextValue = "No acute fracture of the lumbar spine."
     ds.ContentSequence = [finding]
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, ds, enforce_file_format=True)
-    return buf.getvalue()
+    return writing.part10_bytes(ds)

@@ -13,6 +13,11 @@ Output layout::
     OUTPUT/best/          best checkpoint (model.pt, meta.json)
     OUTPUT/history.json   per-epoch training and validation metrics
     OUTPUT/config.yaml    the resolved config
+    OUTPUT/tracking.json  the MLflow run of this output, when tracking.uri is set (medhier.train.tracking)
+
+The driver prints one line per epoch (medhier.train.progress); rank 0 logs each epoch to MLflow
+when tracking is on. A stop signal (medhier.stopping) ends the run where it is:
+the checkpoints written so far are what a re-run resumes from.
 """
 
 from __future__ import annotations
@@ -24,8 +29,10 @@ import math
 import os
 import re
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
@@ -37,12 +44,16 @@ from ray.data import DataContext
 from ray.train.torch import TorchTrainer
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+from medhier import stopping
 from medhier.config import Config, TrainConfig
 from medhier.data.cache import CacheInfo, load_cache
 from medhier.io import storage
 from medhier.runtime import verbose
+from medhier.stopping import Stopped
+from medhier.train import tracking
 from medhier.train.checkpoint import CHECKPOINT_FILE, META_FILE, ModelTask, model_id_of, save_checkpoint, unwrap
 from medhier.train.precision import autocast_dtype
+from medhier.train.progress import EpochLines
 
 __all__ = ["Env", "Step", "TrainContext", "TrainTask", "evaluate", "rank_zero", "train_on_cache", "train_one_epoch", "warmup_cosine"]
 
@@ -105,26 +116,34 @@ class TrainTask(ModelTask, Protocol):
 # -- the driver ------------------------------------------------------------------------------
 
 
-def train_on_cache(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple = (), hooks: tuple = ()) -> dict[str, Any]:
+def train_on_cache(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple = (), hooks: tuple = (), *,
+                   parent_run: tracking.TrackedRun | None = None, epoch_lines: bool = True) -> dict[str, Any]:
     """Run the TorchTrainer on a committed cache, writing checkpoints, best/ and history under
     ``output``. -> the run summary (best epoch and metric, epochs run, resume points).
 
-    Re-running with the same output resumes from its newest checkpoint. ``callbacks``: Ray Train
-    callbacks (Tune's TuneReportCallback when a search runs this). ``hooks``: callables
-    ``hook(ctx, epoch, step)`` run before every training step on every worker (tests inject
-    faults with them). Needs Ray initialised.
+    Re-running with the same output resumes from its newest checkpoint (and its MLflow run).
+    ``callbacks``: Ray Train callbacks (Tune's TuneReportCallback when a search runs this).
+    ``hooks``: callables ``hook(ctx, epoch, step)`` run before every training step on every
+    worker (tests inject faults with them). ``parent_run``: the MLflow run of the search this
+    training is a trial of. ``epoch_lines``: print a line per epoch to stdout. Needs Ray initialised.
     """
     # Training reports per epoch; per-worker dataset progress bars would only interleave. The
     # datasets keep the context they were made with, so switch the bars off before making them.
     data_ctx = DataContext.get_current()
     progress, data_ctx.enable_progress_bars = data_ctx.enable_progress_bars, False
     try:
-        return _fit(cfg, cache, output, task, callbacks, hooks)
+        return _fit(cfg, cache, output, task, callbacks, hooks, parent_run, epoch_lines)
+    except Stopped as stop:
+        epoch = _newest_checkpoint_epoch(output, cfg)
+        stop.note(f"no checkpoint yet in {output}/train" if epoch is None else
+                  f"checkpoints up to epoch {epoch} in {output}/train (best so far: {output}/best); a re-run resumes at epoch {epoch + 1}")
+        raise
     finally:
         data_ctx.enable_progress_bars = progress
 
 
-def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple, hooks: tuple) -> dict[str, Any]:
+def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple, hooks: tuple,
+         parent_run: tracking.TrackedRun | None, epoch_lines: bool) -> dict[str, Any]:
     info = CacheInfo.read(cache, cfg.storage)
     if info is None:
         raise FileNotFoundError(f"no committed cache at {cache!r}: run `medhier prepare`")
@@ -145,12 +164,14 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
     # with its own message, instead of inside every worker.
     task.build_model(cfg)
     storage.write_text(storage.join(output, "config.yaml"), cfg.to_yaml(), cfg.storage)
+    run = tracking.start_run(cfg, output, task=task.name, parent=parent_run)
     use_gpu = _use_gpu(cfg.train)
     fs, run_root = storage.filesystem(output, cfg.storage)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg.to_dict(), "task": task, "output": output, "n_train": n_train,
-                           "class_counts": split_classes.get("train", {}), "hooks": tuple(hooks), "verbose": verbose()},
+                           "class_counts": split_classes.get("train", {}), "hooks": tuple(hooks), "verbose": verbose(),
+                           "tracking": run},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.train.num_workers,
             use_gpu=use_gpu,
@@ -170,7 +191,33 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
         # Validation is not split: rank 0 scores all of it, so every epoch's metric is exact.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit().return_value or {}
+    with tracking.tracked(run, cfg, output, files=("config.yaml", "history.json")), \
+            (EpochLines(cfg, output) if epoch_lines else nullcontext()):
+        return _fit_trainer(trainer).return_value or {}
+
+
+def _fit_trainer(trainer: TorchTrainer):
+    """``trainer.fit()``; off the main thread when medhier's stop signals are in force: in the
+    main thread Ray Train installs its own Ctrl-C handler (a graceful abort that ends the
+    process with status 0) and leaves it installed. The main thread waits in short joins, so a
+    stop signal still raises there at once."""
+    if not stopping.installed() or threading.current_thread() is not threading.main_thread():
+        return trainer.fit()
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="medhier-trainer", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 def _use_gpu(train_cfg: TrainConfig) -> bool:
@@ -219,6 +266,7 @@ class TrainContext:
     state: TrainState
     output: str
     hooks: tuple = ()
+    mlflow_run: tracking.TrackedRun | None = None  # the run rank 0 logs each epoch to
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -229,12 +277,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
     tc, state = ctx.cfg.train, ctx.state
     shard, val_data = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     for epoch in range(state.epoch, tc.epochs):
+        started = time.perf_counter()
         trained = train_one_epoch(ctx, shard, epoch)
         # Rank 0 validates and decides; everyone follows, so no worker waits in a collective the others left.
         val = _broadcast(ctx.env, evaluate(ctx, val_data) if ctx.env.rank == 0 else {})
         improved, stop = state.record(epoch, val.get(ctx.step.metric), ctx.step.minimise, tc.early_stopping_patience)
         record = {"epoch": epoch, **trained, **{k: v for k, v in val.items() if isinstance(v, (int, float)) or v is None},
-                  "best_epoch": state.best_epoch, "improved": improved, "early_stop": stop}
+                  "best_epoch": state.best_epoch, "improved": improved, "early_stop": stop,
+                  "epoch_seconds": time.perf_counter() - started}
         state.history.append(record)
         _report(ctx, record, val.get("metrics", {}), improved)
         if stop:
@@ -275,7 +325,8 @@ def _setup(config: dict[str, Any]) -> TrainContext:
         except (KeyError, ValueError, TypeError):  # a checkpoint of medhier 0.1's hand-written LambdaLR
             for _ in range(state.epoch * steps_per_epoch):
                 scheduler.step()
-    return TrainContext(cfg, task, env, step, model, optimizer, scheduler, scaler, state, config["output"], config.get("hooks", ()))
+    return TrainContext(cfg, task, env, step, model, optimizer, scheduler, scaler, state, config["output"], config.get("hooks", ()),
+                        config.get("tracking"))
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -362,6 +413,9 @@ def _report(ctx: TrainContext, record: dict[str, Any], val_metrics: dict[str, An
             if improved:
                 _copy_best(tmp, ctx.output, ctx.cfg)
             storage.write_text(storage.join(ctx.output, "history.json"), json.dumps(ctx.state.history, indent=2, default=str), ctx.cfg.storage)
+            # before report: Tune may end a trial as soon as its last report is in (a worker that
+            # dies between the two logs that epoch again when it is run again)
+            tracking.log_epoch(ctx.mlflow_run, record)
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(
             # undefined metrics (an AUC without both classes) as NaN: Tune needs every key, always
@@ -382,6 +436,25 @@ def _copy_best(local_dir: str, output: str, cfg: Config) -> None:
         storage.write_bytes(storage.join(output, "best", META_FILE), f.read(), cfg.storage)
 
 
+def _checkpoint_names(output: str, cfg: Config) -> list[str]:
+    """This run's checkpoint directories, newest first."""
+    fs, path = storage.filesystem(storage.join(output, "train"), cfg.storage)
+    try:
+        entries = fs.get_file_info(storage.pafs.FileSelector(path))
+    except FileNotFoundError:
+        return []
+    return sorted((e.base_name for e in entries if _CHECKPOINT_DIR.match(e.base_name)), reverse=True)
+
+
+def _newest_checkpoint_epoch(output: str, cfg: Config) -> int | None:
+    """The epoch of the newest stored checkpoint (by its name and weights file, without loading
+    it), or None."""
+    for name in _checkpoint_names(output, cfg):
+        if storage.exists(storage.join(output, "train", name, CHECKPOINT_FILE), cfg.storage):
+            return int(_CHECKPOINT_DIR.match(name).group(1))
+    return None
+
+
 def _newest_checkpoint(output: str, cfg: Config) -> dict[str, Any]:
     """The newest complete checkpoint of this run, or {} for a fresh start.
 
@@ -392,12 +465,7 @@ def _newest_checkpoint(output: str, cfg: Config) -> dict[str, Any]:
     verifies is the true resume point.
     """
     root = storage.join(output, "train")
-    fs, path = storage.filesystem(root, cfg.storage)
-    try:
-        entries = fs.get_file_info(storage.pafs.FileSelector(path))
-    except FileNotFoundError:
-        return {}
-    for name in sorted((e.base_name for e in entries if _CHECKPOINT_DIR.match(e.base_name)), reverse=True):
+    for name in _checkpoint_names(output, cfg):
         try:
             raw = storage.read_bytes(storage.join(root, name, CHECKPOINT_FILE), cfg.storage)
             data = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)

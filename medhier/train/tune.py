@@ -14,6 +14,9 @@ Output layout::
     OUTPUT/search.png           the metric against each parameter
     OUTPUT/best/                the best trial's best checkpoint (ready for `medhier score`)
     OUTPUT/best_config.yaml     the best trial's resolved config
+    OUTPUT/tracking.json        the search's MLflow run (a parent of one run per trial), when tracking.uri is set
+
+The driver prints one line per trial epoch (Tune's own reporter stays off unless --verbose).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -38,10 +42,14 @@ from matplotlib.figure import Figure
 from ray import tune as rt
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from medhier import stopping
 from medhier.config import MINIMISED_METRICS, Config, ConfigError, TuneConfig
 from medhier.io import storage
 from medhier.runtime import verbose
+from medhier.stopping import Stopped
+from medhier.train import tracking
 from medhier.train.loop import TrainTask, train_on_cache
+from medhier.train.progress import epoch_line
 
 __all__ = ["TuneSummary", "max_concurrent_trials", "search_space", "tune"]
 
@@ -84,7 +92,7 @@ def validate_space(tune_cfg: TuneConfig, cfg: Config) -> None:
     for key, spec in tune_cfg.space.items():
         where = f"tune.space.{key}"
         section, _, name = key.partition(".")
-        if section in ("tune", "storage", "runtime") or not name or not hasattr(getattr(cfg, section, None), name):
+        if section in ("tune", "storage", "tracking", "runtime") or not name or not hasattr(getattr(cfg, section, None), name):
             raise ConfigError(f"{where}: not a tunable config key (use section.key, e.g. train.lr_head)")
         if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in _DISTRIBUTIONS:
             raise ConfigError(f"{where}: expected one of {{{', '.join(f'{d}: ...' for d in _DISTRIBUTIONS)}}}, got {spec!r}")
@@ -135,7 +143,25 @@ def _trial(config: dict[str, Any]) -> None:
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = apply_params(Config.from_dict(config["_base"]), params)
     trial_dir = storage.join(config["_output"], "trials", ray.tune.get_context().get_trial_id())
-    train_on_cache(cfg, config["_cache"], trial_dir, config["_task"], callbacks=(TuneReportCallback(),))
+    train_on_cache(cfg, config["_cache"], trial_dir, config["_task"], callbacks=(TuneReportCallback(),),
+                   parent_run=config.get("_tracking"), epoch_lines=False)
+
+
+class _TrialLines(rt.Callback):
+    """One line per trial epoch, printed by the search's driver (trials run in Ray processes,
+    whose own output Ray would prefix and interleave)."""
+
+    def __init__(self, metric: str, epochs: int):
+        self.metric, self.epochs = metric, epochs
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" not in result:
+            return
+        mean = result.get("time_total_s", 0.0) / max(1, result.get("training_iteration", 1))
+        print(f"trial {trial.trial_id}  " + epoch_line(result, self.epochs, self.metric, result.get("time_total_s", 0.0), mean), flush=True)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        print(f"trial {trial.trial_id}  failed (its error is in trials.parquet)", flush=True)
 
 
 @dataclass
@@ -175,6 +201,20 @@ def tune(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool = F
     """
     start = time.perf_counter()
     output = storage.normalize(output)
+    try:
+        return _search(cfg, cache, output, task, resume, start)
+    except Stopped as stop:
+        fs, root = storage.filesystem(storage.join(output, "trials"), cfg.storage)
+        try:
+            done = sum(1 for e in fs.get_file_info(storage.pafs.FileSelector(root, recursive=True)) if e.base_name == "history.json")
+        except FileNotFoundError:
+            done = 0
+        stop.note(f"{done} trial(s) have checkpoints under {output}/trials and the search state is in {output}/tune; "
+                  "resuming continues the unfinished trials")
+        raise
+
+
+def _search(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool, start: float) -> TuneSummary:
     space = search_space(cfg)  # validates before anything runs
     metric, mode = metric_and_mode(cfg)
     base = cfg.to_dict()
@@ -184,24 +224,16 @@ def tune(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool = F
     experiment = storage.join(output, "tune")
     if resume and not rt.Tuner.can_restore(f"{root}/tune", storage_filesystem=fs):
         raise FileNotFoundError(f"--resume: no search to resume at {experiment}")
+    parent = tracking.start_run(cfg, output, task=task.name, kind="search")
     if resume:
         # Finished trials keep their results; unfinished and errored ones continue from their
         # last checkpoint (each trial's training resumes from its own run directory).
         tuner = rt.Tuner.restore(f"{root}/tune", trainable=trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=fs)
     else:
-        scheduler = (
-            rt.schedulers.ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=cfg.train.epochs,
-                grace_period=cfg.tune.grace_period,
-                reduction_factor=cfg.tune.reduction_factor,
-            )
-            if cfg.tune.scheduler == "asha"
-            else rt.schedulers.FIFOScheduler()
-        )
+        scheduler = _scheduler(cfg)
         tuner = rt.Tuner(
             trainable,
-            param_space={**space, "_base": base, "_cache": cache, "_output": output, "_task": task},
+            param_space={**space, "_base": base, "_cache": cache, "_output": output, "_task": task, "_tracking": parent},
             tune_config=rt.TuneConfig(
                 metric=metric,
                 mode=mode,
@@ -218,18 +250,43 @@ def tune(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool = F
                 storage_filesystem=fs,
                 failure_config=rt.FailureConfig(max_failures=cfg.tune.trial_max_failures),
                 verbose=1 if verbose() else 0,
+                callbacks=[] if verbose() else [_TrialLines(metric, cfg.train.epochs)],
             ),
         )
-    results = tuner.fit()
-    trials = _trial_rows(results, cfg, output, metric, mode)
-    if not any(t["best_metric"] is not None and not math.isnan(t["best_metric"]) for t in trials):
-        raise RuntimeError(f"no trial reported {metric}; see the trial errors in {experiment}")
-    best = (min if mode == "min" else max)(
-        (t for t in trials if t["best_metric"] is not None and not math.isnan(t["best_metric"])), key=lambda t: t["best_metric"]
-    )
-    _write_outputs(cfg, output, trials, best, metric, mode)
+    if stopping.installed():  # Ctrl-C stays medhier's: Tune's own handler would end the search and carry on
+        os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    with tracking.tracked(parent, cfg, output, files=("trials.parquet", "search.png", "best_config.yaml", "tune_summary.json")):
+        results = tuner.fit()
+        trials = _trial_rows(results, cfg, output, metric, mode)
+        if not any(t["best_metric"] is not None and not math.isnan(t["best_metric"]) for t in trials):
+            raise RuntimeError(f"no trial reported {metric}; see the trial errors in {experiment}")
+        best = (min if mode == "min" else max)(
+            (t for t in trials if t["best_metric"] is not None and not math.isnan(t["best_metric"])), key=lambda t: t["best_metric"]
+        )
+        _write_outputs(cfg, output, trials, best, metric, mode)
+        _end_trial_runs(cfg, output, trials)
+        tracking.log_results(cfg, output, metrics={f"best_{metric}": best["best_metric"], "trials": len(trials)},
+                             tags={"best_trial": best["trial_id"]})
     return TuneSummary(output, metric, mode, trials, best["trial_id"], best["best_metric"],
                        storage.join(output, "best"), concurrent, time.perf_counter() - start)
+
+
+def _scheduler(cfg: Config) -> Any:
+    """ASHA (stops the weaker trials at each rung) or FIFO (every trial runs all its epochs)."""
+    if cfg.tune.scheduler != "asha":
+        return rt.schedulers.FIFOScheduler()
+    return rt.schedulers.ASHAScheduler(time_attr="training_iteration", max_t=cfg.train.epochs,
+                                       grace_period=cfg.tune.grace_period, reduction_factor=cfg.tune.reduction_factor)
+
+
+def _end_trial_runs(cfg: Config, output: str, trials: list[dict[str, Any]]) -> None:
+    """End each trial's tracking run with its outcome: Tune ends a stopped trial's process before
+    the trial's own run can end."""
+    for trial in trials:
+        trial_dir = storage.join(output, "trials", trial["trial_id"])
+        status = "FAILED" if trial["status"] == "ERROR" else "KILLED" if trial["stopped_early"] else "FINISHED"
+        tracking.end_run(tracking.run_of(trial_dir, cfg), cfg, trial_dir, status=status, files=("config.yaml", "history.json"),
+                         if_running=True)
 
 
 def _trial_rows(results, cfg: Config, output: str, metric: str, mode: str) -> list[dict[str, Any]]:

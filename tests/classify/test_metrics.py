@@ -375,6 +375,12 @@ def test_plots_are_written_as_real_pngs_and_figures_closed(tmp_path, case):
     assert plt.get_fignums() == figures_before == []
 
 
+def test_plots_name_the_arrays_they_take(tmp_path):
+    with pytest.raises(TypeError, match="main_true, leaf_true, p_main, p_leaf"):
+        write_plots(*HAND_ARGS[:4], out_dir=str(tmp_path))
+    assert not (tmp_path / PLOT_FILES[0]).exists()
+
+
 # -- summary ----------------------------------------------------------------------------------
 
 

@@ -129,22 +129,35 @@ def test_predictions_equal_the_model_called_directly(archive, checkpoint, ray_se
     np.testing.assert_allclose(report, direct, atol=1e-5)
 
 
-def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, checkpoint, ray_session, tmp_path, capsys):
-    root, broken = archive
-    fp32_out, int8_out = str(tmp_path / "fp32"), str(tmp_path / "int8")
+INT8 = ("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8")
+
+
+@pytest.fixture(scope="module")
+def int8_run(source_archive, checkpoint, ray_session, tmp_path_factory):
+    """The archive scored in fp32 and in int8 (the int8 model built and kept in the model cache)
+    -> (fp32 output, int8 output, int8 summary)."""
+    root, _ = source_archive
+    fp32_out, int8_out = str(tmp_path_factory.mktemp("fp32")), str(tmp_path_factory.mktemp("int8"))
     score(_cfg("score.precision=fp32"), root, checkpoint, fp32_out)
-    summary = score(_cfg("score.precision=int8", "score.int8_calibration_images=16", "score.int8_check_images=8"),
-                            root, checkpoint, int8_out)
+    return fp32_out, int8_out, score(_cfg(*INT8), root, checkpoint, int8_out)
+
+
+def _by_path(out: str) -> dict[str, dict]:
+    return {r[C.PATH]: r for r in report_table(out).to_pylist()}
+
+
+def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(source_archive, checkpoint, int8_run):
+    _, broken = source_archive
+    fp32_out, int8_out, summary = int8_run
     assert summary.precision == "int8" and summary.compiled
     # N good images in the sample: 16 calibrate, 8 others check against fp32
     check = summary.int8
-    assert check["calibration_images"] == 16 and check["images"] == 8 and check["actors"] == 1
+    assert check["calibration_images"] == 16 and check["images"] == 8 and check["actors"] == 1 and not check["cached"]
     assert check["leaf_agreement"] >= 0.95 and 0 < check["max_abs_diff"] < 0.1  # > 0: the model did run in int8
     assert json.loads(Path(int8_out, "summary.json").read_text())["int8"] == check
     assert "int8 vs fp32     same leaf on" in summary.table()
 
-    by_path = lambda out: {r[C.PATH]: r for r in report_table(out).to_pylist()}  # noqa: E731
-    fp32, int8 = by_path(fp32_out), by_path(int8_out)
+    fp32, int8 = _by_path(fp32_out), _by_path(int8_out)
     assert fp32.keys() == int8.keys() and len(int8) == N + len(broken)  # every file, once
     assert {p: r["error_reason"] for p, r in int8.items() if r[C.STATUS] == "error"} == broken
     ok = [p for p, r in fp32.items() if r[C.STATUS] == "ok"]
@@ -153,6 +166,26 @@ def test_int8_scoring_agrees_with_fp32_and_accounts_for_every_file(archive, chec
     diff = max(abs(fp32[p][leaf_column(n)] - int8[p][leaf_column(n)]) for p in ok for n in leaves)
     assert same >= 0.9 and 0 < diff < 0.1, (same, diff)
     assert all(int8[p]["leaf_label"].startswith(int8[p]["main_label"] + "/") for p in ok)
+
+
+def test_a_second_run_takes_the_int8_model_from_the_cache_and_scores_the_same(source_archive, checkpoint, int8_run, tmp_path):
+    """The nightly case: the same model again, on a machine of the same type. No calibration
+    images are sampled, nothing is compiled, and every probability is the first run's, bit for bit."""
+    root, _ = source_archive
+    _, int8_out, first = int8_run
+    out = str(tmp_path / "warm")
+    cache = str(Path(int8_out, "compiled"))
+    summary = score(_cfg(*INT8, f"score.model_cache={cache}"), root, checkpoint, out)
+    assert first.compiled_model["cache"] == "built" and first.compiled_model["build_s"] > 0
+    assert summary.compiled_model["cache"] == "hit" and summary.compiled_model["build_s"] == 0
+    assert summary.compiled_model["built_at"] == json.loads(next(Path(cache).rglob("meta.json")).read_text())["built_at"]
+    assert not list(Path(out).rglob("images.npz"))  # the calibration images were never sampled
+    assert {k: v for k, v in summary.int8.items() if k != "cached"} == {k: v for k, v in first.int8.items() if k != "cached"}
+    assert summary.int8["cached"] and "loaded from the model cache" in summary.table()
+    assert len(list(Path(cache).rglob("model.pt2"))) == 1  # one entry: model x variant x machine
+    warm, cold = _by_path(out), _by_path(int8_out)
+    assert warm.keys() == cold.keys()
+    assert all(warm[p][k] == cold[p][k] for p in warm for k in warm[p] if k.startswith("p_") or k.endswith("_label"))
 
 
 def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_session, tmp_path):
@@ -201,7 +234,9 @@ def test_a_crashed_run_leaves_nothing_and_the_next_run_completes(archive, checkp
     done = score(_cfg(), root, checkpoint, out)
     assert done.files == N + len(broken)
     assert _rows_per_file(out) == Counter({p: 1 for p in _listed(root)})
-    assert done.removed_runs == []  # the crashed run's heartbeat is fresh: it may still be running
+    # the crashed run's block ended with its error: it is dead at once (its heartbeat is gone), its
+    # folder goes after the commit, and nothing of it was adopted (it ran with other batch sizes)
+    assert len(done.removed_runs) == 1 and done.adopted == 0
 
 
 def test_a_commit_keeps_no_second_copy_and_dead_runs_do_not_pile_up(archive, checkpoint, ray_session, tmp_path):
@@ -313,7 +348,7 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
     batch = {
         C.PATH: strings("a.dcm", "broken.dcm"), C.SIZE: np.array([10, 3]), C.ETAG: strings("", ""), C.MTIME: np.array([1.0, 2.0]),
         C.SOP_INSTANCE_UID: strings("1.2.3", ""), C.STUDY_INSTANCE_UID: strings("1.2", ""), C.SERIES_INSTANCE_UID: strings("1.2.4", ""),
-        C.FRAME: np.array([0, -1]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
+        C.FRAME: np.array([0, -1]), C.NUM_FRAMES: np.array([1, 0]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
         C.STATUS: strings("ok", "error"), C.REASON: strings("", "truncated"), C.ERROR: strings("", "broken.dcm: truncated"),
         C.IMAGE: strings(np.full((size, size), 128, np.uint8).tobytes(), b""),
     }
@@ -327,3 +362,87 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
     stamps = report[C.SCORED_AT].cast(pa.int64()).to_numpy()
     np.testing.assert_array_equal(stamps, scored[SCORED_MS])
     assert report["status"].to_pylist() == ["ok", "error"] and report["error_reason"].to_pylist() == [None, "truncated"]
+
+
+def test_a_killed_run_loses_only_the_files_in_flight_and_the_next_one_adopts_the_rest(checkpoint, ray_session, tmp_path):
+    """``medhier score`` over a few hundred files, stopped with SIGTERM once about half of them
+    are staged: one line, status 143, no Ray process left; the next run of the same model and
+    config adopts what was staged and scores only the rest, and the report has each object once."""
+    import re
+    import signal
+
+    import pyarrow.parquet as pq
+
+    from tests.processes import descendants, gone_after, medhier, stop, wait_until
+
+    total = 200
+    root = str(tmp_path / "archive")
+    synthetic.generate_archive(root, total, seed=3, size=32)
+    out = tmp_path / "out"
+    overrides = ["runtime.progress=false", "score.batch_size=8", "data.decode_batch_size=8", "runtime.local_num_cpus=4"]
+    process = medhier("score", "--archive", root, "--checkpoint", checkpoint, "--output", str(out), "--config", SMOKE, *overrides)
+
+    def staged_files() -> int:
+        rows = 0
+        for path in out.glob("runs/*/staging/*.parquet"):
+            try:
+                rows += pq.ParquetFile(path).metadata.num_rows
+            except Exception:  # still being written
+                pass
+        return rows
+
+    def half_staged() -> bool:
+        assert process.poll() is None, process.communicate()
+        return staged_files() >= total // 2
+
+    wait_until(half_staged, timeout=300, every=0.1, what="half of the archive to be staged")
+    ray_processes = descendants(process.pid)
+    code, stdout, stderr = stop(process, signal.SIGTERM)
+    assert code == 143, stderr
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith("medhier score: stopped by SIGTERM. Committed: nothing of run ")
+    assert "the next run of this model adopts them" in line and f"re-run: medhier score --archive {root}" in line
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
+    assert not gone_after(ray_processes), "Ray processes outlived medhier score"
+    staged = staged_files()
+    assert not (out / "report").exists()
+    noted = int(re.search(r"; ([\d,]+) scored rows are staged", line).group(1).replace(",", ""))
+    assert total // 2 <= noted <= staged  # what the line says was there when it stopped
+
+    again = score(load_config(SMOKE, overrides), root, checkpoint, str(out))
+    assert again.adopted == staged and again.adopted + again.files == total  # every staged file adopted, none scored twice
+    assert again.files <= total * 0.5  # about half is left; the stop came once half was staged
+    assert _rows_per_file(str(out)) == Counter({p: 1 for p in _listed(root)})
+    assert set(report_table(str(out), columns=[C.RUN_ID])[C.RUN_ID].to_pylist()) == {again.run_id}
+    assert again.removed_runs == again.adopted_from  # the stopped run's folder goes once its rows are committed
+
+
+def test_rows_of_another_model_or_config_or_cut_short_are_never_adopted(archive, checkpoint, ray_session, tmp_path):
+    """Four runs killed before their commit: one staged rows of another model, one ran with
+    another config, one left only a file cut short by the kill (no Parquet footer), one staged
+    five objects of this model and config. A full rescore adopts those five and nothing else."""
+    import pyarrow.parquet as pq
+
+    root, broken = archive
+    out = Path(tmp_path / "out")
+    first = score(_cfg(), root, checkpoint, str(out))
+    rows = pq.read_table(out / "report" / f"run_id={first.run_id}" / "part-0.parquet")
+    config = (out / "runs" / first.run_id / "config.yaml").read_text()
+
+    def killed(name: str, table: pa.Table | None, config_text: str) -> None:
+        (out / "runs" / name / "staging").mkdir(parents=True)
+        (out / "runs" / name / "config.yaml").write_text(config_text)
+        if table is not None:
+            pq.write_table(table, out / "runs" / name / "staging" / "part-0.parquet")
+        else:
+            (out / "runs" / name / "staging" / "part-0.parquet").write_bytes(b"PAR1 the first half of a file")
+
+    model = rows.schema.get_field_index(C.MODEL_ID)
+    killed("20200101T000000Z-model", rows.set_column(model, C.MODEL_ID, pa.array(["another"] * rows.num_rows)), config)
+    killed("20200101T000001Z-config", rows, config.replace("batch_size: 8", "batch_size: 16"))
+    killed("20200101T000002Z-cut", None, config)
+    killed("20200101T000003Z-good", rows.slice(0, 5), config)
+    again = score(_cfg(), root, checkpoint, str(out), full=True)
+    assert again.adopted_from == ["20200101T000003Z-good"] and again.adopted == 5
+    assert again.files == N + len(broken) - 5
+    assert _rows_per_file(str(out)) == Counter({p: 1 for p in _listed(root)})

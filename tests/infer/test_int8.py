@@ -56,7 +56,7 @@ def test_the_quantized_graph_matches_fp32_for_every_head(head, attention):
     model = _model(head=head, attention=attention)
     torch.manual_seed(1)
     calibration, held_out = torch.randn(12, 3, 64, 64), torch.randn(8, 3, 64, 64)
-    q = quantize(model, calibration, batch_size=8, compile=False, prepare=untie_shared_modules)
+    q = quantize(model, calibration, batch_size=8, prepare=untie_shared_modules)
     targets = [str(n.target) for n in q.compiled.graph.nodes if n.op == "call_function"]
     layers = sum(isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) for m in model.modules())
     assert targets.count("quantized_decomposed.dequantize_per_channel.default") == layers  # every weight is int8

@@ -290,3 +290,38 @@ def test_the_url_for_a_wildcard_host_is_the_loopback_address():
     assert base_url(ServeConfig(host="0.0.0.0", port=8000)) == "http://127.0.0.1:8000/"
     assert base_url(ServeConfig(host="::", port=8000, route="/v1")) == "http://[::1]:8000/v1/"
     assert base_url(ServeConfig(host="10.0.0.5", port=9000)) == "http://10.0.0.5:9000/"
+
+
+def test_sigterm_stops_medhier_serve_with_one_line_and_no_ray_process_left(checkpoint):
+    """As a scheduler stops it: the signal to the command's process alone. Before medhier handled
+    it, Ray's handler printed a stack trace and aborted, and the DashboardAgent and
+    RuntimeEnvAgent of the Ray it had started stayed behind, orphaned."""
+    import signal
+
+    from tests.processes import descendants, gone_after, medhier, stop, wait_until
+
+    port = _free_port()
+    args = ["serve", "--checkpoint", checkpoint, "--port", str(port), "--config", SMOKE, "runtime.progress=false",
+            "runtime.local_num_cpus=4"]
+    process = medhier(*args)
+
+    def answering() -> bool:
+        assert process.poll() is None, process.communicate()
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5).ok
+        except requests.RequestException:  # not listening yet, or the replica not up
+            return False
+
+    wait_until(answering, timeout=240, every=1.0, what="the endpoint to answer")
+    ray_processes = descendants(process.pid)
+    assert any("DashboardAgent" in cmd for cmd in ray_processes.values()), ray_processes
+    assert any("RuntimeEnvAgent" in cmd for cmd in ray_processes.values()), ray_processes
+    code, stdout, stderr = stop(process, signal.SIGTERM)
+    assert code == 143
+    assert stderr.strip().splitlines()[-1] == (
+        f"medhier serve: stopped by SIGTERM. Committed: nothing to commit: the endpoint at http://127.0.0.1:{port}/ is down. "
+        f"To continue, re-run: medhier {' '.join(args)}")
+    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
+    assert not gone_after(ray_processes), "Ray processes outlived medhier serve"
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{port}/healthz", timeout=5)

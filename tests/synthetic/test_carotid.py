@@ -10,7 +10,6 @@ import datetime as dt
 import fnmatch
 import io
 import math
-import os
 
 import boto3
 import numpy as np
@@ -25,20 +24,10 @@ from medhier.io.seg import LabelMapping, read_seg
 from medhier.io.volume import SeriesRejected, SeriesVolume, read_series
 from medhier.plaque import labels as L
 from medhier.synthetic import carotid as C
+from tests.synthetic.tree import files_under
 
 SALT = "carotid-test-salt"
 ARCHIVE = dict(patients=3, seed=11, patient_salt=SALT)
-
-
-def _files(root: str) -> dict[str, bytes]:
-    """Every file under ``root`` by "/"-separated relative path."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, root).replace(os.sep, "/")] = f.read()
-    return out
 
 
 def _series(files: dict[str, bytes], folder: str) -> list[pydicom.Dataset]:
@@ -51,7 +40,7 @@ def _series(files: dict[str, bytes], folder: str) -> list[pydicom.Dataset]:
 def archive(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("carotid"))
     summary = C.generate_plaque_archive(root, broken=True, **ARCHIVE)
-    return root, summary, C.plan_plaque_archive(ARCHIVE["patients"], ARCHIVE["seed"]), _files(root)
+    return root, summary, C.plan_plaque_archive(ARCHIVE["patients"], ARCHIVE["seed"]), files_under(root)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +58,7 @@ def test_same_arguments_write_the_same_bytes(archive, tmp_path):
     _, _, _, files = archive
     again = str(tmp_path / "again")
     C.generate_plaque_archive(again, patients=1, seed=ARCHIVE["seed"], patient_salt=SALT, broken=True)
-    repeated = _files(again)
+    repeated = files_under(again)
     shared = [p for p in files if p.startswith(("P0001/", "broken/"))]
     assert shared and sorted(p for p in repeated if p.startswith(("P0001/", "broken/"))) == sorted(shared)
     assert all(repeated[p] == files[p] for p in shared)
@@ -197,22 +186,15 @@ def test_series_descriptions_map_to_their_sequence(archive, sequence):
 
 # -- contrasts ----------------------------------------------------------------------------------------
 
-# (sequence, brighter label, darker label, smallest ratio of their mean intensities)
-ORDER_CASES = [
-    ("T1w", "haemorrhage", "wall", 1.5),
-    ("T1w", "wall", "lumen", 4.0),
-    ("T1w", "wall", "calcification", 3.0),
-    ("T2w", "wall", "lipid_core", 1.5),
-    ("T2w", "fibrous_cap", "wall", 1.1),
-    ("T2w", "wall", "lumen", 4.0),
-    ("TOF", "lumen", "haemorrhage", 1.2),
-    ("TOF", "lumen", "wall", 2.0),
-    ("TOF", "haemorrhage", "wall", 1.5),
-    ("TOF", "wall", "fibrous_cap", 1.2),
-    ("CE-T1w", "fibrous_cap", "wall", 1.2),
-    ("CE-T1w", "wall", "lipid_core", 1.3),
-    ("CE-T1w", "wall", "lumen", 4.0),
-]
+# sequence -> [(brighter label, darker label, smallest ratio of their mean intensities)]
+CONTRASTS = {
+    "T1w": [("haemorrhage", "wall", 1.5), ("wall", "lumen", 4.0), ("wall", "calcification", 3.0)],
+    "T2w": [("wall", "lipid_core", 1.5), ("fibrous_cap", "wall", 1.1), ("wall", "lumen", 4.0)],
+    "TOF": [("lumen", "haemorrhage", 1.2), ("lumen", "wall", 2.0), ("haemorrhage", "wall", 1.5),
+            ("wall", "fibrous_cap", 1.2)],
+    "CE-T1w": [("fibrous_cap", "wall", 1.2), ("wall", "lipid_core", 1.3), ("wall", "lumen", 4.0)],
+}
+ORDER_CASES = [(sequence, *case) for sequence, cases in CONTRASTS.items() for case in cases]
 
 
 @pytest.fixture(scope="module")

@@ -21,22 +21,12 @@ from medhier.synthetic import spine as S
 from medhier.config import DataConfig, DicomConfig
 from medhier.io.dicom import DicomRejected, decode, patient_key
 from medhier.classify.taxonomy import Taxonomy
+from tests.synthetic.tree import files_under
 
 SALT = "synthetic-test-salt"
 BONE_HU = 150  # above soft tissue and discs (< 100 HU), below cancellous bone (>= 200 HU)
 # Small but varied: every encoding kind appears (checked in test_archive_covers_every_encoding).
 ARCHIVE = dict(n=36, seed=3, size=64, difficulty=0.3, monochrome1_fraction=0.25, compressed_fraction=0.5)
-
-
-def _files(root: str) -> dict[str, bytes]:
-    """Every file under ``root`` by "/"-separated relative path."""
-    out = {}
-    for dirpath, _, names in os.walk(root):
-        for name in names:
-            full = os.path.join(dirpath, name)
-            with open(full, "rb") as f:
-                out[os.path.relpath(full, root).replace(os.sep, "/")] = f.read()
-    return out
 
 
 def _labels(data: bytes) -> list[dict[str, str]]:
@@ -89,7 +79,7 @@ def test_archives_are_byte_identical_for_identical_arguments(tmp_path, overrides
     base = dict(n=10, seed=0, size=64, monochrome1_fraction=0.3, compressed_fraction=0.5, patient_salt=SALT)
     S.generate_archive(str(tmp_path / "a"), **base)
     S.generate_archive(str(tmp_path / "b"), **{**base, **overrides})
-    a, b = _files(str(tmp_path / "a")), _files(str(tmp_path / "b"))
+    a, b = files_under(str(tmp_path / "a")), files_under(str(tmp_path / "b"))
     labels_a, labels_b = a.pop("labels.csv"), b.pop("labels.csv")
     assert (labels_a == labels_b) is same_labels
     if same_files:
@@ -117,7 +107,7 @@ def test_render_is_deterministic_and_leaves_share_the_patient():
 
 def test_labels_csv_lists_every_file_once_with_its_leaf_and_patient_key(archive):
     root, summary, _ = archive
-    files = _files(root)
+    files = files_under(root)
     with open(os.path.join(root, "labels.csv"), newline="") as f:
         header = next(csv.reader(f))
     assert header == ["path", "main", "sub", "patient_key"]
