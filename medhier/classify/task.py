@@ -48,6 +48,9 @@ class Classifier:
     def check_cache(self, info: CacheInfo, cfg: Config) -> None:
         check_preprocess_matches(info, cfg.preprocess)
 
+    def metric(self, cfg: Config) -> str:
+        return cfg.train.metric
+
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> ClassifyStep:
         return ClassifyStep(cfg, env, class_counts)
 

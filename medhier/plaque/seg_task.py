@@ -63,6 +63,9 @@ class PlaqueSeg:
                               f"{ {k: (info.preprocess or {}).get(k) for k in differ} }, the config asks "
                               f"{ {k: wanted.get(k) for k in differ} }): prepare it again (medhier plaque train-seg does)")
 
+    def metric(self, cfg: Config) -> str:
+        return cfg.seg.metric
+
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> SegStep:
         return SegStep(cfg, env, class_counts)
 

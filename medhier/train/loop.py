@@ -112,6 +112,10 @@ class TrainTask(ModelTask, Protocol):
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> Step:
         """The worker's step; ``class_counts``: labelled training samples per class name."""
 
+    def metric(self, cfg: Config) -> str:
+        """The validation metric that picks best/ and stops early under ``cfg`` (its step's
+        ``metric``): the driver's per-epoch lines show it."""
+
 
 # -- the driver ------------------------------------------------------------------------------
 
@@ -192,7 +196,7 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     with tracking.tracked(run, cfg, output, files=("config.yaml", "history.json")), \
-            (EpochLines(cfg, output) if epoch_lines else nullcontext()):
+            (EpochLines(cfg, output, metric=task.metric(cfg)) if epoch_lines else nullcontext()):
         return _fit_trainer(trainer).return_value or {}
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from medhier.data.cache import CacheInfo
 from medhier.plaque import labels as L
 from medhier.plaque.seg_task import PLAQUE_SEG
 from medhier.train.checkpoint import CheckpointError, load_checkpoint
+from medhier.train.progress import EpochLines, epoch_line
 from tests.plaque.seg_trained import EPOCHS, seg_config
 
 # Held-out targets the issue sets for the lumen and the outer wall. The plaque components'
@@ -101,3 +103,11 @@ def test_the_evaluation_writes_its_figures_and_measurement_errors(seg_run):
     assert lumen["n"] == m["visits"] and lumen["mean_rel_error"] < 0.15
     assert lumen["limits_of_agreement"][0] <= lumen["bias"] <= lumen["limits_of_agreement"][1]
     assert m["model_id"] == load_checkpoint(seg_run.checkpoint, PLAQUE_SEG, seg_run.cfg.storage).model_id
+
+
+def test_the_epoch_lines_show_the_tasks_own_metric(seg_run):
+    lines = EpochLines(seg_run.cfg, seg_run.output, metric=PLAQUE_SEG.metric(seg_run.cfg))
+    assert lines.metric == "val_dice"  # not train.metric, the classifier's
+    with open(os.path.join(seg_run.output, "history.json")) as f:
+        printed = [epoch_line(r, EPOCHS, lines.metric, 1.0, 1.0) for r in json.load(f)]
+    assert all(re.search(r"val val_dice \d\.\d+", line) for line in printed), printed[:2]
