@@ -21,7 +21,7 @@ from medhier.plaque.measure import MEASUREMENTS
 from medhier.plaque.report import REASONS
 from medhier.plaque.segment import SEGMENTS, seg_uri, segment_archive, segment_version
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]  # the session's trained model, then the segment job
 
 LABELS = {spec.label for spec in SEGMENTS.values()}
 
