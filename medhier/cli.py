@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
     _common(p)
 
-    p = sub.add_parser("plaque", help="longitudinal carotid plaque change: phantoms and measurements")
+    p = sub.add_parser("plaque", help="longitudinal carotid plaque change: phantoms, measurements, the segmentation model")
     plaque = p.add_subparsers(dest="plaque_command", required=True)
     q = plaque.add_parser("synth", help="generate a phantom carotid MR archive (visits, SEGs, patients.csv, truth)")
     q.add_argument("--out", required=True, help="archive URI (local folder or s3://bucket/prefix)")
@@ -148,6 +148,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(q)
     q = plaque.add_parser("demo", help="the plaque job end to end on phantoms, on a local Ray")
     q.add_argument("--workdir", default="medhier-plaque-demo", help="where the archives and outputs go")
+    _common(q)
+    q = plaque.add_parser("train-seg", help="train the plaque segmentation model (MONAI U-Net, Ray Train DDP) and evaluate it")
+    q.add_argument("--archive", required=True, help="archive URI with a DICOM SEG per labelled visit")
+    q.add_argument("--output", required=True, help="run directory (local or s3://); re-running resumes")
+    _common(q)
+    q = plaque.add_parser("segment", help="segment every visit with a trained model: a DICOM SEG and the measurements per visit")
+    q.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    q.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train-seg output>/best)")
+    q.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger, the SEGs and visits.parquet")
+    q.add_argument("--full", action="store_true", help="segment every visit again, not only new or changed ones")
     _common(q)
 
     p = sub.add_parser("export", help="the model as an ONNX file, checked against PyTorch with onnxruntime first")
@@ -324,8 +334,8 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _plaque(args: argparse.Namespace, cfg: Config) -> int:
-    commands = {"synth": _plaque_synth, "measure": _plaque_measure, "fit": _plaque_fit, "tune": _plaque_tune,
-                "predict": _plaque_predict, "demo": _plaque_demo}
+    commands = {"synth": _plaque_synth, "measure": _plaque_measure, "train-seg": _plaque_train_seg, "segment": _plaque_segment,
+                "fit": _plaque_fit, "tune": _plaque_tune, "predict": _plaque_predict, "demo": _plaque_demo}
     return commands[args.plaque_command](args, cfg)
 
 
@@ -351,6 +361,27 @@ def _plaque_measure(args: argparse.Namespace, cfg: Config) -> int:
         _require("segmentations", args.segmentations, cfg)
     init_ray(cfg.runtime, verbose=args.verbose)
     print(measure_archive(cfg, args.archive, args.output, segmentations=args.segmentations, full=args.full).table())
+    return 0
+
+
+def _plaque_train_seg(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.seg_train import train_segmentation  # heavy (torch, MONAI, Ray): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(train_segmentation(cfg, args.archive, args.output).table())
+    return 0
+
+
+def _plaque_segment(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.segment import segment_archive  # heavy (torch, MONAI, Ray): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(segment_archive(cfg, args.archive, args.checkpoint, args.output, full=args.full).table())
     return 0
 
 

@@ -33,6 +33,7 @@ __all__ = [
     "PreprocessConfig",
     "RuntimeConfig",
     "ScoreConfig",
+    "SegConfig",
     "ServeConfig",
     "StorageConfig",
     "TaxonomyConfig",
@@ -589,6 +590,65 @@ def _known(where: str, value: str, known: dict) -> None:
 
 
 @dataclass
+class SegConfig:
+    """The plaque segmentation model (``medhier plaque train-seg``, ``segment``): what it sees,
+    the network, its loss and the augmentation on the training device. A checkpoint carries this
+    section: a model always runs with the settings it was trained with."""
+
+    # plaque.sequences names, one input channel each, in this order (the reference's grid)
+    sequences: list[str] = field(default_factory=lambda: ["T1w", "T2w", "TOF", "CE-T1w"])
+    context: int = 0  # neighbouring slices on each side as extra channels (2.5-D); 0 = 2-D
+    spacing_mm: float = 0.5  # in-plane pixel spacing the model sees (slices resampled to it)
+    image_size: int = 64  # in-plane pixels the model sees: the grid's centre, cropped or zero-padded
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # per-volume scaling to [0, 1]
+    arch: Literal["unet", "segresnet"] = "unet"  # MONAI's UNet or SegResNet, 2-D
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # features per level (SegResNet: the first)
+    res_units: int = 1  # residual units per UNet level
+    dropout: float = 0.0
+    lr: float = 3e-3  # AdamW peak learning rate (warm-up and cosine decay from train.*)
+    dice_weight: float = 1.0  # DiceCELoss: lambda_dice
+    ce_weight: float = 1.0  # DiceCELoss: lambda_ce
+    metric: Literal["val_dice", "val_loss"] = "val_dice"  # picks best/ and stops early
+    rotation_deg: float = 10.0  # augmentation: uniform rotation in [-r, r]
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # isotropic zoom range
+    hflip: float = 0.5  # probability (carotids are left or right)
+    vflip: float = 0.5  # probability (anterior-posterior)
+    intensity_scale: float = 0.1  # per sequence gain U(1 - a, 1 + a)
+    intensity_shift: float = 0.05  # per sequence offset U(-b, b), in normalised units
+    batch_size: int = 64  # slices per forward pass when segmenting (segment job, evaluation)
+    overlays: int = 6  # test slices drawn in the evaluation's overlay PNG
+
+    def validate(self, name: str) -> None:
+        if not self.sequences or len(set(self.sequences)) != len(self.sequences):
+            raise ConfigError(f"{name}.sequences: name one or more distinct plaque.sequences, got {self.sequences}")
+        if not 0 <= self.context <= 4:
+            raise ConfigError(f"{name}.context: slices on each side, 0..4, got {self.context}")
+        for key in ("spacing_mm", "lr", "batch_size"):
+            _positive(name, key, getattr(self, key))
+        if self.image_size < 16 or self.image_size % 16:
+            raise ConfigError(f"{name}.image_size: a multiple of 16 (four 2x poolings), at least 16, got {self.image_size}")
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ConfigError(f"{name}.percentiles: need [low, high] with 0 <= low < high <= 100, got {self.percentiles}")
+        if not 2 <= len(self.channels) <= 5 or any(c <= 0 for c in self.channels):
+            raise ConfigError(f"{name}.channels: 2 to 5 positive feature counts, got {self.channels}")
+        if self.res_units < 0 or self.overlays < 0:
+            raise ConfigError(f"{name}.res_units and {name}.overlays: must be >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{name}.dropout: must be in [0, 1), got {self.dropout}")
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ConfigError(f"{name}.dice_weight, ce_weight: >= 0 and not both 0")
+        if not 0 <= self.rotation_deg <= 45:
+            raise ConfigError(f"{name}.rotation_deg: must be in [0, 45], got {self.rotation_deg}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"{name}.scale: need [low, high] with 0 < low <= high, got {self.scale}")
+        for key in ("hflip", "vflip"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{name}.{key}: a probability in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.intensity_scale < 1 or self.intensity_shift < 0:
+            raise ConfigError(f"{name}.intensity_scale in [0, 1) and {name}.intensity_shift >= 0")
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking with MLflow (the optional extra ``medhier[tracking]``); off unless
     ``uri`` is set. See medhier.train.tracking."""
@@ -635,6 +695,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     plaque: PlaqueConfig = field(default_factory=PlaqueConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)

@@ -22,3 +22,11 @@ def cohort_fit(ray_session, tmp_path_factory):
 
     output = str(tmp_path_factory.mktemp("cohort-fit"))
     return fit_model(cfg(), VISITS, PATIENTS_CSV, output), output
+
+
+@pytest.fixture(scope="session")
+def seg_run(ray_session, tmp_path_factory):
+    """The session's trained plaque segmentation model (tests/plaque/seg_trained.py)."""
+    from tests.plaque.seg_trained import train_session_model  # torch, MONAI: only for the tests that use it
+
+    return train_session_model(str(tmp_path_factory.mktemp("plaque-seg")))
