@@ -31,7 +31,7 @@ from medhier.infer import int8 as int8_module
 from medhier.infer.compiled import PACKAGE_FILE, CompiledModel, ModelCache, Variant, as_tuple, build_package, code_hash, fingerprint
 from medhier.infer.int8 import Agreement, agreement, check_agreement, quantize
 from medhier.io import storage
-from medhier.runtime import execute_pipeline
+from medhier.runtime import cpu_threads, execute_pipeline
 from medhier.train.checkpoint import ModelTask, load_checkpoint
 from medhier.train.precision import autocast_dtype, precision_name
 
@@ -138,7 +138,7 @@ class ModelActor:
                  int8: Int8Settings | None = None, annotator: Annotator | None = None):
         started = time.perf_counter()
         if settings.threads:
-            torch.set_num_threads(settings.threads)
+            torch.set_num_threads(cpu_threads(settings.threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.storage = storage_cfg
         loaded = load_checkpoint(checkpoint, task, storage_cfg)

@@ -38,6 +38,7 @@ from medhier.plaque.seg_samples import INPUTS
 from medhier.plaque.segmentations import Located, Segmentation, SegmentationInput
 from medhier.plaque.seg_task import PLAQUE_SEG
 from medhier.plaque.visits import USED, StudyPlan
+from medhier.runtime import cpu_threads
 from medhier.train.checkpoint import load_checkpoint
 from medhier.train.precision import autocast_dtype
 
@@ -57,7 +58,7 @@ class Segmenter:
     def __init__(self, checkpoint: str, storage_cfg: StorageConfig | None = None, *, precision: str = "auto", threads: int = 0,
                  batch_size: int = 0):
         if threads:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(cpu_threads(threads))
         loaded = load_checkpoint(checkpoint, PLAQUE_SEG, storage_cfg)
         self.checkpoint, self.model_id, self.seg = checkpoint, loaded.model_id, loaded.cfg.seg
         self.meta = loaded.task_meta

@@ -48,7 +48,7 @@ from medhier import stopping
 from medhier.config import Config, TrainConfig
 from medhier.data.cache import CacheInfo, load_cache
 from medhier.io import storage
-from medhier.runtime import verbose
+from medhier.runtime import cpu_threads, verbose
 from medhier.stopping import Stopped
 from medhier.train import tracking
 from medhier.train.checkpoint import CHECKPOINT_FILE, META_FILE, ModelTask, model_id_of, save_checkpoint, unwrap
@@ -304,7 +304,7 @@ def _setup(config: dict[str, Any]) -> TrainContext:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # One intra-op thread per reserved CPU: more would fight the other workers for cores.
-        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+        torch.set_num_threads(cpu_threads(tc.cpus_per_worker))
     env = Env(device, autocast_dtype(tc.precision, device), torch.channels_last if tc.channels_last else torch.contiguous_format,
               train_ctx.get_world_rank(), train_ctx.get_world_size())
     torch.manual_seed(tc.seed + env.rank)
