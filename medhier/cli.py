@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=None, help="HTTP port (default serve.port)")
     _common(p)
 
-    p = sub.add_parser("plaque", help="longitudinal carotid plaque change: phantoms and measurements")
+    p = sub.add_parser("plaque", help="longitudinal carotid plaque change: phantoms, measurements, the segmentation model")
     plaque = p.add_subparsers(dest="plaque_command", required=True)
     q = plaque.add_parser("synth", help="generate a phantom carotid MR archive (visits, SEGs, patients.csv, truth)")
     q.add_argument("--out", required=True, help="archive URI (local folder or s3://bucket/prefix)")
@@ -123,6 +123,41 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label maps named <StudyInstanceUID>.dcm (DICOM SEG) or .nii/.nii.gz (NIfTI); "
                         "default: the DICOM SEG objects in each study")
     q.add_argument("--full", action="store_true", help="measure every visit again, not only new or changed ones")
+    _common(q)
+    for name, what in (("fit", "fit the change-factor prediction model (XGBoost on Ray Train) against mean and ridge baselines"),
+                       ("tune", "search the prediction model's XGBoost parameters with Ray Tune, then fit the best")):
+        q = plaque.add_parser(name, help=what)
+        q.add_argument("--measurements", required=True,
+                       help="visit measurements: a `medhier plaque measure` output, or a Parquet file/folder with its report's columns")
+        q.add_argument("--patients", required=True, help="the patients' records: CSV or Parquet keyed by patient_key or patient_id")
+        q.add_argument("--output", required=True, help="where the model, metrics.json and plots go (local or s3://)")
+        if name == "tune":
+            q.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
+        _common(q)
+    q = plaque.add_parser("predict", help="predict the change factors of every patient's latest visit (incremental, crash-safe)")
+    q.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    q.add_argument("--patients", required=True, help="the patients' records: CSV or Parquet keyed by patient_key or patient_id")
+    q.add_argument("--model", required=True, help="a `medhier plaque fit` output (or its model/ folder)")
+    q.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger")
+    q.add_argument("--segmentations", default="",
+                   help="label maps named <StudyInstanceUID>.dcm/.nii/.nii.gz; default: the DICOM SEG objects in each study")
+    q.add_argument("--seg-checkpoint", default="",
+                   help="segment each visit with this segmentation model (a `medhier plaque train-seg` checkpoint; needs issue 19's "
+                        "segmentation model in this install) instead of the study's SEGs")
+    q.add_argument("--full", action="store_true", help="predict every latest visit again, not only new or changed ones")
+    _common(q)
+    q = plaque.add_parser("demo", help="the plaque job end to end on phantoms, on a local Ray")
+    q.add_argument("--workdir", default="medhier-plaque-demo", help="where the archives and outputs go")
+    _common(q)
+    q = plaque.add_parser("train-seg", help="train the plaque segmentation model (MONAI U-Net, Ray Train DDP) and evaluate it")
+    q.add_argument("--archive", required=True, help="archive URI with a DICOM SEG per labelled visit")
+    q.add_argument("--output", required=True, help="run directory (local or s3://); re-running resumes")
+    _common(q)
+    q = plaque.add_parser("segment", help="segment every visit with a trained model: a DICOM SEG and the measurements per visit")
+    q.add_argument("--archive", required=True, help="archive URI (local folder or s3://bucket/prefix)")
+    q.add_argument("--checkpoint", required=True, help="checkpoint directory (e.g. <train-seg output>/best)")
+    q.add_argument("--output", required=True, help="report root (local or s3://); holds the ledger, the SEGs and visits.parquet")
+    q.add_argument("--full", action="store_true", help="segment every visit again, not only new or changed ones")
     _common(q)
 
     p = sub.add_parser("export", help="the model as an ONNX file, checked against PyTorch with onnxruntime first")
@@ -299,7 +334,9 @@ def _serve(args: argparse.Namespace, cfg: Config) -> int:
 
 
 def _plaque(args: argparse.Namespace, cfg: Config) -> int:
-    return {"synth": _plaque_synth, "measure": _plaque_measure}[args.plaque_command](args, cfg)
+    commands = {"synth": _plaque_synth, "measure": _plaque_measure, "train-seg": _plaque_train_seg, "segment": _plaque_segment,
+                "fit": _plaque_fit, "tune": _plaque_tune, "predict": _plaque_predict, "demo": _plaque_demo}
+    return commands[args.plaque_command](args, cfg)
 
 
 def _plaque_synth(args: argparse.Namespace, cfg: Config) -> int:
@@ -325,6 +362,92 @@ def _plaque_measure(args: argparse.Namespace, cfg: Config) -> int:
     init_ray(cfg.runtime, verbose=args.verbose)
     print(measure_archive(cfg, args.archive, args.output, segmentations=args.segmentations, full=args.full).table())
     return 0
+
+
+def _plaque_train_seg(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.seg_train import train_segmentation  # heavy (torch, MONAI, Ray): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(train_segmentation(cfg, args.archive, args.output).table())
+    return 0
+
+
+def _plaque_segment(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.segment import segment_archive  # heavy (torch, MONAI, Ray): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("checkpoint", args.checkpoint, cfg, "model.pt")
+    _require("archive", args.archive, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(segment_archive(cfg, args.archive, args.checkpoint, args.output, full=args.full).table())
+    return 0
+
+
+def _check_patients(uri: str, cfg: Config, model: str = "") -> None:
+    """A patients table that does not match the covariates (the model's, when given) fails
+    here, naming the column, before Ray starts."""
+    from medhier.plaque.patients import read_patients  # reads one small table; the model loads xgboost, not Ray
+
+    _require("patients", uri, cfg)
+    covariates = cfg.predict.covariates
+    if model:
+        from medhier.plaque.model import load_model  # xgboost, not Ray: only when this command runs
+
+        covariates = load_model(model, cfg.storage).space.covariate_specs
+    read_patients(uri, covariates, cfg.storage, cfg.dicom.patient_salt)
+
+
+def _plaque_fit(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.fit import fit_model  # heavy (Ray, XGBoost): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("measurements", args.measurements, cfg)
+    _check_patients(args.patients, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(fit_model(cfg, args.measurements, args.patients, args.output).table())
+    return 0
+
+
+def _plaque_tune(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.tune import plaque_space, tune_model  # heavy (Ray Tune, XGBoost): only when this command runs
+    from medhier.runtime import init_ray
+
+    plaque_space(cfg)  # a bad search space fails here, before Ray starts
+    if not args.resume:
+        _require("measurements", args.measurements, cfg)
+        _check_patients(args.patients, cfg)
+    init_ray(cfg.runtime, verbose=args.verbose)
+    print(tune_model(cfg, args.measurements, args.patients, args.output, resume=args.resume).table())
+    return 0
+
+
+def _plaque_predict(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.predict import predict_archive, seg_model_source  # heavy (Ray, SimpleITK, XGBoost): only when this command runs
+    from medhier.runtime import init_ray
+
+    _require("archive", args.archive, cfg)
+    _require("model", args.model, cfg)
+    _check_patients(args.patients, cfg, model=args.model)
+    if args.segmentations:
+        _require("segmentations", args.segmentations, cfg)
+    if args.segmentations and args.seg_checkpoint:
+        raise ValueError("--segmentations and --seg-checkpoint are two segmentation sources: name one")
+    if args.seg_checkpoint:
+        _require("seg checkpoint", args.seg_checkpoint, cfg, "model.pt")
+        seg_model_source(cfg, args.seg_checkpoint)  # a missing segmentation model or a wrong checkpoint fails here, before Ray starts
+    init_ray(cfg.runtime, verbose=args.verbose)
+    summary = predict_archive(cfg, args.archive, args.patients, args.model, args.output,
+                              segmentations=args.segmentations, seg_checkpoint=args.seg_checkpoint, full=args.full)
+    print(summary.table())
+    return 0
+
+
+def _plaque_demo(args: argparse.Namespace, cfg: Config) -> int:
+    from medhier.plaque.demo import plaque_demo_config, run_plaque_demo  # heavy (Ray, XGBoost): only when this command runs
+
+    return run_plaque_demo(args.workdir, cfg if args.config else plaque_demo_config(args.overrides), verbose=args.verbose)
 
 
 def _export(args: argparse.Namespace, cfg: Config) -> int:

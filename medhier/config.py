@@ -26,10 +26,14 @@ __all__ = [
     "DataConfig",
     "DicomConfig",
     "ModelConfig",
+    "CovariateSpec",
+    "FactorSpec",
     "PlaqueConfig",
+    "PredictConfig",
     "PreprocessConfig",
     "RuntimeConfig",
     "ScoreConfig",
+    "SegConfig",
     "ServeConfig",
     "StorageConfig",
     "TaxonomyConfig",
@@ -475,6 +479,206 @@ class PlaqueConfig:
 
 
 @dataclass
+class FactorSpec:
+    """One change factor (``predict.factors.<name>``): the per-visit measurement whose change per
+    year it is, as an absolute rate (the measurement's unit per year) or a relative one (% of the
+    first visit's value per year; volumes only)."""
+
+    measurement: str = ""
+    kind: Literal["absolute", "relative"] = "absolute"
+
+
+@dataclass
+class CovariateSpec:
+    """One column of the patients table (``predict.covariates.<column>``)."""
+
+    type: Literal["numeric", "categorical", "boolean"] = "numeric"
+    unit: str = ""  # documentation only ("years", "kg", "mmHg"); numeric values are taken as given
+    categories: list[str] = field(default_factory=list)  # categorical: every allowed value, in order
+
+
+def _factor(measurement: str, kind: str = "absolute") -> FactorSpec:
+    return FactorSpec(measurement, kind)  # type: ignore[arg-type]
+
+
+@dataclass
+class PredictConfig:
+    """The plaque task's change factors and prediction model (seed 003): which rates, which
+    inputs, the gradient-boosted trees (XGBoost on Ray Train), their search space, the intervals."""
+
+    # Factor name -> the measurement (medhier.plaque.measure.MEASUREMENTS) whose change per year it
+    # is; relative: % of the earlier visit's value per year (null when that value is 0).
+    factors: dict[str, FactorSpec] = field(
+        default_factory=lambda: {
+            "wall_thickening_mm_per_year": _factor("max_wall_thickness_mm"),
+            "stenosis_change_pct_per_year": _factor("stenosis_area_pct"),
+            "lipid_growth_mm3_per_year": _factor("lipid_core_volume_mm3"),
+            "haemorrhage_change_mm3_per_year": _factor("haemorrhage_volume_mm3"),
+            "cap_thickness_change_mm_per_year": _factor("min_cap_thickness_mm"),
+            "lipid_growth_pct_per_year": _factor("lipid_core_volume_mm3", "relative"),
+        }
+    )
+    # The earlier visit's measurements the model sees (never the later visit's).
+    features: list[str] = field(
+        default_factory=lambda: [
+            "vessel_length_mm", "lumen_volume_mm3", "vessel_volume_mm3", "wall_volume_mm3", "lipid_core_volume_mm3",
+            "haemorrhage_volume_mm3", "calcification_volume_mm3", "fibrous_cap_volume_mm3", "reference_lumen_area_mm2",
+            "min_lumen_area_mm2", "stenosis_area_pct", "stenosis_diameter_pct", "mean_nwi", "max_nwi",
+            "mean_wall_thickness_mm", "max_wall_thickness_mm", "min_cap_thickness_mm",
+        ]
+    )
+    # The patients table's columns besides its key (patient_key, or patient_id hashed on read):
+    # seed 003's structured record. Unknown columns and values of the wrong type fail at start-up.
+    covariates: dict[str, CovariateSpec] = field(
+        default_factory=lambda: {
+            "sex": CovariateSpec("categorical", "", ["F", "M"]),
+            "age_years": CovariateSpec("numeric", "years"),
+            "weight_kg": CovariateSpec("numeric", "kg"),
+            "smoking": CovariateSpec("categorical", "", ["never", "former", "current"]),
+            "drinking": CovariateSpec("categorical", "", ["none", "moderate", "heavy"]),
+            "systolic_bp_mmhg": CovariateSpec("numeric", "mmHg"),
+            "diastolic_bp_mmhg": CovariateSpec("numeric", "mmHg"),
+            "glucose_mmol_l": CovariateSpec("numeric", "mmol/L"),
+            "heart_rate_bpm": CovariateSpec("numeric", "bpm"),
+            "statin": CovariateSpec("boolean"),
+            "antihypertensive": CovariateSpec("boolean"),
+        }
+    )
+    coverage: float = 0.9  # prediction intervals (split-conformal on the validation split)
+    # What the trees start from: ridge = the ridge baseline's prediction (the trees learn what a
+    # linear model misses), mean = the training mean (plain boosting).
+    base: Literal["ridge", "mean"] = "ridge"
+    ridge_alpha: float = 1.0  # L2 penalty of the ridge (baseline and base) on standardised inputs
+    # XGBoost (tree_method hist, squared error), one booster per factor.
+    num_boost_round: int = 1000
+    early_stopping_rounds: int = 40  # on the validation split; 0 = off
+    max_depth: int = 3
+    learning_rate: float = 0.05
+    min_child_weight: float = 5.0
+    subsample: float = 0.8
+    colsample_bytree: float = 0.8
+    reg_lambda: float = 1.0
+    num_workers: int = 1  # Ray Train workers (data-parallel XGBoost)
+    cpus_per_worker: float = 1.0  # also XGBoost's threads per worker
+    seed: int = 0
+    # `medhier plaque tune`: dotted predict.* key -> {choice|uniform|loguniform|randint: [...]};
+    # tune.num_samples, tune.seed, tune.max_concurrent_trials and tune.trial_max_failures apply.
+    space: dict[str, dict[str, Any]] = field(
+        default_factory=lambda: {
+            "predict.max_depth": {"choice": [2, 3, 4, 6]},
+            "predict.learning_rate": {"loguniform": [0.01, 0.3]},
+            "predict.min_child_weight": {"loguniform": [1.0, 30.0]},
+            "predict.subsample": {"uniform": [0.5, 1.0]},
+        }
+    )
+
+    def validate(self, name: str) -> None:
+        # Deferred on purpose: the platform loads this module and must not load a task package;
+        # the measurement columns are the plaque task's.
+        from medhier.plaque.measure import MEASUREMENTS
+
+        if not self.factors:
+            raise ConfigError(f"{name}.factors: name at least one change factor")
+        for factor, spec in self.factors.items():
+            where = f"{name}.factors.{factor}"
+            if not factor.isidentifier():
+                raise ConfigError(f"{where}: a factor name is a column name (letters, digits, _), got {factor!r}")
+            _known(f"{where}.measurement", spec.measurement, MEASUREMENTS)
+            if spec.kind == "relative" and MEASUREMENTS[spec.measurement][0] != "mm3":
+                raise ConfigError(f"{where}: relative rates are for volumes (mm3), {spec.measurement} is in {MEASUREMENTS[spec.measurement][0]}")
+        if not self.features and not self.covariates:
+            raise ConfigError(f"{name}: the model needs inputs: {name}.features or {name}.covariates")
+        for feature in self.features:
+            _known(f"{name}.features", feature, MEASUREMENTS)
+        if len(set(self.features)) != len(self.features):
+            raise ConfigError(f"{name}.features: names a measurement twice")
+        for column, spec in self.covariates.items():
+            where = f"{name}.covariates.{column}"
+            if column in ("patient_key", "patient_id", "issuer_of_patient_id") or column in MEASUREMENTS:
+                raise ConfigError(f"{where}: {column!r} is a key or measurement column, not a covariate")
+            if spec.type == "categorical" and (not spec.categories or len(set(spec.categories)) != len(spec.categories)):
+                raise ConfigError(f"{where}.categories: a categorical covariate lists its distinct values, got {spec.categories!r}")
+            if spec.type != "categorical" and spec.categories:
+                raise ConfigError(f"{where}.categories: only for categorical covariates ({column} is {spec.type})")
+        if not 0 < self.coverage < 1:
+            raise ConfigError(f"{name}.coverage: a probability in (0, 1), got {self.coverage}")
+        for key in ("num_boost_round", "max_depth", "learning_rate", "num_workers", "cpus_per_worker"):
+            _positive(name, key, getattr(self, key))
+        for key in ("early_stopping_rounds", "ridge_alpha", "min_child_weight", "reg_lambda"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{name}.{key}: must be >= 0, got {getattr(self, key)}")
+        for key in ("subsample", "colsample_bytree"):
+            if not 0 < getattr(self, key) <= 1:
+                raise ConfigError(f"{name}.{key}: a fraction in (0, 1], got {getattr(self, key)}")
+
+
+def _known(where: str, value: str, known: dict) -> None:
+    if value not in known:
+        close = difflib.get_close_matches(value, list(known), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else f"; known: {', '.join(known)}"
+        raise ConfigError(f"{where}: {value!r} is not a measurement{hint}")
+
+
+@dataclass
+class SegConfig:
+    """The plaque segmentation model (``medhier plaque train-seg``, ``segment``): what it sees,
+    the network, its loss and the augmentation on the training device. A checkpoint carries this
+    section: a model always runs with the settings it was trained with."""
+
+    # plaque.sequences names, one input channel each, in this order (the reference's grid)
+    sequences: list[str] = field(default_factory=lambda: ["T1w", "T2w", "TOF", "CE-T1w"])
+    context: int = 0  # neighbouring slices on each side as extra channels (2.5-D); 0 = 2-D
+    spacing_mm: float = 0.5  # in-plane pixel spacing the model sees (slices resampled to it)
+    image_size: int = 64  # in-plane pixels the model sees: the grid's centre, cropped or zero-padded
+    percentiles: list[float] = field(default_factory=lambda: [1.0, 99.0])  # per-volume scaling to [0, 1]
+    arch: Literal["unet", "segresnet"] = "unet"  # MONAI's UNet or SegResNet, 2-D
+    channels: list[int] = field(default_factory=lambda: [16, 32, 64, 128])  # features per level (SegResNet: the first)
+    res_units: int = 1  # residual units per UNet level
+    dropout: float = 0.0
+    lr: float = 3e-3  # AdamW peak learning rate (warm-up and cosine decay from train.*)
+    dice_weight: float = 1.0  # DiceCELoss: lambda_dice
+    ce_weight: float = 1.0  # DiceCELoss: lambda_ce
+    metric: Literal["val_dice", "val_loss"] = "val_dice"  # picks best/ and stops early
+    rotation_deg: float = 10.0  # augmentation: uniform rotation in [-r, r]
+    scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # isotropic zoom range
+    hflip: float = 0.5  # probability (carotids are left or right)
+    vflip: float = 0.5  # probability (anterior-posterior)
+    intensity_scale: float = 0.1  # per sequence gain U(1 - a, 1 + a)
+    intensity_shift: float = 0.05  # per sequence offset U(-b, b), in normalised units
+    batch_size: int = 64  # slices per forward pass when segmenting (segment job, evaluation)
+    overlays: int = 6  # test slices drawn in the evaluation's overlay PNG
+
+    def validate(self, name: str) -> None:
+        if not self.sequences or len(set(self.sequences)) != len(self.sequences):
+            raise ConfigError(f"{name}.sequences: name one or more distinct plaque.sequences, got {self.sequences}")
+        if not 0 <= self.context <= 4:
+            raise ConfigError(f"{name}.context: slices on each side, 0..4, got {self.context}")
+        for key in ("spacing_mm", "lr", "batch_size"):
+            _positive(name, key, getattr(self, key))
+        if self.image_size < 16 or self.image_size % 16:
+            raise ConfigError(f"{name}.image_size: a multiple of 16 (four 2x poolings), at least 16, got {self.image_size}")
+        if len(self.percentiles) != 2 or not 0 <= self.percentiles[0] < self.percentiles[1] <= 100:
+            raise ConfigError(f"{name}.percentiles: need [low, high] with 0 <= low < high <= 100, got {self.percentiles}")
+        if not 2 <= len(self.channels) <= 5 or any(c <= 0 for c in self.channels):
+            raise ConfigError(f"{name}.channels: 2 to 5 positive feature counts, got {self.channels}")
+        if self.res_units < 0 or self.overlays < 0:
+            raise ConfigError(f"{name}.res_units and {name}.overlays: must be >= 0")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"{name}.dropout: must be in [0, 1), got {self.dropout}")
+        if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
+            raise ConfigError(f"{name}.dice_weight, ce_weight: >= 0 and not both 0")
+        if not 0 <= self.rotation_deg <= 45:
+            raise ConfigError(f"{name}.rotation_deg: must be in [0, 45], got {self.rotation_deg}")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise ConfigError(f"{name}.scale: need [low, high] with 0 < low <= high, got {self.scale}")
+        for key in ("hflip", "vflip"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ConfigError(f"{name}.{key}: a probability in [0, 1], got {getattr(self, key)}")
+        if not 0 <= self.intensity_scale < 1 or self.intensity_shift < 0:
+            raise ConfigError(f"{name}.intensity_scale in [0, 1) and {name}.intensity_shift >= 0")
+
+
+@dataclass
 class TrackingConfig:
     """Experiment tracking with MLflow (the optional extra ``medhier[tracking]``); off unless
     ``uri`` is set. See medhier.train.tracking."""
@@ -521,6 +725,8 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
     plaque: PlaqueConfig = field(default_factory=PlaqueConfig)
+    seg: SegConfig = field(default_factory=SegConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 

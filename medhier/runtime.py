@@ -14,7 +14,7 @@ from typing import TypeVar
 from medhier import stopping
 from medhier.config import RuntimeConfig
 
-__all__ = ["execute_pipeline", "init_ray", "release_failed_pipeline", "set_verbosity", "shutdown_ray", "verbose"]
+__all__ = ["cpu_threads", "execute_pipeline", "init_ray", "release_failed_pipeline", "set_verbosity", "shutdown_ray", "verbose"]
 
 T = TypeVar("T")
 
@@ -125,6 +125,15 @@ def default_local_cpus() -> int:
     training workers hold theirs (on 2 cores, workers holding every CPU hang Ray Data)."""
     cores = os.cpu_count() or 1
     return max(cores + 1, cores * 3 // 2)
+
+
+def cpu_threads(requested: int) -> int:
+    """Threads for a process's numerical library (torch's intra-op pool): the CPUs Ray gave it,
+    but no more than the cores this process may run on. Ray's logical CPUs are a scheduling
+    count: a local Ray has more of them than cores (:func:`default_local_cpus`), and a model
+    actor holding "7 CPUs" on 2 cores ran its model 35x slower with 7 threads than with 2."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(requested), cores))
 
 
 def shutdown_ray() -> None:

@@ -390,6 +390,23 @@ def test_score_job_reports_one_row_per_file(scored, archive):
     assert all(reason for reason, good in zip(report["error_reason"], ok) if not good)
 
 
+def test_plaque_fit_job_trains_xgboost_across_both_nodes(cluster, workdir):
+    """jobs/plaque_fit.py on the frozen phantom cohort (tests/plaque/cohort.py) with one XGBoost
+    worker per node: the model, its metrics against the baselines, and the plots."""
+    from tests.plaque.cohort import PATIENTS_CSV, VISITS
+
+    output = workdir / "plaque-model"
+    sid, out = cluster.submit("jobs/plaque_fit.py", "--measurements", VISITS, "--patients", PATIENTS_CSV, "--output", str(output),
+                              "runtime.progress=false", "predict.num_workers=2", "predict.cpus_per_worker=1")
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    assert cluster.status(sid) == "SUCCEEDED"
+    metrics = json.loads((output / "metrics.json").read_text())
+    assert sum(s["patients"] for s in metrics["splits"].values()) == 1000
+    haemorrhage = metrics["factors"]["haemorrhage_change_mm3_per_year"]["test"]  # the interaction only trees hold
+    assert haemorrhage["xgboost"]["r2"] > haemorrhage["ridge"]["r2"] + 0.2, haemorrhage
+    assert (output / "model" / "model.json").is_file() and (output / "feature_importance.png").stat().st_size > 0
+
+
 def test_nightly_cron_line_scores_only_what_is_new(cluster, trained, archive, scored, workdir):
     """The crontab line of deploy/cron/medhier-score.cron, run as cron runs it (its variables,
     bash, `\\%` unescaped) with this cluster's values: the next night scores only the new files."""

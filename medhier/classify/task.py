@@ -21,6 +21,7 @@ from medhier.classify.step import COLUMNS, ClassifyStep
 from medhier.classify.studies import write_studies
 from medhier.classify.taxonomy import Taxonomy
 from medhier.config import Config, StorageConfig
+from medhier.data.cache import CacheInfo, check_preprocess_matches
 from medhier.infer.export import ExportSpec
 from medhier.infer.ledger import Ledger
 from medhier.train.checkpoint import Loaded
@@ -45,6 +46,12 @@ class Classifier:
     def describe(self, cfg: Config) -> dict[str, Any]:
         taxonomy = Taxonomy.from_config(cfg.taxonomy)
         return {"taxonomy": taxonomy.to_dict(), "leaves": list(taxonomy.leaf_names)}
+
+    def check_cache(self, info: CacheInfo, cfg: Config) -> None:
+        check_preprocess_matches(info, cfg.preprocess)
+
+    def metric(self, cfg: Config) -> str:
+        return cfg.train.metric
 
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> ClassifyStep:
         return ClassifyStep(cfg, env, class_counts)

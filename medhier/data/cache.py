@@ -77,6 +77,18 @@ class CacheInfo:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: data.get(k) for k in known})
 
+    def samples(self) -> dict[str, int]:
+        """Labelled samples per split (what training and validation count): ``counts["samples"]``,
+        or, in caches written before it existed, the per-class counts summed."""
+        if "samples" in self.counts:
+            return dict(self.counts["samples"])
+        return {split: sum(per_class.values()) for split, per_class in self.counts.get("split_classes", {}).items()}
+
+    def row_bytes(self) -> int:
+        """About how many bytes one row takes (its image, its labels): ``counts["row_bytes"]``,
+        else one uint8 image."""
+        return int(self.counts.get("row_bytes") or self.image_size**2)
+
 
 @dataclass
 class PrepareSummary:
@@ -283,6 +295,7 @@ def _count_rows(rows_uri: str, storage_cfg: StorageConfig, labels: Labels | None
             per_class[names[index]] = per_class.get(names[index], 0) + 1
     return {
         "ok": ok.num_rows,
+        "samples": {split: sum(per_class.values()) for split, per_class in split_classes.items()},  # labelled images per split
         "split_classes": split_classes,  # labelled images per split and class (class weights)
         "errors": err.num_rows,
         "objects_ok": len(ok_paths),
@@ -324,8 +337,10 @@ def load_cache(
 ):
     """The ok rows of a committed cache as a Ray dataset (optionally one split).
 
-    ``labelled_only``: only rows whose class column (the codec's) is set. ``in_memory_below``:
-    when the split's rows take fewer bytes (image bytes, as counted at prepare time), read them
+    ``labelled_only``: only rows whose class column (the codec's) is set; a cache without a class
+    column whose every row is a labelled sample (a cache of studies, :mod:`medhier.data.study_cache`)
+    is read whole. ``in_memory_below``: when the split's rows take fewer bytes
+    (:meth:`CacheInfo.row_bytes` each, as counted at prepare time), read them
     here with pyarrow and hand them to Ray as in-memory blocks. Small medical data sets then
     cost no Parquet-read tasks at all, whose start-up (seconds) would otherwise dominate every
     epoch and every trial; large ones keep streaming.
@@ -341,17 +356,18 @@ def load_cache(
     fs, path = storage.filesystem(storage.join(cache, info.rows_dir, sub), storage_cfg)
     if fs.get_file_info(path).type == storage.pafs.FileType.NotFound:
         raise FileNotFoundError(f"cache at {cache!r} has no rows for split {split!r}")
-    if labelled_only and not info.class_column:
+    if labelled_only and not info.class_column and not sum(info.samples().values()):
         raise ValueError(f"cache at {cache!r} holds no labels: pass a labels manifest to prepare")
+    by_class = labelled_only and bool(info.class_column)
     rows = info.counts["splits"].get(split, 0) if split else info.counts["ok"]
-    if rows * info.image_size**2 < in_memory_below:
+    if rows * info.row_bytes() < in_memory_below:
         dataset = pads.dataset(path, filesystem=fs, format="parquet")
-        table = dataset.to_table(columns=columns, filter=(pads.field(info.class_column) >= 0) if labelled_only else None)
+        table = dataset.to_table(columns=columns, filter=(pads.field(info.class_column) >= 0) if by_class else None)
         # a few blocks, so that streaming_split can spread them over the workers
         chunk = max(1, -(-table.num_rows // 8))
         return ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)]), info
     ds = ray.data.read_parquet(path, filesystem=fs)
-    if labelled_only:
+    if by_class:
         ds = ds.filter(expr=col(info.class_column) >= 0)  # pushed down to the Parquet reader
     if columns:
         ds = ds.select_columns(columns)

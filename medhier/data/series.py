@@ -356,7 +356,7 @@ class Study:
 def map_studies(
     index: str,
     todo: pa.Table,
-    fn: Callable[..., dict[str, Any]],
+    fn: Callable[..., dict[str, Any] | list[dict[str, Any]]],
     schema: pa.Schema,
     settings: SeriesSettings,
     *,
@@ -364,8 +364,9 @@ def map_studies(
     studies_per_task: int = 1,
     num_cpus: float = 1.0,
 ):
-    """A streaming Ray dataset of ``fn(study, **fn_kwargs)`` (one ``schema`` row, a dict) for
-    every study of ``index`` that ``todo`` names.
+    """A streaming Ray dataset of ``fn(study, **fn_kwargs)`` (one ``schema`` row, a dict, or a
+    list of them: a study may make several rows, e.g. one per slice) for every study of
+    ``index`` that ``todo`` names.
 
     ``todo``: the studies to do, as (study_instance_uid, digest) rows, plus any columns the task
     wants handed to ``fn`` (``Study.extra``); a study whose digest differs from the index's (it
@@ -422,5 +423,6 @@ def _apply(item: pa.Table, fn, schema: pa.Schema, settings: SeriesSettings, inde
             study_date=record[STUDY_DATE], study_time=record[STUDY_TIME], digest=record[DIGEST],
             members=tuple(record[MEMBERS]), extra=dict(address["extra"] or {}), settings=settings,
         )
-        rows.append(fn(study, **kwargs))
+        made = fn(study, **kwargs)
+        rows.extend(made if isinstance(made, list) else [made])
     return pa.Table.from_pylist(rows, schema=schema)

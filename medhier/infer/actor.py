@@ -31,7 +31,7 @@ from medhier.infer import int8 as int8_module
 from medhier.infer.compiled import PACKAGE_FILE, CompiledModel, ModelCache, Variant, as_tuple, build_package, code_hash, fingerprint
 from medhier.infer.int8 import Agreement, agreement, check_agreement, quantize
 from medhier.io import storage
-from medhier.runtime import execute_pipeline
+from medhier.runtime import cpu_threads, execute_pipeline
 from medhier.train.checkpoint import Loaded, ModelTask, load_checkpoint
 from medhier.train.precision import autocast_dtype, precision_name
 
@@ -139,7 +139,7 @@ class ModelActor:
                  int8: Int8Settings | None = None, annotator: Annotator | None = None):
         started = time.perf_counter()
         if settings.threads:
-            torch.set_num_threads(settings.threads)
+            torch.set_num_threads(cpu_threads(settings.threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.storage = storage_cfg
         loaded = load_checkpoint(checkpoint, task, storage_cfg)
@@ -291,14 +291,17 @@ class ModelActor:
 
 def actor_resources(use_gpu: str = "auto") -> tuple[int, float]:
     """(GPUs, CPUs) for one model actor: a GPU when asked for or when the cluster has one;
-    otherwise the CPUs of the largest node less one. An actor holding every CPU of its node
-    leaves none there for the decode tasks that feed it: if the other nodes go (preempted,
-    scaled down), the pipeline would wait forever for a CPU."""
+    otherwise the CPUs of the largest node less one, and no more than the CPUs free now less
+    one. An actor holding every CPU of its node leaves none there for the decode tasks that
+    feed it: if the other nodes go (preempted, scaled down), the pipeline would wait forever for
+    a CPU. CPUs another job holds (a Serve replica, a training run) are not free either: sized
+    without them, the actor took the last CPU the decode tasks needed and the job hung."""
     if use_gpu == "true" or (use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) >= 1):
         return 1, 1.0
     total = int(ray.cluster_resources().get("CPU", 1))
+    free = int(ray.available_resources().get("CPU", total))
     largest = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=1)
-    return 0, float(max(1, min(int(largest) - 1, total - 1)))
+    return 0, float(max(1, min(int(largest) - 1, total - 1, free - 1)))
 
 
 def predict_dataset(ds, task: InferTask, checkpoint: str, cfg: Config, batch_size: int = 64) -> dict[str, np.ndarray]:

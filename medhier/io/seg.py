@@ -58,13 +58,17 @@ Writing
 -------
 :func:`write_seg` writes a label map as a BINARY DICOM SEG with one segment per label value
 present, on the reference series (frame references by position, through highdicom's
-``Segmentation`` from a ``Volume``), with UIDs derived from the caller's entropy (the same input
-gives the same UIDs). A segment without a coded property gets SNOMED CT "Tissue" as category and
-type, 3D Slicer's default for an unspecified segment.
+``Segmentation`` from a ``Volume``), with UIDs derived from the caller's entropy and every date
+and time set to the caller's ``created``: the same input gives the same bytes. (highdicom stamps
+the clock into InstanceCreation-, Content- and ContributionDateTime and draws a random
+DimensionOrganizationUID; ``write_seg`` sets them afterwards on the dataset, through pydicom's
+public API.) A segment without a coded property gets SNOMED CT "Tissue" as category and type, 3D
+Slicer's default for an unspecified segment.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import fnmatch
 import gzip
 import io
@@ -93,6 +97,7 @@ __all__ = [
     "Labels",
     "SegRejected",
     "SegmentSpec",
+    "header_bytes",
     "read_nifti_labels",
     "read_seg",
     "write_seg",
@@ -414,12 +419,24 @@ def _outside(array: np.ndarray, geometry: hd.VolumeGeometry, reference: SeriesVo
 # -- writing -----------------------------------------------------------------------------------
 
 
+def header_bytes(data: bytes, *, source: str = "") -> bytes:
+    """A DICOM object (bytes) without its pixel data, as DICOM bytes: all :func:`write_seg` needs
+    of a reference instance, a few kilobytes instead of the whole image, so that a pipeline can
+    carry a series' headers from the stage that read it to the one that writes its SEG.
+    Raises :class:`~medhier.io.dicom.DicomRejected`."""
+    ds = read_dataset(data, source=source, pixels=False)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, ds)  # as it was read: preamble and file meta where it had them
+    return buf.getvalue()
+
+
 def write_seg(
     labels: np.ndarray,
     reference_datasets: Sequence[Dataset],
     segments: Mapping[int, SegmentSpec],
     *,
     entropy: str,
+    created: dt.datetime | None = None,
     series_number: int = 900,
     series_description: str = "medhier segmentation",
     algorithm_name: str = "medhier",
@@ -433,7 +450,10 @@ def write_seg(
     (``SeriesVolume.array``'s grid). ``reference_datasets``: the series' datasets (headers
     suffice; any order). ``segments``: value -> :class:`SegmentSpec` for every value that may
     occur. ``entropy``: what makes the UIDs (e.g. the model id and the series UID): the same
-    entropy gives the same SeriesInstanceUID and SOPInstanceUID.
+    entropy gives the same SeriesInstanceUID and SOPInstanceUID. ``created``: the SEG's
+    InstanceCreation, Content and ContributionDateTime (naive: local time, as DICOM records it);
+    None: the reference series' SeriesDate and SeriesTime (else its StudyDate and StudyTime,
+    else 1970-01-01), so that the same label map on the same series gives the same bytes.
     """
     stack = stack_slices(reference_datasets, pixels=False)  # SeriesRejected if the series forms no volume
     labels, present = _checked_labels(labels, stack.geometry.spatial_shape, segments)
@@ -461,9 +481,46 @@ def write_seg(
             device_serial_number="0",
             series_description=series_description,
         )
+    _stamp(seg, created or _series_datetime(reference_datasets[0]), generate_uid(entropy_srcs=["medhier-seg-dimensions", entropy]))
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, seg, enforce_file_format=True)
     return buf.getvalue()
+
+
+def _series_datetime(ds: Dataset) -> dt.datetime:
+    """When a reference series was made: SeriesDate/Time, else StudyDate/Time, else the epoch."""
+    for date_key, time_key in (("SeriesDate", "SeriesTime"), ("StudyDate", "StudyTime")):
+        date, time = str(ds.get(date_key) or "").strip(), str(ds.get(time_key) or "").strip()
+        try:
+            day = dt.datetime.strptime(date, "%Y%m%d")
+        except ValueError:
+            continue
+        clock = time.split(".")[0].ljust(6, "0")[:6]
+        try:
+            return day.replace(hour=int(clock[:2]), minute=int(clock[2:4]), second=int(clock[4:6]))
+        except ValueError:
+            return day
+    return dt.datetime(1970, 1, 1)
+
+
+def _stamp(seg: Dataset, created: dt.datetime, dimension_uid: str) -> None:
+    """Replace highdicom's clock stamps (instance creation, content, its own contribution) and its
+    random DimensionOrganizationUID (every occurrence) by ``created`` and ``dimension_uid``."""
+    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
+    random_uid = seg.DimensionOrganizationSequence[0].DimensionOrganizationUID if "DimensionOrganizationSequence" in seg else None
+    seg.InstanceCreationDate, seg.InstanceCreationTime = date, time
+    seg.ContentDate, seg.ContentTime = date, time
+
+    for item in seg.get("ContributingEquipmentSequence") or []:
+        # highdicom's own entry carries its clock; the source's acquisition entry keeps its time
+        if item.get("ManufacturerModelName") == "highdicom" and "ContributionDateTime" in item:
+            item.ContributionDateTime = date + time
+
+    def restamp(dataset: Dataset, elem) -> None:
+        if elem.keyword == "DimensionOrganizationUID" and elem.value == random_uid:
+            elem.value = dimension_uid
+
+    seg.walk(restamp)
 
 
 def _checked_labels(

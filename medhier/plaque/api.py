@@ -34,6 +34,7 @@ import hashlib
 import io
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -58,7 +59,7 @@ from medhier.plaque.visits import too_few_visits, visit_manifest
 from medhier.runtime import execute_pipeline
 from medhier.stopping import Stopped
 
-__all__ = ["MeasureSummary", "measure_archive", "visits_table"]
+__all__ = ["MeasureSummary", "StudyTasks", "VisitPipeline", "measure_archive", "visits_table"]
 
 LEDGER_KEY = (C.STUDY_INSTANCE_UID, VISIT_KEY)
 
@@ -131,21 +132,43 @@ class MeasureSummary:
         return "\n".join(lines)
 
 
+class VisitPipeline(Protocol):
+    """How a run turns its todo studies into report rows (:data:`REPORT_SCHEMA`)."""
+
+    def rows(self, index: str, todo: pa.Table, settings: SeriesSettings, visit: VisitSettings):
+        """A Ray dataset of one report row per todo study (``todo``: study_instance_uid,
+        digest, visit_key and the source's columns; ``index``: the run's study index)."""
+
+
+class StudyTasks:
+    """The default pipeline: one Ray task per study (a few without registration) that measures
+    it whole (:func:`medhier.plaque.study.measure_study`)."""
+
+    def rows(self, index: str, todo: pa.Table, settings: SeriesSettings, visit: VisitSettings):
+        # A task of about a second amortises Ray Data's scheduling lag (~0.1 s per task); with
+        # registration one visit alone takes seconds.
+        per_task = 1 if visit.plaque.register else 4
+        return map_studies(index, todo, measure_study, REPORT_SCHEMA, settings, fn_kwargs={"settings": visit}, studies_per_task=per_task)
+
+
 def measure_archive(cfg: Config, archive: str, output: str, *, segmentations: str = "",
-                    source: SegmentationSource | None = None, full: bool = False) -> MeasureSummary:
+                    source: SegmentationSource | None = None, full: bool = False, pipeline: VisitPipeline | None = None,
+                    version: str = "") -> MeasureSummary:
     """Measure the new or changed visits of ``archive`` (all of them with ``full``) into ``output``.
 
     The label maps come from ``source`` when given (a plug-in, e.g. a segmentation model), else
     from the files under ``segmentations`` (:class:`~medhier.plaque.segmentations.GivenSegmentations`),
-    else from the DICOM SEG objects in each study. Needs Ray initialised. Raises on failure (the
-    run's rows then never become visible).
+    else from the DICOM SEG objects in each study. ``pipeline``: how the studies become rows
+    (default :class:`StudyTasks`; the segment job's runs its model on actors); ``version``: the
+    report's model_version (default :func:`~medhier.plaque.study.measure_version`). Needs Ray
+    initialised. Raises on failure (the run's rows then never become visible).
     """
     start = time.perf_counter()
     archive, output = storage.normalize(archive), storage.normalize(output)
     if source is None:
         source = GivenSegmentations(segmentations, cfg.storage) if segmentations else ArchiveSegmentations()
     ledger = Ledger(output, cfg.storage, key=LEDGER_KEY)
-    run_id, version = new_run_id(), measure_version(cfg.plaque)
+    run_id, version = new_run_id(), version or measure_version(cfg.plaque)
     summary = MeasureSummary(run_id, archive, output, storage.normalize(segmentations) if segmentations else "", source.model_id,
                              version, min_visits=cfg.plaque.min_visits)
     run_dir = ledger.run_dir(run_id)
@@ -164,7 +187,7 @@ def measure_archive(cfg: Config, archive: str, output: str, *, segmentations: st
             summary.already_measured = listed.num_rows - todo.num_rows
             if todo.num_rows:
                 visit = VisitSettings(cfg.plaque, source, source.model_id, version, run_id, cfg.dicom.patient_salt)
-                _measure(ledger, run_id, index, todo, settings, visit, summary, full)
+                _measure(ledger, run_id, index, todo, settings, visit, summary, full, pipeline or StudyTasks())
             _write_visits(ledger, source.model_id, version, summary, cfg)
             summary.removed_runs = ledger.remove_dead_runs(keep=(run_id,))
             summary.seconds = time.perf_counter() - start
@@ -198,16 +221,12 @@ def _visit_keys(keys: pa.Table, source: SegmentationSource, summary: MeasureSumm
 
 
 def _measure(ledger: Ledger, run_id: str, index: str, todo: pa.Table, settings: SeriesSettings, visit: VisitSettings,
-             summary: MeasureSummary, full: bool) -> None:
-    """The per-study pipeline into staging, then the commit."""
+             summary: MeasureSummary, full: bool, pipeline: VisitPipeline) -> None:
+    """The pipeline into staging, then the commit."""
     scfg = settings.storage
 
-    # A task of about a second amortises Ray Data's scheduling lag (~0.1 s per task); with
-    # registration one visit alone takes seconds.
-    per_task = 1 if visit.plaque.register else 4
-
     def run_pipeline() -> float:
-        rows = map_studies(index, todo, measure_study, REPORT_SCHEMA, settings, fn_kwargs={"settings": visit}, studies_per_task=per_task)
+        rows = pipeline.rows(index, todo, settings, visit)
         fs, staging = storage.filesystem(storage.join(ledger.run_dir(run_id), "staging"), scfg)
         started = time.perf_counter()
         rows.write_parquet(staging, filesystem=fs, compression="zstd")

@@ -31,14 +31,38 @@ The method
 Mattes mutual information (multi-modal: T2w or TOF onto T1w), an ``Euler3DTransform`` started
 from the scanner coordinates when both volumes share a frame of reference (sequences of one
 session: the best first guess, whatever their coverage) or from their geometric centres
-otherwise (``CenteredTransformInitializer``, GEOMETRY), a multi-resolution pyramid (shrink
-factors ``shrink``, Gaussian sigmas ``sigmas_mm`` in millimetres), and regular-step gradient
-descent whose parameter scales come from the physical shift each parameter causes (so a step of
-1 mm and a rotation that moves the image's edge by 1 mm weigh alike).  The metric reads a fixed
-number of random points per level (cost independent of the matrix) among the fixed voxels that
-lie at least ``margin_mm`` inside the moving volume.  Sampling uses a fixed seed and the
+otherwise (``CenteredTransformInitializer``, GEOMETRY), one full-resolution level by default (a
+pyramid is available: shrink factors ``shrink``, Gaussian sigmas ``sigmas_mm`` in millimetres;
+sequences of one session start within a few millimetres, and on the phantoms a shrink-2 level let
+Powell's line bracket carry the moving volume off the fixed one), and Powell's direction-set
+search, which compares metric values only, over parameters scaled so that a unit step moves the
+fixed volume's farthest corner by about a millimetre (1 mm of translation, 1 / radius radians of
+rotation).  The metric reads every fixed voxel, each at a fixed-seed random offset within its
+voxel (ITK's REGULAR sampling; a fixed-seed random subset of ``samples`` points in volumes larger
+than that), among those that lie at least ``margin_mm`` inside the moving volume.  The
 registration runs single-threaded by default, so the same inputs give the same transform, bit for
 bit (ITK sums the joint histogram per thread: another thread count changes the last digits).
+
+Why a gradient-free optimiser and dense sampling (measured on the carotid phantoms of
+:mod:`medhier.synthetic.carotid`, 20 visits, seed 3; error = the largest displacement error over
+the vessel's voxels, in voxels per axis, and the rotation error): with ITK's analytic Mattes
+gradient and regular-step gradient descent over 20 000 random samples, 0 of 20 TOF, 11 of 20
+T2w and 7 of 20 CE-T1w sequences came within 0.5 voxel and 1 degree; TOF landed a median 3.9 mm
+(up to 15 mm and 25 degrees) off.  The metric itself was right: evaluated on every voxel, its
+minimum lay at the true motion within 0.25 mm and 0.5 degree along every parameter.  The
+gradient was not: ITK derives it from the smoothed gradient of the moving image, while the
+metric of small, noisy volumes resampled with linear interpolation has cusps at grid alignment
+(interpolation smooths the noise differently at every sub-voxel offset), so at the start the
+descent's first step pointed against the finite-difference gradient (rotation about z, the
+least constrained parameter when a bright TOF lumen sits at the rotation centre) and walked off.
+Random subsets of a 40 000-voxel volume add sampling noise of the same order as the weak
+TOF-to-T1w dependence.  Reading the voxels exactly on the grid brings the cusp back (a T1w
+registered onto another noise draw of itself settled 1 degree off); the sub-voxel offsets of
+REGULAR sampling average it out.  With Powell over every voxel, and the phantom's TOF given the
+fat signal a TOF has (:mod:`medhier.synthetic.carotid`), all 60 sequences of those 20 visits came
+within the bound: largest error over the vessel, median / worst, T2w 0.10 / 0.16 voxel and 0.18 /
+0.30 degree, TOF 0.13 / 0.37 voxel and 0.24 / 0.78 degree, CE-T1w 0.12 / 0.40 voxel and 0.18 /
+0.50 degree, about 1 s of CPU each (was 0.4 s); ``tests/plaque/test_register.py`` holds it.
 
 Rejections (:class:`RegistrationError` ``reason``; a whole sequence is refused, never dropped):
 
@@ -325,13 +349,13 @@ def register_rigid(
     *,
     initial: Literal["auto", "scanner", "geometry"] = "auto",
     bins: int = 32,
-    samples: int = 20_000,
+    samples: int = 100_000,
     seed: int = 1,
-    shrink: Sequence[int] = (2, 1),
-    sigmas_mm: Sequence[float] = (1.0, 0.0),
-    step_mm: float = 1.0,
-    min_step_mm: float = 1e-3,
-    max_iterations: int = 200,
+    shrink: Sequence[int] = (1,),
+    sigmas_mm: Sequence[float] = (0.0,),
+    step_mm: float = 0.5,
+    min_step_mm: float = 0.01,
+    max_iterations: int = 100,
     margin_mm: float = 2.0,
     threads: int = 1,
 ) -> RigidTransform:
@@ -341,15 +365,16 @@ def register_rigid(
     and dtypes. ``initial``: ``"scanner"`` starts from the identity (the volumes' own patient
     coordinates), ``"geometry"`` from the translation between their geometric centres, ``"auto"``
     picks ``"scanner"`` when both carry the same frame of reference UID. ``bins``: Mattes histogram
-    bins; ``samples``: fixed-image points drawn at random (``seed`` >= 1: SimpleITK reads 0 as
-    "seed from the clock") at each level, so the cost does not grow with the matrix; ``shrink`` and ``sigmas_mm``: one entry per
-    pyramid level, coarse to fine (ITK shrinks every axis alike: factor 4 leaves a slab of 14
-    slices of 2 mm with 3, whose level drove the phantom's through-plane shift the wrong way; for
-    near-isotropic 3-D sequences ``(4, 2, 1)`` and ``(2.0, 1.0, 0.0)`` reach further); ``step_mm``: the largest voxel shift of
-    each level's first step, halved whenever the gradient reverses; ``min_step_mm``: a level
-    stops when the step falls below this (ITK compares its learning rate after the halvings,
-    which the physical-shift scales make about a millimetre per unit); ``max_iterations`` per
-    level; ``margin_mm``: the metric counts only the fixed voxels that start at least this far
+    bins; ``samples``: the most fixed-image points the metric reads at each level: every voxel of
+    a smaller level, else that many drawn at random (``seed`` >= 1: SimpleITK reads 0 as "seed
+    from the clock"), so the cost does not grow with the matrix beyond it; ``shrink`` and
+    ``sigmas_mm``: one entry per pyramid level, coarse to fine (ITK shrinks every axis alike:
+    factor 4 leaves a slab of 14 slices of 2 mm with 3, whose level drove the phantom's
+    through-plane shift the wrong way; for near-isotropic 3-D sequences ``(4, 2, 1)`` and
+    ``(2.0, 1.0, 0.0)`` reach further); ``step_mm``: Powell's first bracket along each direction,
+    in millimetres of shift of the fixed volume's farthest corner; ``min_step_mm``: a level stops
+    when a sweep moves the parameters by less than this (same unit); ``max_iterations``: Powell
+    sweeps per level; ``margin_mm``: the metric counts only the fixed voxels that start at least this far
     inside the moving volume (all overlapping ones if none do); ``threads``: ITK threads while
     registering (1: bit-identical results on any machine; the pipeline runs visits in parallel).
     The rotation centre is the fixed volume's centre. Raises :class:`RegistrationError`.
@@ -371,7 +396,7 @@ def register_rigid(
     fractions = _sampling_fractions(fixed.spatial_shape, shrink, samples)
     _set_metric(method, bins, fractions, seed, _metric_region(moving, start, fixed, margin_mm, threads))
     method.SetInterpolator(sitk.sitkLinear)
-    _set_optimizer(method, step_mm, min_step_mm, max_iterations)
+    _set_optimizer(method, step_mm, min_step_mm, max_iterations, _radius_mm(fixed))
     method.SetShrinkFactorsPerLevel([int(s) for s in shrink])
     method.SetSmoothingSigmasPerLevel([float(s) for s in sigmas_mm])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOn()
@@ -420,27 +445,33 @@ def _sampling_fractions(shape: Sequence[int], shrink: Sequence[int], samples: in
 
 def _set_metric(method: sitk.ImageRegistrationMethod, bins: int, fractions: Sequence[float], seed: int,
                 region: sitk.Image) -> None:
-    """Mattes mutual information over a random ``fractions[level]`` of the fixed voxels in ``region``."""
+    """Mattes mutual information over the fixed voxels in ``region``: all of them when every level
+    has at most ``samples`` voxels (``fractions`` all 1), else a random ``fractions[level]``."""
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=bins)
-    method.SetMetricSamplingStrategy(method.RANDOM)
+    method.SetMetricSamplingStrategy(method.REGULAR if all(f >= 1.0 for f in fractions) else method.RANDOM)
     method.SetMetricSamplingPercentagePerLevel(list(fractions), seed)
     method.SetMetricFixedMask(region)
 
 
-def _set_optimizer(method: sitk.ImageRegistrationMethod, step_mm: float, min_step_mm: float, max_iterations: int) -> None:
-    """Regular-step gradient descent with scales from the physical shift of each parameter."""
-    # The learning rate is estimated at the start of each level so that the first step moves no
-    # voxel by more than step_mm; it halves whenever the gradient reverses.
-    method.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0,
-        minStep=min_step_mm,
+def _radius_mm(fixed: hd.Volume) -> float:
+    """Distance (mm) from the fixed volume's centre to its farthest voxel centre: the lever of a rotation."""
+    return max(1.0, 0.5 * float(np.linalg.norm(np.asarray(fixed.spacing) * (np.asarray(fixed.spatial_shape) - 1))))
+
+
+def _set_optimizer(method: sitk.ImageRegistrationMethod, step_mm: float, min_step_mm: float, max_iterations: int,
+                   radius_mm: float) -> None:
+    """Powell's direction-set search, parameters scaled so that a unit moves the farthest voxel ~1 mm."""
+    # Powell compares metric values only: the analytic Mattes gradient disagrees with the metric
+    # on small noisy volumes (module docstring). ITK's Powell divides each step by the parameter's
+    # scale: rotations (radians) by the radius, translations (mm) by 1.
+    method.SetOptimizerAsPowell(
         numberOfIterations=max_iterations,
-        relaxationFactor=0.5,
-        gradientMagnitudeTolerance=1e-8,
-        estimateLearningRate=method.Once,
-        maximumStepSizeInPhysicalUnits=step_mm,
+        maximumLineIterations=20,
+        stepLength=step_mm,
+        stepTolerance=min_step_mm,
+        valueTolerance=1e-6,
     )
-    method.SetOptimizerScalesFromPhysicalShift()
+    method.SetOptimizerScales([radius_mm] * 3 + [1.0] * 3)
 
 
 def _execute(method: sitk.ImageRegistrationMethod, fixed: sitk.Image, moving: sitk.Image,

@@ -82,6 +82,7 @@ REASONS: dict[str, str] = {
     "no_segmentation": "no segmentation object for the visit (none in the study on its reference series, none under --segmentations)",
     "several_segmentations": "more than one file under --segmentations names the study",
     **{f"seg_{code}": f"the segmentation: {text}" for code, text in SEG_REASONS.items()},
+    "missing_sequence": "a sequence the segmentation model needs (seg.sequences) has no volume, or could not be registered onto the reference",
     "internal_error": "an unexpected error in medhier while measuring (a bug: please report it)",
 }
 # Why a non-reference sequence is not registered (its series entry is rejected; the visit stays ok).

@@ -82,8 +82,9 @@ def label_mapping(cfg: PlaqueConfig) -> LabelMapping:
 @dataclass(frozen=True)
 class SegmentationInput:
     """What a source gets for one visit: the study, its plan, the reference volume, the other
-    sequences' volumes and transforms (sequence -> (volume, RigidTransform or None when not
-    registered); a model source resamples them with :func:`medhier.plaque.register.resample`),
+    sequences' volumes and transforms (sequence -> (volume, RigidTransform, or None when its
+    registration failed or was implausible); a model source resamples them with
+    :func:`medhier.plaque.register.resample`),
     the archive objects it asked for (path -> bytes) and the label mapping."""
 
     study: Study

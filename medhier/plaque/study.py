@@ -29,7 +29,7 @@ import numpy as np
 from medhier import columns as C
 from medhier.config import PlaqueConfig
 from medhier.data.series import Study
-from medhier.io.volume import read_series
+from medhier.io.volume import SeriesVolume, read_series
 from medhier.plaque.measure import measure
 from medhier.plaque.register import RegistrationError, RigidTransform, register_rigid
 from medhier.plaque.report import (
@@ -42,7 +42,18 @@ from medhier.plaque.report import (
 from medhier.plaque.segmentations import SegmentationInput, SegmentationSource, label_mapping
 from medhier.plaque.visits import REJECTED, UNMATCHED, UNUSED, SeriesChoice, StudyPlan, choose_series, plan_study, series_entry
 
-__all__ = ["MAX_ROTATION_DEG", "MAX_SHIFT_MM", "VisitSettings", "measure_study", "measure_version"]
+__all__ = [
+    "MAX_ROTATION_DEG",
+    "MAX_SHIFT_MM",
+    "AssembledVisit",
+    "VisitSettings",
+    "assemble_visit",
+    "end_row",
+    "measure_study",
+    "measure_version",
+    "reject_row",
+    "start_row",
+]
 
 MAX_ROTATION_DEG = 10.0  # within one session a patient turns a few degrees at most
 MAX_SHIFT_MM = 10.0  # ... and moves a few millimetres
@@ -70,10 +81,42 @@ class VisitSettings:
     patient_salt: str = ""
 
 
+@dataclass(frozen=True)
+class AssembledVisit:
+    """A visit ready for its label map: the series chosen per sequence (``choice``), the
+    transforms onto the reference (sequence -> (transform or None, rejection reason or "",
+    message)) and what the segmentation source gets (``input``)."""
+
+    choice: SeriesChoice
+    transforms: dict[str, tuple[RigidTransform | None, str, str]]
+    input: SegmentationInput
+
+    @property
+    def reference(self) -> SeriesVolume:
+        return self.input.reference
+
+
 def measure_study(study: Study, settings: VisitSettings) -> dict[str, Any]:
     """One study -> its visit row (:data:`medhier.plaque.report.REPORT_SCHEMA`), ok or error.
     Never raises: an unexpected error is an ``internal_error`` row naming the study."""
-    row: dict[str, Any] = {
+    row = start_row(study, settings)
+    plan = plan_study(study.members, settings.plaque.sequences)
+    visit = None
+    try:
+        visit = assemble_visit(study, plan, settings, row)
+        segmentation = settings.source.labels(visit.input)
+        row.update(segmentation=segmentation.source, segmentation_format=segmentation.format,
+                   segmentation_objects=to_json(segmentation.entries))
+        values = measure(segmentation.labels.array, visit.reference.spacing).to_dict()
+        row.update(measurement_values(values), status=C.STATUS_OK, error_reason=None, error_message=None)
+    except Exception as exc:  # VisitRejected, or a bug: either costs one visit, not the run
+        reject_row(row, exc)
+    return end_row(row, plan, visit, settings)
+
+
+def start_row(study: Study, settings: VisitSettings) -> dict[str, Any]:
+    """A visit row's identity columns (the rest null until the visit is measured)."""
+    return {
         C.PATIENT_KEY: study.patient_key, C.STUDY_INSTANCE_UID: study.study_instance_uid,
         "visit_date": visit_date(study.study_date), "visit_time": study.study_time,
         VISIT_KEY: study.extra.get(VISIT_KEY, study.digest), "objects": len(study.members),
@@ -81,31 +124,44 @@ def measure_study(study: Study, settings: VisitSettings) -> dict[str, Any]:
         "series": "[]", "segmentation_objects": "[]",
         C.MODEL_ID: settings.model_id, C.MODEL_VERSION: settings.model_version, C.RUN_ID: settings.run_id,
     }
-    plan = plan_study(study.members, settings.plaque.sequences)
-    choice, transforms = None, {}
-    try:
-        choice, objects = _assemble(study, plan, settings)
-        reference = choice.volumes.get(settings.plaque.reference)
-        if reference is None:
-            raise _no_reference(plan, choice, settings.plaque.reference)
+
+
+def assemble_visit(study: Study, plan: StudyPlan, settings: VisitSettings, row: dict[str, Any] | None = None) -> AssembledVisit:
+    """Fetch the study's candidate series and the source's objects, form volumes, choose the
+    series per sequence and register them onto the reference -> the visit ready for its label
+    map (``row``'s reference_series_uid is set as soon as it is known). Raises
+    :class:`VisitRejected`."""
+    choice, objects = _assemble(study, plan, settings)
+    reference = choice.volumes.get(settings.plaque.reference)
+    if reference is None:
+        raise _no_reference(plan, choice, settings.plaque.reference)
+    if row is not None:
         row["reference_series_uid"] = reference.series_uid
-        transforms = _register(choice, settings.plaque)
-        segmentation = settings.source.labels(SegmentationInput(
-            study=study, plan=plan, reference=reference, objects=objects, mapping=label_mapping(settings.plaque),
-            sequences={seq: (vol, transforms[seq][0]) for seq, vol in choice.volumes.items() if seq in transforms},
-        ))
-        row.update(segmentation=segmentation.source, segmentation_format=segmentation.format,
-                   segmentation_objects=to_json(segmentation.entries))
-        values = measure(segmentation.labels.array, reference.spacing).to_dict()
-        row.update(measurement_values(values), status=C.STATUS_OK, error_reason=None, error_message=None)
-    except VisitRejected as exc:
+    transforms = _register(choice, settings.plaque)
+    visit = SegmentationInput(
+        study=study, plan=plan, reference=reference, objects=objects, mapping=label_mapping(settings.plaque),
+        # a rejected registration (failed, implausible) hands the source no transform
+        sequences={seq: (vol, None if transforms[seq][1] else transforms[seq][0]) for seq, vol in choice.volumes.items() if seq in transforms},
+    )
+    return AssembledVisit(choice, transforms, visit)
+
+
+def reject_row(row: dict[str, Any], exc: Exception) -> None:
+    """Make ``row`` the error row of ``exc``: its reason (``internal_error`` for anything but a
+    :class:`VisitRejected`), a message naming the row's study, null measurements."""
+    study = row[C.STUDY_INSTANCE_UID]
+    if isinstance(exc, VisitRejected):
         row.update(measurement_values(None), status=C.STATUS_ERROR, error_reason=exc.reason,
-                   error_message=f"study {study.study_instance_uid}: {exc.message}", segmentation_objects=to_json(exc.segmentation_objects))
-    except Exception as exc:  # a bug must cost one visit, not the run
+                   error_message=f"study {study}: {exc.message}", segmentation_objects=to_json(exc.segmentation_objects))
+    else:
         row.update(measurement_values(None), status=C.STATUS_ERROR, error_reason="internal_error",
-                   error_message=f"study {study.study_instance_uid}: {type(exc).__name__}: {exc}")
-    # Every series and SEG object of the study is in the row, whatever happened.
-    row["series"] = to_json(_series_entries(plan, choice, transforms, row[C.ERROR_REASON]))
+                   error_message=f"study {study}: {type(exc).__name__}: {exc}")
+
+
+def end_row(row: dict[str, Any], plan: StudyPlan, visit: AssembledVisit | None, settings: VisitSettings) -> dict[str, Any]:
+    """Every series and SEG object of the study into the row, whatever happened, and the time."""
+    choice, transforms = (visit.choice, visit.transforms) if visit else (None, {})
+    row["series"] = to_json(_series_entries(plan, choice, transforms, row.get(C.ERROR_REASON)))
     row["segmentation_objects"] = to_json(_with_unused_segs(json.loads(row["segmentation_objects"]), plan, settings.source.model_id))
     row[C.SCORED_AT] = int(time.time() * 1000)
     return row
@@ -114,7 +170,8 @@ def measure_study(study: Study, settings: VisitSettings) -> dict[str, Any]:
 def _assemble(study: Study, plan: StudyPlan, settings: VisitSettings) -> tuple[SeriesChoice, dict[str, bytes]]:
     """Fetch the candidate series and the source's objects; assemble every candidate series."""
     image_paths = plan.image_paths
-    extra_paths = [p for p in settings.source.archive_paths(plan) if p not in set(image_paths)]
+    wanted = settings.source.archive_paths(plan)
+    extra_paths = [p for p in wanted if p not in set(image_paths)]
     paths = image_paths + extra_paths
     blobs = dict(zip(paths, study.fetch(paths)))
     failed = {p: b for p, b in blobs.items() if isinstance(b, Exception)}
@@ -122,7 +179,7 @@ def _assemble(study: Study, plan: StudyPlan, settings: VisitSettings) -> tuple[S
         path, exc = next(iter(failed.items()))
         raise VisitRejected("read_error", f"{len(failed)} object(s) could not be read, e.g. {path}: {type(exc).__name__}: {exc}")
     results = read_series(((p, blobs[p]) for p in image_paths), patient_salt=settings.patient_salt)
-    return choose_series(plan, results), {p: blobs[p] for p in extra_paths}
+    return choose_series(plan, results), {p: blobs[p] for p in wanted}
 
 
 def _no_reference(plan: StudyPlan, choice: SeriesChoice, reference: str) -> VisitRejected:

@@ -78,14 +78,14 @@ without fat suppression):
 ==============  =====  =====  =====  ======  ===============================================
 tissue          T1w    T2w    TOF    CE-T1w  why
 ==============  =====  =====  =====  ======  ===============================================
-lumen           0.12   0.12   3.20   0.18    flowing blood: black blood; bright inflow on TOF
+lumen           0.12   0.12   4.00   0.18    flowing blood: black blood; bright inflow on TOF
 wall            1.25   1.45   1.15   1.90    fibrous tissue: iso T1, iso-bright T2, enhances
 lipid_core      1.15   0.75   1.05   1.20    iso on T1w, dark on T2w, does not enhance
 haemorrhage     2.40   1.60   2.30   2.50    methaemoglobin: bright on T1w and TOF
 calcification   0.20   0.15   0.25   0.20    dark on every sequence
 fibrous_cap     1.30   1.90   0.75   2.60    bright T2, dark juxtaluminal band on TOF,
                                              enhances most on CE-T1w
-fat             0.35   0.45   1.30   0.40    fat-suppressed except on TOF
+fat             0.35   0.45   2.20   0.40    fat-suppressed except on TOF (short T1)
 muscle          1.00   1.00   1.00   1.10    the reference; barely enhances
 jugular_vein    0.30   0.35   0.35   0.70    slow venous flow; saturated on TOF; enhances
 nerve           1.10   1.30   0.90   1.20
@@ -96,6 +96,17 @@ So in every patient: haemorrhage > wall on T1w and TOF; lumen is the brightest t
 and darker than the wall on T1w, T2w and CE-T1w; lipid core < wall on T2w and on CE-T1w while
 within 15 % of it on T1w; calcification < every plaque tissue everywhere; cap > wall on CE-T1w
 and T2w, cap < wall on TOF (the margins exceed the +-5 % jitter).
+
+The TOF column follows the spoiled gradient echo's steady state, S ~ PD sin(a) (1 - E1) /
+(1 - cos(a) E1) with E1 = exp(-TR / T1), at the protocol's TR 23 ms and flip angle 25 degrees
+(3 T): stationary tissue is partly saturated, the shorter its T1 the less, so fat (T1 ~ 380 ms)
+gives about 2.7 times the signal of muscle (T1 ~ 1400 ms) before proton density and the
+opposed-phase echo (TE 3.5 ms) take some back: 2.2; unsaturated inflowing blood gives about
+six times muscle in theory, partial saturation along the slab leaves 4.  (Until this was
+written TOF fat stood at 1.3 and the lumen at 3.2: a TOF whose whole field outside the lumen
+differed from muscle by 30 %, under a bias field of +-25 %, left mutual information with T1w
+almost nothing but the lumen, which sits at the rotation centre; registration of TOF onto T1w
+then missed its rotation by up to 25 degrees, see :mod:`medhier.plaque.register`.)
 
 Misregistration
 ---------------
@@ -285,13 +296,13 @@ _LABEL_OF = np.array([code if code < len(L.NAMES) else L.BACKGROUND for code in 
 
 # Relative intensities per tissue: (T1w, T2w, TOF, CE-T1w); see the module docstring.
 INTENSITY: dict[str, tuple[float, float, float, float]] = {
-    "lumen": (0.12, 0.12, 3.20, 0.18),
+    "lumen": (0.12, 0.12, 4.00, 0.18),
     "wall": (1.25, 1.45, 1.15, 1.90),
     "lipid_core": (1.15, 0.75, 1.05, 1.20),
     "haemorrhage": (2.40, 1.60, 2.30, 2.50),
     "calcification": (0.20, 0.15, 0.25, 0.20),
     "fibrous_cap": (1.30, 1.90, 0.75, 2.60),
-    "fat": (0.35, 0.45, 1.30, 0.40),
+    "fat": (0.35, 0.45, 2.20, 0.40),
     "muscle": (1.00, 1.00, 1.00, 1.10),
     "jugular_vein": (0.30, 0.35, 0.35, 0.70),
     "nerve": (1.10, 1.30, 0.90, 1.20),

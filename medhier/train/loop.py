@@ -46,9 +46,9 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from medhier import stopping
 from medhier.config import Config, TrainConfig
-from medhier.data.cache import CacheInfo, check_preprocess_matches, load_cache
+from medhier.data.cache import CacheInfo, load_cache
 from medhier.io import storage
-from medhier.runtime import verbose
+from medhier.runtime import cpu_threads, verbose
 from medhier.stopping import Stopped
 from medhier.train import tracking
 from medhier.train.checkpoint import CHECKPOINT_FILE, META_FILE, ModelTask, model_id_of, save_checkpoint, unwrap
@@ -105,8 +105,16 @@ class TrainTask(ModelTask, Protocol):
 
     columns: tuple[str, ...]  # cache columns a training batch needs
 
+    def check_cache(self, info: CacheInfo, cfg: Config) -> None:
+        """Raise ConfigError when the cache was made with other input settings than ``cfg``
+        asks for (another image size would silently change what the model sees)."""
+
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> Step:
         """The worker's step; ``class_counts``: labelled training samples per class name."""
+
+    def metric(self, cfg: Config) -> str:
+        """The validation metric that picks best/ and stops early under ``cfg`` (its step's
+        ``metric``): the driver's per-epoch lines show it."""
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -143,14 +151,15 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
     info = CacheInfo.read(cache, cfg.storage)
     if info is None:
         raise FileNotFoundError(f"no committed cache at {cache!r}: run `medhier prepare`")
-    check_preprocess_matches(info, cfg.preprocess)
+    task.check_cache(info, cfg)
     split_classes = info.counts.get("split_classes", {})
-    n_train, n_val = (sum(split_classes.get(s, {}).values()) for s in ("train", "val"))
+    samples = info.samples()
+    n_train, n_val = samples.get("train", 0), samples.get("val", 0)
     if n_train == 0:
-        raise ValueError(f"no labelled training images in {info.archive!r} (cache {cache}): check the labels manifest "
+        raise ValueError(f"no labelled training samples in {info.archive!r} (cache {cache}): check the labels "
                          f"({info.labels or 'none found'}) and data.train_fraction")
     if n_val == 0:
-        raise ValueError(f"no labelled validation images in {info.archive!r}: raise data.val_fraction or add patients")
+        raise ValueError(f"no labelled validation samples in {info.archive!r}: raise data.val_fraction or add patients")
     # Splits under a quarter of the object store are held in memory for the whole run.
     small = int(ray.cluster_resources().get("object_store_memory", 0) * 0.25)
     train_ds, _ = load_cache(cache, cfg.storage, "train", columns=list(task.columns), in_memory_below=small)
@@ -187,7 +196,7 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
     with tracking.tracked(run, cfg, output, files=("config.yaml", "history.json")), \
-            (EpochLines(cfg, output) if epoch_lines else nullcontext()):
+            (EpochLines(cfg, output, metric=task.metric(cfg)) if epoch_lines else nullcontext()):
         return _fit_trainer(trainer).return_value or {}
 
 
@@ -295,7 +304,7 @@ def _setup(config: dict[str, Any]) -> TrainContext:
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         # One intra-op thread per reserved CPU: more would fight the other workers for cores.
-        torch.set_num_threads(max(1, int(tc.cpus_per_worker)))
+        torch.set_num_threads(cpu_threads(tc.cpus_per_worker))
     env = Env(device, autocast_dtype(tc.precision, device), torch.channels_last if tc.channels_last else torch.contiguous_format,
               train_ctx.get_world_rank(), train_ctx.get_world_size())
     torch.manual_seed(tc.seed + env.rank)

@@ -47,11 +47,11 @@ class EpochLines:
     """While the block runs, print a line for each epoch that appears in ``OUTPUT/history.json``
     (and once more at the end, so the last epoch is never missed)."""
 
-    def __init__(self, cfg: Config, output: str, stream: TextIO | None = None, every_s: float = 2.0):
+    def __init__(self, cfg: Config, output: str, stream: TextIO | None = None, every_s: float = 2.0, metric: str = ""):
         self.cfg, self.output, self.every_s = cfg, output, every_s
         self.stream = stream
         self.uri = storage.join(output, "history.json")
-        self.metric = cfg.train.metric
+        self.metric = metric or cfg.train.metric  # the task's validation metric (the classifier's is train.metric)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="medhier-epochs", daemon=True)
         self._printed = -1

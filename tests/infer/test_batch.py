@@ -336,6 +336,26 @@ def test_a_cpu_scorer_leaves_its_node_a_cpu_for_the_decode_tasks(ray_session):
     assert actor_resources("false") == (0, 7.0)
 
 
+def test_a_cpu_scorer_sizes_itself_to_the_cpus_another_job_leaves_free(ray_session):
+    """A Serve replica or a training run holding CPUs: an actor sized on the node's total took
+    the decode tasks' last CPU and the scoring pipeline waited forever."""
+    import ray
+
+    from medhier.infer.actor import actor_resources
+
+    @ray.remote(num_cpus=2)
+    class OtherJob:
+        def ready(self) -> bool:
+            return True
+
+    other = OtherJob.remote()
+    try:
+        ray.get(other.ready.remote(), timeout=120)
+        assert actor_resources("false") == (0, 5.0)  # 8 - 2 held, less 1 for decoding
+    finally:
+        ray.kill(other)
+
+
 def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_written(checkpoint):
     import time
 

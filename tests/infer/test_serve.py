@@ -84,10 +84,8 @@ def expected(archive, checkpoint):
 
 @pytest.fixture(scope="module")
 def scored(archive, checkpoint, ray_session, tmp_path_factory):
-    """The archive scored as ``medhier score --sr`` scores it -> the output folder. Scored before
-    the endpoint starts (``url`` asks for this): a scoring run's model actor takes every CPU of
-    the local Ray but one (``medhier.infer.actor.actor_resources`` sizes it from the cluster's
-    total), so with the endpoint's replica holding that one the decode tasks never start."""
+    """The archive scored as ``medhier score --sr`` scores it -> the output folder, before the
+    endpoint starts (``url`` asks for this): the run does not wait for a Serve replica's CPU."""
     from medhier.classify.score import score
 
     out = str(tmp_path_factory.mktemp("serve-scores") / "scores")

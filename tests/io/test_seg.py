@@ -4,9 +4,11 @@ rejection reason."""
 
 from __future__ import annotations
 
+import datetime as dt
 import gzip
 import io
 import pathlib
+import time
 import warnings
 
 import highdicom as hd
@@ -145,6 +147,26 @@ def test_written_seg_describes_its_segments_and_references_the_series():
     other = hd.seg.segread(io.BytesIO(write_seg(labels, _headers(datasets), SPECS, entropy="e2")))
     assert (again.SeriesInstanceUID, again.SOPInstanceUID) == (seg.SeriesInstanceUID, seg.SOPInstanceUID)
     assert other.SeriesInstanceUID != seg.SeriesInstanceUID and other.SOPInstanceUID != seg.SOPInstanceUID
+
+
+@pytest.mark.parametrize(
+    "created, stamp",
+    [(None, ("20240305", "102000")), (dt.datetime(2025, 1, 31, 23, 59, 58), ("20250131", "235958"))],
+    ids=["series-time", "given"],
+)
+def test_written_seg_is_the_same_bytes_at_any_time(created, stamp):
+    reference, datasets = _reference(key="clock")
+    labels = _plaque(reference.shape)
+    first = write_seg(labels, _headers(datasets), SPECS, entropy="clock", created=created)
+    time.sleep(1.1)  # highdicom's own stamps would move by a second
+    assert write_seg(labels, _headers(datasets), SPECS, entropy="clock", created=created) == first
+    ds = pydicom.dcmread(io.BytesIO(first))
+    assert (ds.InstanceCreationDate, ds.InstanceCreationTime) == stamp and (ds.ContentDate, ds.ContentTime) == stamp
+    assert [e.ContributionDateTime for e in ds.ContributingEquipmentSequence if e.get("ManufacturerModelName") == "highdicom"] == ["".join(stamp)]
+    uids = {item.DimensionOrganizationUID for item in ds.DimensionIndexSequence}
+    assert uids == {ds.DimensionOrganizationSequence[0].DimensionOrganizationUID}
+    other = pydicom.dcmread(io.BytesIO(write_seg(labels, _headers(datasets), SPECS, entropy="other", created=created)))
+    assert other.DimensionOrganizationSequence[0].DimensionOrganizationUID not in uids
 
 
 def test_a_boolean_mask_is_label_one():

@@ -1,0 +1,151 @@
+"""``medhier plaque predict`` end to end from DICOM on Ray: each phantom patient's latest visit
+measured and predicted with the model fitted on the frozen cohort (other patients), the rates
+against the phantoms' true rates; incremental (a new visit, a changed record) and crash-safe
+through the ledger."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import os
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from medhier import columns as C
+from medhier.cli import main
+from medhier.config import StorageConfig
+from medhier.infer.ledger import Ledger
+from medhier.plaque.measure import MEASUREMENTS
+from medhier.plaque.model import load_model
+from medhier.plaque.patients import read_patients
+from medhier.plaque.predict import LEDGER_KEY, predict_archive
+from tests.plaque.phantoms import cfg, copy_archive
+from tests.plaque.test_api import CrashOnVisit
+
+pytestmark = pytest.mark.ray
+
+
+def _rows(output: str) -> list[dict]:
+    return Ledger(output, StorageConfig(), key=LEDGER_KEY).report().to_pylist()
+
+
+@pytest.fixture(scope="module")
+def predicted(carotid_archive, cohort_fit, tmp_path_factory, ray_session):
+    """One run through the command line on the session's phantom archive (3 patients, 7
+    visits, and a broken patient with no SEG and no record)."""
+    _, fit_output = cohort_fit
+    out = str(tmp_path_factory.mktemp("predict") / "out")
+    root = carotid_archive.root
+    code = main(["plaque", "predict", "--archive", root, "--patients", os.path.join(root, "patients.csv"), "--model", fit_output,
+                 "--output", out, "runtime.progress=false", "plaque.register=false", "data.decode_batch_size=64"])
+    assert code == 0
+    return out
+
+
+def test_each_patient_gets_one_row_for_the_latest_visit(predicted, carotid_archive, cohort_fit):
+    rows = _rows(predicted)
+    truth = pq.read_table(os.path.join(carotid_archive.root, "truth.parquet")).to_pylist()
+    latest = {}
+    for t in truth:
+        if t["visit"] > latest.get(t["patient_key"], {"visit": 0})["visit"]:
+            latest[t["patient_key"]] = t
+    ok = [r for r in rows if r[C.STATUS] == C.STATUS_OK]
+    assert len(rows) == 4 and len(ok) == 3
+    (broken,) = [r for r in rows if r[C.STATUS] != C.STATUS_OK]
+    assert broken[C.ERROR_REASON] == "no_segmentation" and broken["wall_thickening_mm_per_year"] is None
+    model = load_model(cohort_fit[0].model, StorageConfig())
+    for row in ok:
+        visit = latest[row[C.PATIENT_KEY]]
+        assert row[C.STUDY_INSTANCE_UID] == visit["study_instance_uid"] and row["visit_number"] == visit["visit"]
+        for m in MEASUREMENTS:  # the truth SEG, measured
+            assert (row[m] is None and math.isnan(visit[m])) or row[m] == pytest.approx(visit[m], rel=1e-9, abs=1e-9), m
+        assert row[C.MODEL_ID] == model.model_id and row["segmentation_model_id"] == "seg:archive" and row["coverage"] == 0.9
+        for factor in model.factors:
+            assert row[f"{factor}_lower"] < row[factor] < row[f"{factor}_upper"], factor
+
+
+def test_predicted_rates_match_the_true_rates_within_the_reported_error(predicted, carotid_archive, cohort_fit):
+    """The phantoms' true rates (truth_rates.parquet, noise-free of measurement) against the
+    job's predictions from DICOM: each within 2.5 x the factor's held-out RMSE in metrics.json,
+    and most inside their 90 % interval."""
+    summary, _ = cohort_fit
+    rows = {r[C.PATIENT_KEY]: r for r in _rows(predicted) if r[C.STATUS] == C.STATUS_OK}
+    true = pq.read_table(os.path.join(carotid_archive.root, "truth_rates.parquet")).to_pylist()
+    inside, checked = 0, 0
+    for patient in true:
+        row = rows[patient["patient_key"]]
+        for factor, f in summary.metrics["factors"].items():
+            if factor not in patient:
+                continue  # the relative lipid rate has no truth column
+            error = abs(row[factor] - patient[factor])
+            assert error <= 2.5 * f["test"]["xgboost"]["rmse"], (factor, row[factor], patient[factor])
+            inside += row[f"{factor}_lower"] <= patient[factor] <= row[f"{factor}_upper"]
+            checked += 1
+    assert checked == 15 and inside >= 12
+
+
+def test_a_new_visit_or_a_changed_record_is_predicted_alone_and_a_crash_leaves_nothing(carotid_archive, cohort_fit, tmp_path):
+    _, fit_output = cohort_fit
+    root = copy_archive(carotid_archive, str(tmp_path / "archive"))
+    held_back = tmp_path / "V03"
+    shutil.move(os.path.join(root, "P0001", "V03"), held_back)
+    patients, out = os.path.join(root, "patients.csv"), str(tmp_path / "out")
+    truth = pq.read_table(os.path.join(root, "truth.parquet")).to_pylist()
+    key2 = carotid_archive.plans[1].key()
+    victim = max((t for t in truth if t["patient_key"] == key2), key=lambda t: t["visit"])["study_instance_uid"]  # a latest visit
+    with pytest.raises(Exception, match="injected crash"):
+        predict_archive(cfg(), root, patients, fit_output, out, source=CrashOnVisit(victim))
+    assert not os.path.exists(os.path.join(out, "report"))  # nothing visible
+
+    first = predict_archive(cfg(), root, patients, fit_output, out)
+    assert (first.predicted, first.ok, first.already_predicted) == (4, 3, 0)
+    assert [r["visit_number"] for r in _rows(out) if r[C.PATIENT_KEY] == carotid_archive.plans[0].key()] == [2]
+
+    shutil.move(held_back, os.path.join(root, "P0001", "V03"))  # P0001's third visit arrives
+    with open(patients) as f:
+        records = list(csv.DictReader(f))
+    records[1]["age_years"] = str(int(records[1]["age_years"]) + 15)  # P0002's record is corrected
+    with open(patients, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(records[0]))
+        writer.writeheader()
+        writer.writerows(records)
+    second = predict_archive(cfg(), root, patients, fit_output, out)
+    assert (second.predicted, second.already_predicted) == (2, 2)
+    rows = _rows(out)
+    p1 = [r for r in rows if r[C.PATIENT_KEY] == carotid_archive.plans[0].key()]
+    assert sorted(r["visit_number"] for r in p1) == [2, 3]  # the earlier prediction stays: the history
+    p2 = sorted((r for r in rows if r[C.PATIENT_KEY] == records[1]["patient_key"]), key=lambda r: r[C.SCORED_AT])
+    assert len(p2) == 2 and p2[0][C.STUDY_INSTANCE_UID] == p2[1][C.STUDY_INSTANCE_UID]
+    assert p2[0]["stenosis_change_pct_per_year"] != p2[1]["stenosis_change_pct_per_year"]  # age moves the prediction
+
+
+def test_the_model_s_covariates_decide_what_a_record_needs(cohort_fit, tmp_path, carotid_archive, capsys):
+    _, fit_output = cohort_fit
+    model = load_model(fit_output, StorageConfig())
+    records = read_patients(os.path.join(carotid_archive.root, "patients.csv"), model.space.covariate_specs, StorageConfig())
+    assert records.num_rows == 3
+    bad = tmp_path / "patients.parquet"
+    pq.write_table(records.drop_columns(["smoking"]).append_column("smoker", pa.array([True] * 3)), bad)
+    code = main(["plaque", "predict", "--archive", carotid_archive.root, "--patients", str(bad), "--model", fit_output,
+                 "--output", str(tmp_path / "out")])
+    assert code == 2 and "column 'smoker' is not a covariate" in capsys.readouterr().err
+    assert not np.isnan(model.quantile["stenosis_change_pct_per_year"])
+
+
+@pytest.mark.skipif(importlib.util.find_spec("medhier.plaque.segmenter") is not None,
+                    reason="the segmentation model (issue 19) is installed: --seg-checkpoint then runs it")
+def test_a_seg_checkpoint_without_the_segmentation_model_is_refused_naming_it(carotid_archive, cohort_fit, tmp_path, capsys):
+    checkpoint = tmp_path / "best"
+    checkpoint.mkdir()
+    (checkpoint / "model.pt").write_bytes(b"weights")
+    root = carotid_archive.root
+    code = main(["plaque", "predict", "--archive", root, "--patients", os.path.join(root, "patients.csv"), "--model", cohort_fit[1],
+                 "--seg-checkpoint", str(checkpoint), "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "no segmentation model (medhier.plaque.segmenter, issue 19" in err and "leave --seg-checkpoint out" in err
+    assert not (tmp_path / "out").exists()
