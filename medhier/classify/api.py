@@ -45,7 +45,6 @@ from medhier.classify.posthoc import Posthoc, calibrated, fit_posthoc, predict_s
 from medhier.classify.referral import Referral, refer, risk_coverage, risk_coverage_png
 from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.config import Config
-from medhier.console import number
 from medhier.data.cache import PrepareSummary
 from medhier.data.cache import prepare as prepare_cache
 from medhier.data.splits import split_key
@@ -54,7 +53,7 @@ from medhier.io import storage
 from medhier.train import tracking
 from medhier.train import tune as train_tune
 from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
-from medhier.train.loop import train_on_cache
+from medhier.train.loop import TrainResult, train_on_cache
 
 __all__ = ["FitResult", "evaluate_archive", "evaluate_checkpoint", "evaluate_predictions", "export", "finish_best", "fit", "prepare", "tune"]
 
@@ -65,30 +64,12 @@ def prepare(cfg: Config, archive: str, cache: str, labels: str = "", force: bool
 
 
 @dataclass
-class FitResult:
-    output: str
-    best_checkpoint: str
-    best_epoch: int
-    best_metric: float | None
-    epochs_run: int
-    resumed_at: list[int]
-    test_metrics: dict[str, Any]
-    seconds: float
-    prepare_table: str = ""
-    metric: str = "metric"  # train.metric: what best_metric is
+class FitResult(TrainResult):
     posthoc: dict[str, Any] | None = None  # what was fitted on the validation split (Posthoc.to_dict())
     model_card: str = ""
 
     def table(self) -> str:
-        """The run's summary (the cache's own table was printed when it was ready: ``prepare_table``)."""
-        head = [
-            f"output           {self.output}",
-            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation {self.metric} {number(self.best_metric)})",
-            f"epochs run       {self.epochs_run}" + (f"  (resumed at epoch {', '.join(map(str, self.resumed_at))})" if self.resumed_at else ""),
-            f"wall time        {self.seconds:,.1f} s",
-        ]
-        if self.model_card:
-            head.append(f"model card       {self.model_card}")
+        head = self.run_lines() + ([f"model card       {self.model_card}"] if self.model_card else [])
         return "\n".join(head) + ("\n" + summary_table(self.test_metrics) if self.test_metrics else "")
 
 
@@ -106,20 +87,9 @@ def fit(cfg: Config, archive: str, output: str, labels: str = "", hooks: tuple =
     best = storage.join(output, "best")
     posthoc, test_metrics = finish_best(cfg, best, cache, output)
     tracking.log_results(cfg, output, files=("metrics.json", "plots", CARD_MD, CARD_JSON), metrics={"test": test_metrics})
-    return FitResult(
-        output=output,
-        best_checkpoint=best,
-        best_epoch=int(summary.get("best_epoch", -1)),
-        best_metric=summary.get("best_metric"),
-        epochs_run=int(summary.get("epochs_run", 0)),
-        resumed_at=list(summary.get("resumed_at", [])),
-        test_metrics=test_metrics,
-        seconds=time.perf_counter() - start,
-        prepare_table=prepared.table(),
-        metric=cfg.train.metric,
-        posthoc=posthoc.to_dict(),
-        model_card=storage.join(output, CARD_MD),
-    )
+    return FitResult.of_run(output, summary, test_metrics=test_metrics, seconds=time.perf_counter() - start,
+                            prepare_table=prepared.table(), metric=cfg.train.metric, posthoc=posthoc.to_dict(),
+                            model_card=storage.join(output, CARD_MD))
 
 
 def finish_best(cfg: Config, best: str, cache: str, output: str) -> tuple[Posthoc, dict[str, Any]]:

@@ -14,19 +14,19 @@ Calibration. Where the checkpoint carries temperatures (issue 21 fits one per le
 training), the exported probabilities are the calibrated ones: main logits / T_main, leaf logits
 / T_sub before the within-group softmax, as everywhere probabilities leave medhier. They are read
 by :func:`temperatures_of` from ``task_meta["temperatures"]`` = ``{"main": T, "sub": T or [T per
-main class]}``; that function is the one place to change if they land elsewhere. Without them the
+main class]}``, checked by :mod:`medhier.classify.calibration`, which fitted them. Without them the
 file says ``calibrated: false``.
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from medhier.classify.calibration import Temperatures
 from medhier.classify.model import HierarchicalResNet, predict
 from medhier.classify.presets import eval_preset
 from medhier.classify.report import P_LEAF, P_MAIN, PRED_LEAF, PRED_MAIN
@@ -38,7 +38,7 @@ from medhier.io.dicom import DicomRejected
 from medhier.io.image import decode_images
 from medhier.train.checkpoint import Loaded
 
-__all__ = ["ExportedClassifier", "Temperatures", "export_samples", "export_spec", "temperatures_of"]
+__all__ = ["ExportedClassifier", "export_samples", "export_spec", "temperatures_of"]
 
 log = logging.getLogger(__name__)
 
@@ -50,30 +50,13 @@ OUTPUTS = {
 }
 
 
-@dataclass(frozen=True)
-class Temperatures:
-    """Logit temperatures per level: ``main`` divides the main logits, ``sub`` the leaf logits
-    (one value, or one per main class applied to its leaves)."""
-
-    main: float
-    sub: float | tuple[float, ...]
-
-
 def temperatures_of(loaded: Loaded) -> Temperatures | None:
-    """The checkpoint's calibration temperatures, or None when it has none (see the module
-    docstring). Raises ExportError for values that cannot be temperatures."""
-    raw = loaded.task_meta.get("temperatures")
-    if raw is None:
-        return None
+    """The checkpoint's calibration temperatures (:class:`medhier.classify.calibration.Temperatures`),
+    or None when it has none. Raises ExportError for values that cannot be temperatures."""
     try:
-        main, sub = float(raw["main"]), raw["sub"]
-        sub = float(sub) if np.isscalar(sub) else tuple(float(t) for t in sub)
-    except (KeyError, TypeError, ValueError):
-        raise ExportError(f"checkpoint {loaded.uri!r}: temperatures must be {{'main': T, 'sub': T or [T per main]}}, got {raw!r}") from None
-    values = (main, *(sub if isinstance(sub, tuple) else (sub,)))
-    if not all(np.isfinite(t) and t > 0 for t in values):
-        raise ExportError(f"checkpoint {loaded.uri!r}: temperatures must be finite and > 0, got {raw!r}")
-    return Temperatures(main, sub)
+        return Temperatures.from_meta(loaded.task_meta, f"checkpoint {loaded.uri!r}")
+    except ValueError as exc:
+        raise ExportError(str(exc)) from None
 
 
 class ExportedClassifier(nn.Module):

@@ -41,7 +41,7 @@ from medhier.plaque.seg_samples import INPUTS, LABEL_MAP, SLICE, SLICE_MM, sampl
 from medhier.plaque.seg_task import PLAQUE_SEG
 from medhier.runtime import execute_pipeline
 from medhier.train.checkpoint import load_checkpoint
-from medhier.train.loop import train_on_cache
+from medhier.train.loop import TrainResult, train_on_cache
 
 __all__ = ["SegFitResult", "evaluate_segmentation", "prepare", "train_segmentation"]
 
@@ -52,25 +52,10 @@ def prepare(cfg: Config, archive: str, cache: str, force: bool = False) -> Study
 
 
 @dataclass
-class SegFitResult:
-    output: str
-    best_checkpoint: str
-    best_epoch: int
-    best_metric: float | None
-    epochs_run: int
-    resumed_at: list[int]
-    test_metrics: dict[str, Any]
-    seconds: float
-    prepare_table: str = ""
-
+class SegFitResult(TrainResult):
     def table(self) -> str:
-        lines = ([self.prepare_table, ""] if self.prepare_table else []) + [
-            f"output           {self.output}",
-            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation metric {self.best_metric})",
-            f"epochs run       {self.epochs_run}" + (f"  (resumed at epoch {', '.join(map(str, self.resumed_at))})" if self.resumed_at else ""),
-            f"wall time        {self.seconds:,.1f} s",
-        ]
-        return "\n".join(lines) + ("\n" + summary_table(self.test_metrics) if self.test_metrics else "")
+        return "\n".join(([self.prepare_table, ""] if self.prepare_table else []) + self.run_lines()) + (
+            "\n" + summary_table(self.test_metrics) if self.test_metrics else "")
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
@@ -100,11 +85,8 @@ def train_segmentation(cfg: Config, archive: str, output: str, hooks: tuple = ()
     prepared = prepare(cfg, archive, cache)
     summary = train_on_cache(cfg, cache, output, PLAQUE_SEG, hooks=hooks)
     best = storage.join(output, "best")
-    return SegFitResult(
-        output=output, best_checkpoint=best, best_epoch=int(summary.get("best_epoch", -1)), best_metric=summary.get("best_metric"),
-        epochs_run=int(summary.get("epochs_run", 0)), resumed_at=list(summary.get("resumed_at", [])),
-        test_metrics=evaluate_segmentation(best, cache, cfg, output), seconds=time.perf_counter() - start, prepare_table=prepared.table(),
-    )
+    return SegFitResult.of_run(output, summary, test_metrics=evaluate_segmentation(best, cache, cfg, output),
+                               seconds=time.perf_counter() - start, prepare_table=prepared.table(), metric=cfg.seg.metric)
 
 
 _EVAL_COLUMNS = [C.STUDY_INSTANCE_UID, SLICE, SLICE_MM, INPUTS, LABEL_MAP]

@@ -46,6 +46,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from medhier import stopping
 from medhier.config import Config, TrainConfig
+from medhier.console import number
 from medhier.data.cache import CacheInfo, load_cache
 from medhier.io import storage
 from medhier.runtime import cpu_threads, verbose
@@ -118,6 +119,41 @@ class TrainTask(ModelTask, Protocol):
 
 
 # -- the driver ------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """What a task's fit command returns: the harness's run (``output``, ``best/``, its epoch and
+    validation ``metric``, epochs run, resume points), the task's test metrics and the wall time.
+    A task adds its own fields in a subclass and its test table after :meth:`run_lines`."""
+
+    output: str
+    best_checkpoint: str
+    best_epoch: int
+    best_metric: float | None
+    epochs_run: int
+    resumed_at: list[int]
+    test_metrics: dict[str, Any]
+    seconds: float
+    prepare_table: str = ""
+    metric: str = "metric"  # the validation metric best_metric is
+
+    @classmethod
+    def of_run(cls, output: str, summary: dict[str, Any], **fields: Any) -> Any:
+        """``train_on_cache``'s summary of a run under ``output`` plus the task's ``fields``."""
+        return cls(output=output, best_checkpoint=storage.join(output, "best"), best_epoch=int(summary.get("best_epoch", -1)),
+                   best_metric=summary.get("best_metric"), epochs_run=int(summary.get("epochs_run", 0)),
+                   resumed_at=list(summary.get("resumed_at", [])), **fields)
+
+    def run_lines(self) -> list[str]:
+        """The run's part of the printed summary (the cache's table was printed when it was ready)."""
+        resumed = f"  (resumed at epoch {', '.join(map(str, self.resumed_at))})" if self.resumed_at else ""
+        return [
+            f"output           {self.output}",
+            f"best checkpoint  {self.best_checkpoint}  (epoch {self.best_epoch}, validation {self.metric} {number(self.best_metric)})",
+            f"epochs run       {self.epochs_run}{resumed}",
+            f"wall time        {self.seconds:,.1f} s",
+        ]
 
 
 def train_on_cache(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple = (), hooks: tuple = (), *,
