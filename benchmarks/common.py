@@ -59,6 +59,20 @@ def head_archive(workdir: str, n: int, difficulty: float) -> tuple[str, str]:
     return archive, os.path.join(workdir, f"cache-{n}-{difficulty}")
 
 
+def carotid_archive(workdir: str, patients: int, seed: int) -> str:
+    """A phantom carotid MR archive of ``patients`` patients under ``workdir``, generated once
+    (a later run reuses it: ``truth_rates.parquet`` is the generator's last file)."""
+    import shutil
+
+    from medhier.synthetic import carotid
+
+    root = os.path.join(workdir, f"carotid-{patients}-{seed}")
+    if not os.path.exists(os.path.join(root, "truth_rates.parquet")):
+        shutil.rmtree(root, ignore_errors=True)
+        carotid.generate_plaque_archive(root, patients, seed=seed)
+    return root
+
+
 def archive_files(root: str) -> list[str]:
     """Every object of the archive at ``root`` as a full path or URI, labels.csv left out."""
     from medhier.io import storage

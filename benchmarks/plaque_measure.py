@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import busy_share, cpu_by_role, cpu_times, machine, process_cpu  # noqa: E402
+from common import busy_share, carotid_archive, cpu_by_role, cpu_times, machine, process_cpu  # noqa: E402
 
 from medhier.config import PlaqueConfig, RuntimeConfig, load_config  # noqa: E402
 from medhier.io.dicom import read_dataset  # noqa: E402
@@ -45,14 +45,6 @@ from medhier.plaque.measure import measure  # noqa: E402
 from medhier.plaque.register import register_rigid  # noqa: E402
 from medhier.plaque.segmentations import label_mapping  # noqa: E402
 from medhier.synthetic import carotid  # noqa: E402
-
-
-def make_archive(workdir: str, patients: int, seed: int) -> str:
-    root = os.path.join(workdir, f"carotid-{patients}-{seed}")
-    if not os.path.exists(os.path.join(root, "truth.parquet")):
-        shutil.rmtree(root, ignore_errors=True)
-        carotid.generate_plaque_archive(root, patients, seed=seed)
-    return root
 
 
 REGISTRATION_SAMPLE = 20  # visits registered in (a) and (c)
@@ -117,7 +109,7 @@ def main() -> None:
     parser.add_argument("--jobs", choices=["both", "on", "off"], default="both", help="(b) with registration on, off or both")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    root = make_archive(args.workdir, args.patients, args.seed)
+    root = carotid_archive(args.workdir, args.patients, args.seed)
     visits = len(glob.glob(os.path.join(root, "P*", "V*")))
 
     times, cpu, errors = per_visit(root)

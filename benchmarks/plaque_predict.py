@@ -37,7 +37,7 @@ import pyarrow.parquet as pq
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import busy_share, cpu_by_role, cpu_times, machine, process_cpu  # noqa: E402
+from common import busy_share, carotid_archive, cpu_by_role, cpu_times, machine, process_cpu  # noqa: E402
 
 from medhier import columns as C  # noqa: E402
 from medhier.config import RuntimeConfig, StorageConfig, load_config  # noqa: E402
@@ -64,14 +64,6 @@ def fit(workdir: str, cfg) -> tuple[str, dict]:
     shutil.rmtree(out, ignore_errors=True)
     summary = fit_model(cfg, VISITS, PATIENTS_CSV, out)
     return out, summary.metrics | {"seconds": summary.seconds}
-
-
-def make_archive(workdir: str, patients: int, seed: int) -> str:
-    root = os.path.join(workdir, f"carotid-{patients}-{seed}")
-    if not os.path.exists(os.path.join(root, "truth_rates.parquet")):
-        shutil.rmtree(root, ignore_errors=True)
-        carotid.generate_plaque_archive(root, patients, seed=seed)
-    return root
 
 
 def per_patient(root: str, model: PredictionModel, cfg) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
@@ -161,7 +153,7 @@ def main() -> None:
     init_ray(RuntimeConfig(local_num_cpus=args.cpus, progress=False))
     model_dir, metrics = fit(args.workdir, cfg)
     model = load_model(model_dir, StorageConfig())
-    root = make_archive(args.workdir, args.patients, args.seed)
+    root = carotid_archive(args.workdir, args.patients, args.seed)
 
     times, cpu = per_patient(root, model, cfg)
     stage = {k: statistics.median(v) for k, v in times.items()}

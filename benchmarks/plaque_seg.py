@@ -31,18 +31,9 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import cpu_by_role, machine, process_cpu  # noqa: E402
+from common import carotid_archive, cpu_by_role, machine, process_cpu  # noqa: E402
 
 from medhier.config import RuntimeConfig, load_config  # noqa: E402
-from medhier.synthetic import carotid  # noqa: E402
-
-
-def make_archive(workdir: str, patients: int, seed: int) -> str:
-    root = os.path.join(workdir, f"carotid-{patients}-{seed}")
-    if not os.path.exists(os.path.join(root, "truth.parquet")):
-        shutil.rmtree(root, ignore_errors=True)
-        carotid.generate_plaque_archive(root, patients, seed=seed)
-    return root
 
 
 def model_alone_training(cfg, batch: int, steps: int) -> float:
@@ -103,7 +94,7 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/medhier-bench-plaque-seg")
     args = parser.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
-    root = make_archive(args.workdir, args.patients, args.seed)
+    root = carotid_archive(args.workdir, args.patients, args.seed)
 
     from medhier.runtime import init_ray, shutdown_ray
 
