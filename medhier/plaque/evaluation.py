@@ -33,15 +33,21 @@ def errors(y: np.ndarray, prediction: np.ndarray) -> dict[str, float]:
             "r2": float(r2_score(y, prediction)), "n": int(len(y))}
 
 
+def _panels(n: int, width: float, height: float) -> tuple[Figure, int, int]:
+    """A figure for ``n`` panels of ``width`` x ``height`` inches, three to a row -> (figure, rows, columns)."""
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(width * cols, height * rows))
+    FigureCanvasAgg(fig)
+    return fig, rows, cols
+
+
 def predicted_vs_true_png(truth: Mapping[str, np.ndarray], predictions: Mapping[str, Mapping[str, np.ndarray]],
                           half_widths: Mapping[str, np.ndarray], units: Mapping[str, str], coverage: float) -> bytes:
     """One panel per factor: every model's prediction against the true value on the test split;
     the boosted model with its interval (error bars), the identity line."""
     names = list(truth)
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.3 * cols, 4.0 * rows))
-    FigureCanvasAgg(fig)
+    fig, rows, cols = _panels(len(names), 4.3, 4.0)
     for i, name in enumerate(names, 1):
         ax = fig.add_subplot(rows, cols, i)
         y = truth[name]
@@ -68,10 +74,7 @@ def importance_png(gains: Mapping[str, Mapping[str, float]], top: int = 12) -> b
     """One panel per factor: the boosters' total gain per input (XGBoost's ``total_gain``), the
     ``top`` largest, as a share of the factor's total."""
     names = list(gains)
-    cols = min(3, len(names))
-    rows = math.ceil(len(names) / cols)
-    fig = Figure(figsize=(4.6 * cols, 3.8 * rows))
-    FigureCanvasAgg(fig)
+    fig, rows, cols = _panels(len(names), 4.6, 3.8)
     for i, name in enumerate(names, 1):
         ax = fig.add_subplot(rows, cols, i)
         ranked = sorted(gains[name].items(), key=lambda kv: kv[1], reverse=True)[:top]
