@@ -12,6 +12,7 @@ the object, and a ``read_error`` row would mark it done for good.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +30,7 @@ from medhier.io import storage
 from medhier.io.dicom import REASONS, DicomRejected
 from medhier.io.image import decode_images
 
-__all__ = ["ERROR_REASONS", "NO_SPLIT", "DecodeSettings", "build_ingest", "decode_batch", "decode_settings", "output_columns"]
+__all__ = ["ERROR_REASONS", "NO_SPLIT", "DecodeSettings", "build_ingest", "decode_batch", "decode_settings", "fetch_objects", "output_columns"]
 
 # Rejections from medhier.io.dicom plus failures around it; all become error rows.
 ERROR_REASONS: dict[str, str] = {
@@ -86,19 +87,7 @@ def decode_batch(batch: dict[str, np.ndarray], settings: DecodeSettings) -> dict
     Input columns: path, size, etag, mtime. Output: :func:`output_columns`.
     """
     paths = [str(p) for p in batch[C.PATH]]
-    read = storage.reader(settings.archive, settings.storage)
-
-    def fetch(rel: str) -> bytes | Exception:
-        try:
-            return read(rel)
-        except storage.ArchiveUnavailable:  # an outage says nothing about the object: the run stops, records nothing
-            raise
-        except Exception as exc:  # reported as a read_error row, never raised
-            return exc
-
-    # Object stores answer each GET in tens of milliseconds: fetch concurrently (ahead of the
-    # decoder, in order), decode serially as the bytes arrive.
-    blobs = _prefetch(_fetch_pool(settings.storage.read_threads), fetch, paths, ahead=2 * settings.storage.read_threads)
+    blobs = fetch_objects(paths, settings.archive, settings.storage)
     columns = output_columns(settings)
     out: dict[str, list] = {c: [] for c in columns}
     for i, (rel, blob) in enumerate(zip(paths, blobs)):
@@ -152,6 +141,27 @@ def _column(values: list, *, int_columns: bool, floats: bool) -> np.ndarray:
     arr = np.empty(len(values), dtype=object)
     arr[:] = values
     return arr
+
+
+def fetch_objects(paths: Sequence[str], archive: str, storage_cfg: StorageConfig) -> Iterator[bytes | Exception]:
+    """The objects at ``paths`` (relative to ``archive``) in order, read concurrently with at most
+    ``2 x storage.read_threads`` in flight (object stores answer each GET in tens of
+    milliseconds: the reads run ahead of the caller, which decodes serially as the bytes
+    arrive): bytes, or the exception a read raised (the caller makes it an error row), except
+    ``storage.ArchiveUnavailable`` (an archive that stopped answering), which is raised: an
+    outage says nothing about the object and must not mark it done."""
+    read = storage.reader(archive, storage_cfg)
+
+    def fetch(rel: str) -> bytes | Exception:
+        try:
+            return read(rel)
+        except storage.ArchiveUnavailable:
+            raise
+        except Exception as exc:  # reported by the caller, never raised
+            return exc
+
+    threads = storage_cfg.read_threads
+    return _prefetch(_fetch_pool(threads), fetch, list(paths), ahead=2 * threads)
 
 
 def _fetch_pool(threads: int) -> ThreadPoolExecutor:

@@ -52,7 +52,7 @@ import ray.data
 
 from medhier import columns as C
 from medhier.config import DataConfig, StorageConfig
-from medhier.data.ingest import _fetch_pool, _prefetch
+from medhier.data.ingest import fetch_objects
 from medhier.data.manifest import manifest_files
 from medhier.io import storage
 from medhier.io.dicom import REASONS as DICOM_REASONS
@@ -68,7 +68,6 @@ __all__ = [
     "SeriesSettings",
     "Study",
     "StudyIndexSummary",
-    "fetch_objects",
     "map_studies",
     "read_headers",
     "read_study_keys",
@@ -148,29 +147,10 @@ def read_headers(batch: dict[str, np.ndarray], settings: SeriesSettings) -> pa.T
     Objects are fetched concurrently (``storage.read_threads``), parsed as they arrive."""
     paths = [str(p) for p in batch[C.PATH]]
     rows = []
-    for i, (rel, blob) in enumerate(zip(paths, fetch_objects(paths, settings))):
+    for i, (rel, blob) in enumerate(zip(paths, fetch_objects(paths, settings.archive, settings.storage))):
         row = {C.PATH: rel, C.SIZE: int(batch[C.SIZE][i]), C.ETAG: str(batch[C.ETAG][i]), C.MTIME: float(batch[C.MTIME][i])}
         rows.append({**row, **_header_of(rel, blob, settings.patient_salt)})
     return pa.Table.from_pylist(rows, schema=HEADER_SCHEMA)
-
-
-def fetch_objects(paths: Sequence[str], settings: SeriesSettings):
-    """The objects at ``paths`` (relative to the archive) in order, read concurrently with at
-    most ``2 x storage.read_threads`` in flight: an iterator of bytes, or the exception a read
-    raised (the caller reports it), except ``storage.ArchiveUnavailable`` (a PACS that stopped
-    answering), which is raised: an outage must not mark objects done."""
-    read = storage.reader(settings.archive, settings.storage)
-
-    def fetch(rel: str) -> bytes | Exception:
-        try:
-            return read(rel)
-        except storage.ArchiveUnavailable:  # an outage says nothing about the object: the task fails, records nothing
-            raise
-        except Exception as exc:  # reported by the caller as a read error, never raised
-            return exc
-
-    threads = settings.storage.read_threads
-    return _prefetch(_fetch_pool(threads), fetch, list(paths), ahead=2 * threads)
 
 
 def _header_of(rel: str, blob: bytes | Exception, salt: str) -> dict[str, Any]:
@@ -350,7 +330,7 @@ class Study:
     def fetch(self, paths: Sequence[str]) -> list[bytes | Exception]:
         """The objects at ``paths`` (relative to the archive), read concurrently: bytes, or the
         exception a read raised."""
-        return list(fetch_objects(paths, self.settings))
+        return list(fetch_objects(paths, self.settings.archive, self.settings.storage))
 
 
 def map_studies(
