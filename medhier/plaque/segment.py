@@ -153,6 +153,7 @@ def prepare_visit(study: Study, settings: VisitSettings, seg: SegConfig) -> dict
         row.update(status=C.STATUS_OK, error_reason=None, error_message=None, **measurement_values(None))
     except Exception as exc:  # VisitRejected, or a bug: either costs one visit, not the run
         reject_row(row, exc)
+        return {**end_row(row, plan, visit, settings, getattr(exc, "choice", None)), **extra}
     return {**end_row(row, plan, visit, settings), **extra}
 
 

@@ -111,6 +111,7 @@ def measure_study(study: Study, settings: VisitSettings) -> dict[str, Any]:
         row.update(measurement_values(values), status=C.STATUS_OK, error_reason=None, error_message=None)
     except Exception as exc:  # VisitRejected, or a bug: either costs one visit, not the run
         reject_row(row, exc)
+        return end_row(row, plan, visit, settings, getattr(exc, "choice", None))
     return end_row(row, plan, visit, settings)
 
 
@@ -134,7 +135,9 @@ def assemble_visit(study: Study, plan: StudyPlan, settings: VisitSettings, row: 
     choice, objects = _assemble(study, plan, settings)
     reference = choice.volumes.get(settings.plaque.reference)
     if reference is None:
-        raise _no_reference(plan, choice, settings.plaque.reference)
+        rejected = _no_reference(plan, choice, settings.plaque.reference)
+        rejected.choice = choice  # each series keeps its own outcome in the error row
+        raise rejected
     if row is not None:
         row["reference_series_uid"] = reference.series_uid
     transforms = _register(choice, settings.plaque)
@@ -158,9 +161,12 @@ def reject_row(row: dict[str, Any], exc: Exception) -> None:
                    error_message=f"study {study}: {type(exc).__name__}: {exc}")
 
 
-def end_row(row: dict[str, Any], plan: StudyPlan, visit: AssembledVisit | None, settings: VisitSettings) -> dict[str, Any]:
-    """Every series and SEG object of the study into the row, whatever happened, and the time."""
-    choice, transforms = (visit.choice, visit.transforms) if visit else (None, {})
+def end_row(row: dict[str, Any], plan: StudyPlan, visit: AssembledVisit | None, settings: VisitSettings,
+            choice: SeriesChoice | None = None) -> dict[str, Any]:
+    """Every series and SEG object of the study into the row, whatever happened, and the time.
+    ``choice``: the series chosen before the visit failed (a rejection's ``choice``), when it
+    failed before it was assembled."""
+    choice, transforms = (visit.choice, visit.transforms) if visit else (choice, {})
     row["series"] = to_json(_series_entries(plan, choice, transforms, row.get(C.ERROR_REASON)))
     row["segmentation_objects"] = to_json(_with_unused_segs(json.loads(row["segmentation_objects"]), plan, settings.source.model_id))
     row[C.SCORED_AT] = int(time.time() * 1000)
