@@ -142,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--segmentations", default="",
                    help="label maps named <StudyInstanceUID>.dcm/.nii/.nii.gz; default: the DICOM SEG objects in each study")
     q.add_argument("--seg-checkpoint", default="",
-                   help="segment each visit with this segmentation model (a `medhier plaque train-seg` checkpoint; needs issue 19's "
-                        "segmentation model in this install) instead of the study's SEGs")
+                   help="segment each visit with this segmentation model (a `medhier plaque train-seg` checkpoint, e.g. "
+                        "<output>/best) instead of the study's SEGs")
     q.add_argument("--full", action="store_true", help="predict every latest visit again, not only new or changed ones")
     _common(q)
     q = plaque.add_parser("demo", help="the plaque job end to end on phantoms, on a local Ray")
@@ -436,7 +436,7 @@ def _plaque_predict(args: argparse.Namespace, cfg: Config) -> int:
         raise ValueError("--segmentations and --seg-checkpoint are two segmentation sources: name one")
     if args.seg_checkpoint:
         _require("seg checkpoint", args.seg_checkpoint, cfg, "model.pt")
-        seg_model_source(cfg, args.seg_checkpoint)  # a missing segmentation model or a wrong checkpoint fails here, before Ray starts
+        seg_model_source(cfg, args.seg_checkpoint)  # another task's checkpoint or sequences the config lacks fail here, before Ray starts
     init_ray(cfg.runtime, verbose=args.verbose)
     summary = predict_archive(cfg, args.archive, args.patients, args.model, args.output,
                               segmentations=args.segmentations, seg_checkpoint=args.seg_checkpoint, full=args.full)

@@ -73,8 +73,8 @@ from medhier.plaque.segmentations import SEGMENTATION_VERSION, ArchiveSegmentati
 from medhier.plaque.study import VisitSettings, measure_study, measure_version
 from medhier.runtime import execute_pipeline
 
-__all__ = ["LEDGER_KEY", "REASONS", "PredictSettings", "PredictSummary", "SegModelUnavailable", "predict_archive", "predict_schema",
-           "predict_study", "seg_model_source"]
+__all__ = ["LEDGER_KEY", "REASONS", "PredictSettings", "PredictSummary", "predict_archive", "predict_schema", "predict_study",
+           "seg_model_source"]
 
 LEDGER_KEY = (C.STUDY_INSTANCE_UID, VISIT_KEY)
 VISIT_NUMBER, COVERAGE, SEGMENTATION_MODEL_ID = "visit_number", "coverage", "segmentation_model_id"
@@ -190,36 +190,29 @@ class PredictSummary:
         return "\n".join(lines)
 
 
-class SegModelUnavailable(ValueError):
-    """``--seg-checkpoint`` was given, but this install has no segmentation model code."""
-
-
-SEG_MODEL_MODULE = "medhier.plaque.segmenter"  # the segmentation model's source (issue 19)
-
-
 def seg_model_source(cfg: Config, checkpoint: str) -> SegmentationSource:
-    """The segmentation model at ``checkpoint`` (a ``medhier plaque train-seg`` checkpoint) as
-    the job's segmentation source. Raises :class:`SegModelUnavailable` when the segmentation
-    model (issue 19, ``medhier.plaque.segmenter``) is not part of this install: nothing stands in
-    for it."""
-    try:
-        # Deferred on purpose: torch and MONAI load only when the model segments, and the module
-        # comes with issue 19 (absent from installs without it).
-        from medhier.plaque.segmenter import ModelSegmentations
-        from medhier.plaque.seg_task import PLAQUE_SEG
-    except ModuleNotFoundError as exc:
-        if not (exc.name or "").startswith("medhier.plaque.seg"):
-            raise
-        raise SegModelUnavailable(
-            f"--seg-checkpoint {checkpoint!r}: this install has no segmentation model ({SEG_MODEL_MODULE}, issue 19, not merged yet); "
-            "leave --seg-checkpoint out to measure the label maps of the study's own DICOM SEGs, or give them with --segmentations"
-        ) from exc
-    # Deferred on purpose: loading a checkpoint needs torch, which the archive's own SEGs do not.
+    """The segmentation model at ``checkpoint`` (a ``medhier plaque train-seg`` checkpoint, its
+    directory or ``model.pt``) as the job's segmentation source: each per-study task segments its
+    visit with it on the reference grid (:class:`medhier.plaque.segmenter.ModelSegmentations`).
+    The model's input settings (``seg``) come from the checkpoint; its sequences must be
+    ``plaque.sequences`` names, the reference among them (as for ``plaque segment``). Raises
+    ValueError (:class:`~medhier.train.checkpoint.CheckpointError`) naming the checkpoint for
+    another task's checkpoint or a file that is not a checkpoint, and naming the setting for
+    sequences the config does not have: before any Ray work."""
+    # Deferred on purpose: torch and MONAI load only when a model segments; the archive's own
+    # SEGs (the default source) need neither.
+    from medhier.plaque.seg_inputs import check_sequences
+    from medhier.plaque.seg_task import PLAQUE_SEG
+    from medhier.plaque.segmenter import ModelSegmentations
     from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint
 
     loaded = load_checkpoint(checkpoint, PLAQUE_SEG, cfg.storage)
-    reference = config_for_checkpoint(cfg, loaded).plaque.reference  # the sequence the model was trained to segment on
-    return ModelSegmentations(storage.normalize(checkpoint), loaded.model_id, reference, cfg.storage)
+    run_cfg = config_for_checkpoint(cfg, loaded)
+    try:
+        check_sequences(run_cfg.seg, run_cfg.plaque)
+    except ValueError as exc:
+        raise ValueError(f"--seg-checkpoint {checkpoint!r} (model {loaded.model_id}): {exc}") from None
+    return ModelSegmentations(storage.normalize(checkpoint), loaded.model_id, run_cfg.plaque.reference, cfg.storage)
 
 
 def predict_archive(cfg: Config, archive: str, patients: str, model: str, output: str, *,

@@ -21,6 +21,7 @@ label maps out.
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -130,9 +131,10 @@ class SegActor:
 
 
 @functools.lru_cache(maxsize=2)
-def _segmenter(checkpoint: str, storage_items: tuple) -> Segmenter:
-    """One loaded model per checkpoint and process: a measure job's tasks share their worker's."""
-    return Segmenter(checkpoint, StorageConfig(**dict(storage_items)))
+def _segmenter(checkpoint: str, storage_json: str) -> Segmenter:
+    """One loaded model per checkpoint and process: a measure job's tasks share their worker's.
+    The storage settings come as JSON: the cache needs a hashable key, and some of them are lists."""
+    return Segmenter(checkpoint, StorageConfig(**json.loads(storage_json)))
 
 
 @dataclass(frozen=True)
@@ -153,7 +155,7 @@ class ModelSegmentations:
         return [p for ref in plan.candidates.get(self.reference, ()) for p in ref.paths]
 
     def labels(self, visit: SegmentationInput) -> Segmentation:
-        segmenter = _segmenter(storage.normalize(self.checkpoint), tuple(asdict(self.storage).items()))
+        segmenter = _segmenter(storage.normalize(self.checkpoint), json.dumps(asdict(self.storage), sort_keys=True))
         grid = ModelGrid.over(visit.reference, segmenter.seg)
         array = segmenter.segment(model_inputs(visit.reference, visit.sequences, segmenter.seg, self.reference), grid)
         present = {int(v): L.NAMES[int(v)] for v in np.unique(array) if v}
