@@ -227,6 +227,13 @@ class LocalCluster:
         out = subprocess.run(cmd, cwd=ROOT, env=self.client_env(), capture_output=True, text=True, timeout=timeout)
         return sid, out
 
+    def succeed(self, script: str, *args: str, **kwargs) -> tuple[str, subprocess.CompletedProcess]:
+        """:meth:`submit`, waiting, and asserting that the CLI and ``ray job status`` both say it succeeded."""
+        sid, out = self.submit(script, *args, **kwargs)
+        assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+        assert self.status(sid) == "SUCCEEDED"
+        return sid, out
+
     def job(self, sid: str) -> dict:
         """The job's record from the job server's REST API (GET /api/jobs/<id>), with the token."""
         req = urllib.request.Request(f"{self.dashboard_url}/api/jobs/{sid}", headers={"Authorization": f"Bearer {self.token}"})
@@ -310,30 +317,24 @@ def archive(workdir) -> Path:
 @pytest.fixture(scope="module")
 def prepared(cluster, archive, workdir) -> Path:
     cache = workdir / "cache"
-    sid, out = cluster.submit("jobs/prepare.py", "--archive", str(archive), "--output", str(cache),
+    sid, out = cluster.succeed("jobs/prepare.py", "--archive", str(archive), "--output", str(cache),
                               "--config", SMOKE, "runtime.progress=false")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert cluster.status(sid) == "SUCCEEDED"
     return cache
 
 
 @pytest.fixture(scope="module")
 def trained(cluster, archive, prepared, workdir) -> Path:
     run = workdir / "run"
-    sid, out = cluster.submit("jobs/train.py", "--archive", str(archive), "--output", str(run), "--config", SMOKE,
+    sid, out = cluster.succeed("jobs/train.py", "--archive", str(archive), "--output", str(run), "--config", SMOKE,
                               "runtime.progress=false", "train.epochs=1", "train.num_workers=1", f"data.cache={prepared}")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert cluster.status(sid) == "SUCCEEDED"
     return run
 
 
 @pytest.fixture(scope="module")
 def scored(cluster, trained, archive, workdir) -> Path:
     output = workdir / "scores"
-    sid, out = cluster.submit("jobs/score.py", "--archive", str(archive), "--checkpoint", str(trained / "best"),
+    sid, out = cluster.succeed("jobs/score.py", "--archive", str(archive), "--checkpoint", str(trained / "best"),
                               "--output", str(output), "--config", SMOKE, "runtime.progress=false")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert cluster.status(sid) == "SUCCEEDED"
     return output
 
 
@@ -396,10 +397,8 @@ def test_plaque_fit_job_trains_xgboost_across_both_nodes(cluster, workdir):
     from tests.plaque.cohort import PATIENTS_CSV, VISITS
 
     output = workdir / "plaque-model"
-    sid, out = cluster.submit("jobs/plaque_fit.py", "--measurements", VISITS, "--patients", PATIENTS_CSV, "--output", str(output),
+    sid, out = cluster.succeed("jobs/plaque_fit.py", "--measurements", VISITS, "--patients", PATIENTS_CSV, "--output", str(output),
                               "runtime.progress=false", "predict.num_workers=2", "predict.cpus_per_worker=1")
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert cluster.status(sid) == "SUCCEEDED"
     metrics = json.loads((output / "metrics.json").read_text())
     assert sum(s["patients"] for s in metrics["splits"].values()) == 1000
     haemorrhage = metrics["factors"]["haemorrhage_change_mm3_per_year"]["test"]  # the interaction only trees hold
@@ -464,11 +463,9 @@ def test_secrets_in_the_runtime_env_stay_out_of_outputs_and_logs(cluster, workdi
     runtime_env.setdefault("env_vars", {}).update({
         "AWS_ACCESS_KEY_ID": "fake-AKID-medhier", "AWS_SECRET_ACCESS_KEY": secret, "AWS_DEFAULT_REGION": "us-east-1"})
     output = workdir / "secret-cache"
-    sid, out = cluster.submit("jobs/prepare.py", "--archive", archive, "--output", str(output), "--config", SMOKE,
+    sid, out = cluster.succeed("jobs/prepare.py", "--archive", archive, "--output", str(output), "--config", SMOKE,
                               "runtime.progress=false", f"storage.s3_endpoint={s3_endpoint}",
                               runtime_env_json=json.dumps(runtime_env))
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    assert cluster.status(sid) == "SUCCEEDED"
     assert json.loads((output / "cache.json").read_text())["counts"]["ok"] == 12  # the credentials worked
 
     needle = secret.encode()
