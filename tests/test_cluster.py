@@ -411,7 +411,7 @@ def test_nightly_cron_line_scores_only_what_is_new(cluster, trained, archive, sc
     bash, `\\%` unescaped) with this cluster's values: the next night scores only the new files."""
     from medhier.synthetic import spine as synthetic
     from medhier.infer.batch import report_table
-    from test_cluster_config import CRON_FILE, cron_command, read_crontab
+    from tests.test_cluster_config import CRON_FILE, cron_command, read_crontab
 
     tonight = workdir / "archive-tonight"  # yesterday's files (same versions) plus new ones
     shutil.copytree(archive, tonight, copy_function=shutil.copy2)

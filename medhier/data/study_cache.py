@@ -36,15 +36,15 @@ import pyarrow.compute as pc
 
 from medhier import columns as C
 from medhier.config import Config
-from medhier.data.cache import CacheInfo, _read_rows_table, write_rows
+# CACHE_FORMAT: the image cache's reader reads this cache too, so it is written in its format.
+from medhier.data.cache import CACHE_FORMAT, CacheInfo, _read_rows_table, write_rows
 from medhier.data.manifest import write_manifest
 from medhier.data.series import DIGEST, SeriesSettings, Study, map_studies, read_study_keys, write_study_index
 from medhier.data.splits import assign_split
 from medhier.io import storage
 
-__all__ = ["STUDY_CACHE_FORMAT", "StudyPrepareSummary", "StudySampler", "prepare_studies"]
+__all__ = ["StudyPrepareSummary", "StudySampler", "prepare_studies"]
 
-STUDY_CACHE_FORMAT = 2  # CacheInfo.format: the same reader as the image cache's
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ class StudyPrepareSummary:
 
 def _fingerprint(cfg: Config, archive: str, digest: str, sampler: StudySampler) -> str:
     parts = {
-        "format": STUDY_CACHE_FORMAT,
+        "format": CACHE_FORMAT,
         "kind": "studies",
         "archive": archive,
         "listing": digest,
@@ -156,7 +156,7 @@ def prepare_studies(cfg: Config, archive: str, cache: str, sampler: StudySampler
     counts = _count(rows_uri, cfg, sampler, studies.num_rows)
     counts.update(objects=listing.objects, objects_in_no_study=found.rejected, row_bytes=sampler.row_bytes, class_noun=sampler.class_noun)
     info = CacheInfo(
-        format=STUDY_CACHE_FORMAT, fingerprint=fingerprint, rows_dir=rows_dir, archive=archive, labels=sampler.labels,
+        format=CACHE_FORMAT, fingerprint=fingerprint, rows_dir=rows_dir, archive=archive, labels=sampler.labels,
         image_size=sampler.image_size, resize="", codec=dict(sampler.fingerprint), class_column="", dicom=cfg.to_public_dict()["dicom"],
         preprocess=dict(sampler.inputs), counts=counts, created_at=time.time(),
     )

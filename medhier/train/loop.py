@@ -307,6 +307,7 @@ class TrainContext:
     output: str
     hooks: tuple = ()
     mlflow_run: tracking.TrackedRun | None = None  # the run rank 0 logs each epoch to
+    drop_last: bool = False  # see last_batch_is_one_image
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> dict[str, Any]:
@@ -366,7 +367,16 @@ def _setup(config: dict[str, Any]) -> TrainContext:
             for _ in range(state.epoch * steps_per_epoch):
                 scheduler.step()
     return TrainContext(cfg, task, env, step, model, optimizer, scheduler, scaler, state, config["output"], config.get("hooks", ()),
-                        config.get("tracking"))
+                        config.get("tracking"), drop_last=last_batch_is_one_image(config["n_train"], env.world, tc.batch_size))
+
+
+def last_batch_is_one_image(n_train: int, world: int, batch_size: int) -> bool:
+    """Whether each worker's last training batch holds one image, which BatchNorm cannot train on
+    ("Expected more than 1 value per channel"): that batch is dropped. Ray Train splits the
+    training set into equal shards (``streaming_split(equal=True)``), so every worker has
+    ``n_train // world`` rows and drops the same batch: DDP's steps stay in step."""
+    per_worker = n_train // max(1, world)
+    return per_worker > batch_size and per_worker % batch_size == 1
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, tc: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -387,7 +397,7 @@ def train_one_epoch(ctx: TrainContext, shard, epoch: int) -> dict[str, float]:
     ctx.model.train()
     generator = torch.Generator(device=env.device).manual_seed(tc.seed * 1000 + env.rank + 7919 * epoch)
     start, seen, loss_sum = time.perf_counter(), 0, 0.0
-    batches = shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=ctx.step.collate(),
+    batches = shard.iter_torch_batches(batch_size=tc.batch_size, collate_fn=ctx.step.collate(), drop_last=ctx.drop_last,
                                        local_shuffle_buffer_size=tc.shuffle_buffer or None,
                                        local_shuffle_seed=tc.seed + epoch * 131 + env.rank, prefetch_batches=tc.prefetch_batches)
     for step, batch in enumerate(batches):

@@ -371,6 +371,8 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
         C.FRAME: np.array([0, -1]), C.NUM_FRAMES: np.array([1, 0]), C.MODALITY: strings("CT", ""), C.BODY_PART: strings("SPINE", ""), C.PATIENT_KEY: strings("k", ""),
         C.STATUS: strings("ok", "error"), C.REASON: strings("", "truncated"), C.ERROR: strings("", "broken.dcm: truncated"),
         C.IMAGE: strings(np.full((size, size), 128, np.uint8).tobytes(), b""),
+        C.MANUFACTURER: strings("MEDHIER", ""), C.PIXEL_SPACING: np.array([0.5, np.nan]),
+        C.INTENSITY_MEAN: np.array([0.5, np.nan]), C.INTENSITY_STD: np.array([0.0, np.nan]),
     }
     actor = ModelActor(CLASSIFY, checkpoint, loaded.cfg.storage, ActorSettings(precision="fp32"))
     before = int(time.time() * 1000)

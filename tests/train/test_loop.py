@@ -71,7 +71,8 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     for key in ("sensitivity", "specificity", "precision", "f1", "roc_auc"):
         assert key in metrics["leaf"]["per_class"]["fracture/burst"]
     plots = sorted(p.name for p in Path(out, "plots").iterdir())
-    assert plots == ["confusion_leaf.png", "confusion_main.png", "roc_leaf.png", "roc_main.png"]
+    assert plots == ["confusion_leaf.png", "confusion_main.png", "reliability_leaf.png", "reliability_main.png", "risk_coverage.png",
+                     "roc_leaf.png", "roc_main.png"]
     assert all(Path(out, "plots", p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     history = json.loads(Path(out, "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(12))
@@ -129,3 +130,17 @@ def test_the_schedule_is_linear_warm_up_then_cosine_to_zero(epochs, warmup_epoch
         assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-9), k
         optimizer.step()
         scheduler.step()
+
+
+@pytest.mark.parametrize("n_train, world, batch_size, drops", [
+    (33, 1, 32, True),    # 32 + 1: the one-image batch BatchNorm cannot train on is dropped
+    (66, 2, 32, True),    # 33 rows per worker, each drops its last image: DDP keeps its steps aligned
+    (67, 2, 32, True),    # equal shards: 33 each, the 67th row is not in any shard
+    (64, 1, 32, False),   # full batches
+    (40, 1, 32, False),   # a last batch of 8 trains
+    (1, 1, 32, False),    # a lone image is the whole epoch: nothing to drop it for
+])
+def test_the_last_batch_is_dropped_only_when_it_would_hold_one_image(n_train, world, batch_size, drops):
+    from medhier.train.loop import last_batch_is_one_image
+
+    assert last_batch_is_one_image(n_train, world, batch_size) is drops

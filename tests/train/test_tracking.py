@@ -122,7 +122,9 @@ def test_a_training_is_one_run_that_a_rerun_continues(mlflow_server, archive, ex
     assert 0 <= run.data.metrics["test.leaf.accuracy"] <= 1  # the task's evaluation
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "history.json", "metrics.json", "plots"} <= files
-    assert len(client.list_artifacts(run_id, "plots")) == 4
+    assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
+        f"plots/{name}.png" for name in ("confusion_leaf", "confusion_main", "reliability_leaf", "reliability_main", "risk_coverage",
+                                         "roc_leaf", "roc_main")}
     assert json.loads(Path(out, "tracking.json").read_text())["run_id"] == run_id
 
 
