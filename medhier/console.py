@@ -51,6 +51,8 @@ NOISE: tuple[Noise, ...] = (
     Noise(r"PYTHON worker processes have been started on node: .* maximum expected startup concurrency",
           "a search's trial drivers reserve 0.1 CPU each (they mostly wait), so Ray starts more workers than cores"),
     Noise(r"\[mutex\.cc : \d+\] RAW: (Lock|Unlock)", "absl's lock tracing, printed by a Ray actor as it exits"),
+    Noise(r"gcs_actor_scheduler\.cc:\d+: Failed to kill actor NIL_ID",
+          "Ray's GCS, shutting down after a stop, tries to kill an actor that was never scheduled (a placeholder id)"),
     Noise(r"generated new fontManager", "matplotlib built its font cache (once per machine)"),
     Noise(r"Matplotlib is building the font cache", "matplotlib building its font cache (once per machine)"),
 )

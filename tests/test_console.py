@@ -31,6 +31,8 @@ RAY_NOISE = [
     "\x1b[33m(raylet)\x1b[0m WARNING: 20 PYTHON worker processes have been started on node: a229ef with address: 192.0.2.2, "
     "which is 10x the maximum expected startup concurrency (2).",
     "\x1b[36m(PlacementGroupCleaner pid=8249)\x1b[0m [mutex.cc : 452] RAW: Lock blocking 0x55b427368310   @ 0x7fa09ac2b1a2",
+    "\x1b[36m(pid=gcs_server)\x1b[0m [2026-12-01 17:43:02,651 E 1258 1258] (gcs_server) gcs_actor_scheduler.cc:538: Failed to kill "
+    "actor NIL_ID, return status: Invalid: KillActor RPC failed for actor NIL_ID: RpcError: RPC error: Socket closed rpc_code: 14",
 ]
 # Lines that must still show.
 MEANINGFUL = [
