@@ -46,7 +46,7 @@ from medhier.data.manifest import write_manifest
 from medhier.data.series import DIGEST, SeriesSettings, map_studies, read_study_keys, write_study_index
 from medhier.infer.ledger import Heartbeat, Ledger, new_run_id
 from medhier.io import storage
-from medhier.plaque.report import REPORT_SCHEMA, VISIT_KEY, VisitTally
+from medhier.plaque.report import REPORT_SCHEMA, VISIT_KEY, VisitTally, run_head_lines, run_tail_lines
 from medhier.plaque.segmentations import (
     SEGMENTATION_PATHS,
     SEGMENTATION_VERSION,
@@ -101,13 +101,8 @@ class MeasureSummary:
     visits_per_s: float = 0.0
 
     def table(self) -> str:
-        lines = [
-            f"run              {self.run_id}  (segmentations {self.model_id}, {self.model_version})",
-            f"archive          {self.archive}",
-            f"listed           {self.listed:,} objects ({self.excluded:,} excluded by data.exclude, "
-            f"{sum(self.objects_in_no_study.values()):,} in no study)",
-        ]
-        lines += [f"  {reason:<22}{n:,}" for reason, n in sorted(self.objects_in_no_study.items())]
+        lines = run_head_lines(f"{self.run_id}  (segmentations {self.model_id}, {self.model_version})", self.archive, self.listed,
+                               self.excluded, self.objects_in_no_study)
         lines += [
             f"studies          {self.studies:,} ({self.already_measured:,} already measured)",
             f"measured now     {self.visits:,} visits ({self.visits_ok:,} ok, {self.visits - self.visits_ok:,} errors)",
@@ -125,10 +120,7 @@ class MeasureSummary:
                          f"{self.segmentation_files_ignored:,} ignored (not <StudyInstanceUID>.dcm/.nii/.nii.gz)")
         lines.append(f"patients         {self.patients:,} ({self.patients_too_few_visits:,} with fewer than "
                      f"{self.min_visits} usable visits)")
-        if self.recovered_runs:
-            lines.append(f"recovered        ledger of interrupted commit(s): {', '.join(self.recovered_runs)}")
-        lines.append(f"wall time        {self.seconds:,.1f} s  ({self.visits_per_s:,.2f} visits/s while measuring)")
-        lines.append(f"report           {storage.join(self.output, 'report')}")
+        lines += run_tail_lines(self.recovered_runs, self.seconds, f"{self.visits_per_s:,.2f} visits/s while measuring", self.output)
         return "\n".join(lines)
 
 

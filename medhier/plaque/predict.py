@@ -68,7 +68,7 @@ from medhier.io import storage
 from medhier.plaque.model import PredictionModel, model_folder
 from medhier.plaque.patients import covariate_schema, read_patients
 from medhier.plaque.report import REASONS as MEASURE_REASONS
-from medhier.plaque.report import REPORT_SCHEMA, VISIT_KEY
+from medhier.plaque.report import REPORT_SCHEMA, VISIT_KEY, run_head_lines, run_tail_lines
 from medhier.plaque.segmentations import SEGMENTATION_VERSION, ArchiveSegmentations, GivenSegmentations, SegmentationSource
 from medhier.plaque.study import VisitSettings, measure_study, measure_version
 from medhier.runtime import execute_pipeline
@@ -174,19 +174,14 @@ class PredictSummary:
     patients_per_s: float = 0.0
 
     def table(self) -> str:
-        lines = [
-            f"run              {self.run_id}  (model {self.model_id}, segmentations {self.segmentation_model_id})",
-            f"archive          {self.archive}",
-            f"listed           {self.listed:,} objects ({self.excluded:,} excluded by data.exclude, "
-            f"{sum(self.objects_in_no_study.values()):,} in no study)",
+        lines = run_head_lines(f"{self.run_id}  (model {self.model_id}, segmentations {self.segmentation_model_id})", self.archive,
+                               self.listed, self.excluded, self.objects_in_no_study)
+        lines += [
             f"patients         {self.patients:,} in {self.studies:,} studies ({self.patients_without_record:,} without a record)",
             f"latest visits    {self.predicted:,} predicted now ({self.ok:,} ok), {self.already_predicted:,} already predicted",
         ]
         lines += [f"  error {reason:<24}{n:,}" for reason, n in sorted(self.errors.items())]
-        if self.recovered_runs:
-            lines.append(f"recovered        ledger of interrupted commit(s): {', '.join(self.recovered_runs)}")
-        lines.append(f"wall time        {self.seconds:,.1f} s  ({self.patients_per_s:,.2f} patients/s while predicting)")
-        lines.append(f"report           {storage.join(self.output, 'report')}")
+        lines += run_tail_lines(self.recovered_runs, self.seconds, f"{self.patients_per_s:,.2f} patients/s while predicting", self.output)
         return "\n".join(lines)
 
 

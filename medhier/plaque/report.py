@@ -55,6 +55,7 @@ from typing import Any
 import pyarrow as pa
 
 from medhier import columns as C
+from medhier.io import storage
 from medhier.io.seg import REASONS as SEG_REASONS
 from medhier.io.volume import REASONS as VOLUME_REASONS
 from medhier.plaque.measure import MEASUREMENTS
@@ -70,6 +71,8 @@ __all__ = [
     "measurement_values",
     "to_json",
     "visit_date",
+    "run_head_lines",
+    "run_tail_lines",
 ]
 
 VISIT_KEY = "visit_key"
@@ -192,3 +195,24 @@ class VisitTally:
 
 def _add(counts: dict[str, int], key: str) -> None:
     counts[key] = counts.get(key, 0) + 1
+
+
+def run_head_lines(run: str, archive: str, listed: int, excluded: int, in_no_study: dict[str, int]) -> list[str]:
+    """The first lines of a plaque job's printed summary: the run (``run``: its id and what it
+    ran with), the archive, its listing and the objects in no study by reason."""
+    return [
+        f"run              {run}",
+        f"archive          {archive}",
+        f"listed           {listed:,} objects ({excluded:,} excluded by data.exclude, {sum(in_no_study.values()):,} in no study)",
+        *(f"  {reason:<22}{n:,}" for reason, n in sorted(in_no_study.items())),
+    ]
+
+
+def run_tail_lines(recovered_runs: list[str], seconds: float, rate: str, output: str) -> list[str]:
+    """The last lines of a plaque job's printed summary: recovered commits, wall time (with
+    ``rate``, e.g. "1.20 visits/s while measuring") and where the report is."""
+    return ([f"recovered        ledger of interrupted commit(s): {', '.join(recovered_runs)}"] if recovered_runs else []) + [
+        f"wall time        {seconds:,.1f} s  ({rate})",
+        f"report           {storage.join(output, 'report')}",
+    ]
+
