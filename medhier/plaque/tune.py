@@ -45,7 +45,7 @@ from medhier.io import storage
 from medhier.plaque.boost import train_boosters
 from medhier.plaque.fit import FitSummary, design, fit_examples, prepare_examples
 from medhier.runtime import verbose
-from medhier.train.tune import apply_params, search_space
+from medhier.train.tune import apply_params, fmt, search_space, trial_lines
 
 __all__ = ["METRIC", "PlaqueTuneSummary", "plaque_space", "tune_model"]
 
@@ -75,23 +75,12 @@ class PlaqueTuneSummary:
     seconds: float
 
     def table(self) -> str:
-        keys = [k for k in (self.trials[0] if self.trials else {}) if k.startswith("param:")]
-        head = f"{'trial':<14}" + "".join(f"{k[len('param:predict.'):]:>20}" for k in keys) + f"{METRIC:>14}  status"
-        lines = [head, "-" * len(head)]
-        for t in self.trials:
-            params = "".join(f"{_fmt(t[k]):>20}" for k in keys)
-            lines.append(f"{t['trial_id']:<14}{params}{_fmt(t[METRIC]):>14}  {t['status'].lower()}")
-        lines.append(f"best: {self.best_trial} ({METRIC} {_fmt(self.best_metric)}); {len(self.trials)} trials, "
+        lines = trial_lines(self.trials, "param:predict.", [(METRIC, METRIC, 14)], status=lambda t: t["status"].lower())
+        lines.append(f"best: {self.best_trial} ({METRIC} {fmt(self.best_metric)}); {len(self.trials)} trials, "
                      f"up to {self.concurrent} at once, {self.seconds:,.0f} s")
         lines.append("")
         lines.append(self.best.table())
         return "\n".join(lines)
-
-
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
 
 
 def tune_model(cfg: Config, measurements: str, patients: str, output: str, resume: bool = False) -> PlaqueTuneSummary:

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +52,7 @@ from medhier.train import tracking
 from medhier.train.loop import TrainTask, train_on_cache
 from medhier.train.progress import epoch_line
 
-__all__ = ["TuneSummary", "max_concurrent_trials", "search_space", "tune"]
+__all__ = ["TuneSummary", "fmt", "max_concurrent_trials", "search_space", "trial_lines", "tune"]
 
 log = logging.getLogger(__name__)
 
@@ -177,22 +178,32 @@ class TuneSummary:
     seconds: float
 
     def table(self) -> str:
-        keys = [k for k in (self.trials[0] if self.trials else {}) if k.startswith("param:")]
-        head = f"{'trial':<14}" + "".join(f"{k[6:]:>22}" for k in keys) + f"{self.metric:>18}{'epochs':>8}  status"
-        lines = [head, "-" * len(head)]
-        for t in self.trials:
-            params = "".join(f"{_fmt(t[k]):>22}" for k in keys)
-            status = "stopped early" if t["stopped_early"] else t["status"].lower()
-            lines.append(f"{t['trial_id']:<14}{params}{_fmt(t['best_metric']):>18}{t['epochs']:>8}  {status}")
-        lines.append(f"best: {self.best_trial} ({self.metric} {_fmt(self.best_metric)}) -> {self.best_checkpoint}")
+        lines = trial_lines(self.trials, "param:", [(self.metric, "best_metric", 18), ("epochs", "epochs", 8)],
+                            status=lambda t: "stopped early" if t["stopped_early"] else t["status"].lower())
+        lines.append(f"best: {self.best_trial} ({self.metric} {fmt(self.best_metric)}) -> {self.best_checkpoint}")
         lines.append(f"{len(self.trials)} trials, up to {self.concurrent} at once, {self.seconds:,.0f} s")
         return "\n".join(lines)
 
 
-def _fmt(value: Any) -> str:
+def fmt(value: Any) -> str:
+    """A trial table's cell: floats to 4 significant digits, NaN as n/a."""
     if isinstance(value, float):
         return "n/a" if math.isnan(value) else f"{value:.4g}"
     return str(value)
+
+
+def trial_lines(trials: list[dict[str, Any]], prefix: str, columns: list[tuple[str, str, int]],
+                status: Callable[[dict[str, Any]], str]) -> list[str]:
+    """A search's trials as text: the trial id, each ``prefix``-ed parameter (named without it),
+    ``columns`` ((header, key, width) each), then ``status(trial)``; a header and a rule first."""
+    keys = [k for k in (trials[0] if trials else {}) if k.startswith(prefix)]
+    width = max([12, *(len(k) - len(prefix) + 2 for k in keys)])
+    head = f"{'trial':<14}" + "".join(f"{k[len(prefix):]:>{width}}" for k in keys) + "".join(f"{h:>{w}}" for h, _, w in columns) + "  status"
+    lines = [head, "-" * len(head)]
+    for t in trials:
+        cells = "".join(f"{fmt(t[k]):>{width}}" for k in keys) + "".join(f"{fmt(t[key]):>{w}}" for _, key, w in columns)
+        lines.append(f"{t['trial_id']:<14}{cells}  {status(t)}")
+    return lines
 
 
 def tune(cfg: Config, cache: str, output: str, task: TrainTask, resume: bool = False) -> TuneSummary:
