@@ -24,7 +24,7 @@ import ray.data
 from medhier import columns as C
 from medhier.config import Config, DataConfig, DicomConfig, StorageConfig
 from medhier.data.labels import Labels
-from medhier.data.manifest import manifest_files
+from medhier.data.manifest import manifest_files, work_item_batches
 from medhier.data.splits import assign_split, split_key
 from medhier.io import storage
 from medhier.io.dicom import REASONS, DicomRejected
@@ -214,12 +214,7 @@ def build_ingest(manifest: str, settings: DecodeSettings, data_cfg: DataConfig):
 
 def decode_manifest_slice(item: dict[str, np.ndarray], settings: DecodeSettings, manifest_uri: str) -> dict[str, np.ndarray]:
     """One work item (a manifest file's row group) -> decoded rows, see :func:`decode_batch`."""
-    fs, _ = storage.filesystem(manifest_uri, settings.storage)
-    outputs = []
-    for f, g in zip(item["manifest_file"], item["row_group"]):
-        with fs.open_input_file(str(f)) as handle:
-            table = pq.ParquetFile(handle).read_row_group(int(g))
-        outputs.append(decode_batch({c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}, settings))
+    outputs = [decode_batch(rows, settings) for rows in work_item_batches(item, manifest_uri, settings.storage)]
     if len(outputs) == 1:
         return outputs[0]
     return {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}

@@ -9,8 +9,10 @@ manifest file's row groups are ``data.decode_batch_size`` objects: one decode ta
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -18,7 +20,7 @@ from medhier import columns as C
 from medhier.config import DataConfig, StorageConfig
 from medhier.io import storage
 
-__all__ = ["MANIFEST_SCHEMA", "ListingSummary", "manifest_files", "write_manifest"]
+__all__ = ["MANIFEST_SCHEMA", "ListingSummary", "manifest_files", "work_item_batches", "write_manifest"]
 
 MANIFEST_SCHEMA = pa.schema(
     [(C.PATH, pa.string()), (C.SIZE, pa.int64()), (C.ETAG, pa.string()), (C.MTIME, pa.float64())]
@@ -89,3 +91,14 @@ def manifest_files(manifest: str, storage_cfg: StorageConfig) -> list[str]:
     """The Parquet files of a manifest folder, sorted (paths inside its filesystem)."""
     fs, path = storage.filesystem(manifest, storage_cfg)
     return sorted(i.path for i in fs.get_file_info(storage.pafs.FileSelector(path)) if i.path.endswith(".parquet"))
+
+
+def work_item_batches(item: dict[str, np.ndarray], manifest: str, storage_cfg: StorageConfig) -> Iterator[dict[str, np.ndarray]]:
+    """The manifest rows of one work item (``manifest_file`` and ``row_group`` columns: the row
+    groups a decode or header task reads), one numpy batch per row group."""
+    fs, _ = storage.filesystem(manifest, storage_cfg)
+    for f, g in zip(item["manifest_file"], item["row_group"]):
+        with fs.open_input_file(str(f)) as handle:
+            table = pq.ParquetFile(handle).read_row_group(int(g))
+        yield {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+

@@ -53,7 +53,7 @@ import ray.data
 from medhier import columns as C
 from medhier.config import DataConfig, StorageConfig
 from medhier.data.ingest import fetch_objects
-from medhier.data.manifest import manifest_files
+from medhier.data.manifest import manifest_files, work_item_batches
 from medhier.io import storage
 from medhier.io.dicom import REASONS as DICOM_REASONS
 from medhier.io.dicom import DicomRejected, patient_key, read_dataset
@@ -247,13 +247,7 @@ def write_study_index(manifest: str, index: str, settings: SeriesSettings, data_
 
 def _headers_of_slice(item: dict[str, np.ndarray], settings: SeriesSettings, manifest_uri: str) -> pa.Table:
     """One work item (a manifest file's row group) -> its header rows, with the groupby key."""
-    fs, _ = storage.filesystem(manifest_uri, settings.storage)
-    tables = []
-    for f, g in zip(item["manifest_file"], item["row_group"]):
-        with fs.open_input_file(str(f)) as handle:
-            rows = pq.ParquetFile(handle).read_row_group(int(g))
-        tables.append(read_headers({c: rows.column(c).to_numpy(zero_copy_only=False) for c in rows.column_names}, settings))
-    table = pa.concat_tables(tables)
+    table = pa.concat_tables([read_headers(rows, settings) for rows in work_item_batches(item, manifest_uri, settings.storage)])
     ok = pc.equal(table[C.STATUS], C.STATUS_OK)
     # An object in no study is a group of its own ("\0" sorts it apart from every UID).
     group = pc.if_else(ok, table[C.STUDY_INSTANCE_UID], pc.binary_join_element_wise("\0", table[C.PATH], ""))
