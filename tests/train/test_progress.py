@@ -70,7 +70,10 @@ def test_medhier_train_prints_a_line_per_epoch_and_none_of_rays_noise_then_stops
                             r"  [\d,.]+ images/s  elapsed \d+ (s|min \d\d s)  ETA \d+ (s|min \d\d s|h \d\d min)", line), line
         assert all(len(n.split(".")[-1]) <= 3 for n in re.findall(r"\d+\.\d+", line)), line  # rounded
     last = max(int(p.parent.name[-4:]) for p in out.glob("train/checkpoint_epoch*/model.pt"))
-    assert stderr.strip().splitlines() == [
+    # medhier's own warnings may come first (a 40-image archive leaves a split without some leaf:
+    # data.cache says so); nothing else may, and the stop line is the last
+    lines = [line for line in stderr.strip().splitlines() if not re.match(r"^\S+ \S+ WARNING medhier\.", line)]
+    assert lines == [
         f"medhier train: stopped by SIGINT. Committed: checkpoints up to epoch {last} in {out}/train (best so far: {out}/best); "
         f"a re-run resumes at epoch {last + 1}. To continue, re-run: medhier {' '.join(args)}"]
     assert not gone_after(ray_processes), "Ray processes outlived medhier train"
