@@ -231,7 +231,7 @@ def _fit(cfg: Config, cache: str, output: str, task: TrainTask, callbacks: tuple
         # Validation is not split: rank 0 scores all of it, so every epoch's metric is exact.
         dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
     )
-    with tracking.tracked(run, cfg, output, files=("config.yaml", "history.json")), \
+    with tracking.tracked(run, cfg, output, files=("config.yaml", "history.json"), trial=parent_run is not None), \
             (EpochLines(cfg, output, metric=task.metric(cfg)) if epoch_lines else nullcontext()):
         return _fit_trainer(trainer).return_value or {}
 

@@ -148,12 +148,18 @@ def log_epoch(run: TrackedRun | None, record: Mapping[str, Any]) -> None:
 
 
 @contextmanager
-def tracked(run: TrackedRun | None, cfg: Config, output: str, files: Iterable[str] = ()) -> Iterator[None]:
+def tracked(run: TrackedRun | None, cfg: Config, output: str, files: Iterable[str] = (), *, trial: bool = False) -> Iterator[None]:
     """End ``run`` with the block: FINISHED with ``files`` logged, KILLED on a stop signal,
-    FAILED on an error (the error goes on; a tracking failure then is only logged)."""
+    FAILED on an error (the error goes on; a tracking failure then is only logged).
+
+    ``trial``: the block is a Tune trial, which Tune stops by raising SystemExit in it (from the
+    trial's next report, even after its last epoch): that run is left to the search's driver,
+    which ends it with the outcome Tune recorded (``tune._end_trial_runs``)."""
     try:
         yield
     except BaseException as exc:
+        if trial and isinstance(exc, SystemExit):
+            raise
         try:
             end_run(run, cfg, output, status="KILLED" if isinstance(exc, (Stopped, KeyboardInterrupt)) else "FAILED")
         except Exception as tracking_error:  # the run's own error matters more
@@ -163,15 +169,17 @@ def tracked(run: TrackedRun | None, cfg: Config, output: str, files: Iterable[st
 
 
 def end_run(run: TrackedRun | None, cfg: Config, output: str, *, status: str = "FINISHED", files: Iterable[str] = (),
-            tags: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None, if_running: bool = False) -> None:
+            tags: Mapping[str, str] | None = None, metrics: Mapping[str, float] | None = None, unless_already: bool = False) -> None:
     """Log ``files`` (paths under ``output``; a folder logs what it holds), ``tags`` and final
     ``metrics``; the model id of ``output/best`` as the tag ``model_id`` where it exists; then
-    set ``status`` (FINISHED, FAILED, KILLED). ``if_running``: only a run nobody ended (a trial
-    that Tune stopped, whose process ended with it). Driver only."""
+    set ``status`` (FINISHED, FAILED, KILLED). ``unless_already``: nothing when the run already
+    ended with ``status``. A search's driver knows each trial's outcome; the trial's own process
+    may not have ended its run (Tune ends a stopped trial's process) or may have ended it wrongly
+    (FAILED, when Tune tears down a trial that already reported its last epoch). Driver only."""
     if run is None:
         return
     client = _client(run.uri)
-    if if_running and client.get_run(run.run_id).info.status != "RUNNING":
+    if unless_already and client.get_run(run.run_id).info.status == status:
         return
     all_tags = dict(tags or {})
     meta = storage.join(output, "best", "meta.json")

@@ -291,13 +291,12 @@ def _scheduler(cfg: Config) -> Any:
 
 
 def _end_trial_runs(cfg: Config, output: str, trials: list[dict[str, Any]]) -> None:
-    """End each trial's tracking run with its outcome: Tune ends a stopped trial's process before
-    the trial's own run can end."""
+    """End each trial's tracking run with its outcome as Tune saw it (see ``tracking.end_run``)."""
     for trial in trials:
         trial_dir = storage.join(output, "trials", trial["trial_id"])
         status = "FAILED" if trial["status"] == "ERROR" else "KILLED" if trial["stopped_early"] else "FINISHED"
         tracking.end_run(tracking.run_of(trial_dir, cfg), cfg, trial_dir, status=status, files=("config.yaml", "history.json"),
-                         if_running=True)
+                         unless_already=True)
 
 
 def _trial_rows(results, cfg: Config, output: str, metric: str, mode: str) -> list[dict[str, Any]]:

@@ -93,6 +93,34 @@ def test_a_local_folder_is_a_store_mlflow_reads(tmp_path, monkeypatch):
     assert Path(tmp_path, "mlruns", "artifacts").is_dir()
 
 
+def test_a_trial_stopped_by_tune_is_ended_by_the_search_with_tunes_outcome(tmp_path, monkeypatch):
+    """Tune stops a trial by raising SystemExit from its next report, even one that already ran
+    its last epoch; the trial's own run must not end FAILED for that. The search's driver ends
+    it with the outcome Tune recorded, also over a status the trial's process wrote."""
+    mlflow = pytest.importorskip("mlflow")
+    monkeypatch.chdir(tmp_path)
+    cfg = _cfg("tracking.uri=mlruns", "tracking.experiment=trials")
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    parent = tracking.start_run(cfg, str(tmp_path / "search"), task="classify", kind="search")
+    trial = tracking.start_run(cfg, str(tmp_path / "trial"), task="classify", parent=parent)
+    with pytest.raises(SystemExit):
+        with tracking.tracked(trial, cfg, str(tmp_path / "trial"), trial=True):
+            raise SystemExit(0)
+    assert client.get_run(trial.run_id).info.status == "RUNNING"  # left to the search
+    with pytest.raises(RuntimeError):
+        with tracking.tracked(trial, cfg, str(tmp_path / "trial"), trial=True):
+            raise RuntimeError("a real error in the trial")
+    assert client.get_run(trial.run_id).info.status == "FAILED"
+    tracking.end_run(trial, cfg, str(tmp_path / "trial"), status="FINISHED", unless_already=True)
+    assert client.get_run(trial.run_id).info.status == "FINISHED"
+    # an ordinary training that exits is not a trial: its run ends FAILED, not RUNNING
+    plain = tracking.start_run(cfg, str(tmp_path / "plain"), task="classify")
+    with pytest.raises(SystemExit):
+        with tracking.tracked(plain, cfg, str(tmp_path / "plain")):
+            raise SystemExit(1)
+    assert client.get_run(plain.run_id).info.status == "FAILED"
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_training_is_one_run_that_a_rerun_continues(mlflow_server, archive, experiment, ray_session, tmp_path):
