@@ -46,7 +46,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from medhier import stopping
 from medhier.config import MINIMISED_METRICS, Config, ConfigError, TuneConfig
 from medhier.io import storage
-from medhier.runtime import verbose
+from medhier.runtime import use_v1_parquet_reader, verbose
 from medhier.stopping import Stopped
 from medhier.train import tracking
 from medhier.train.loop import TrainTask, train_on_cache
@@ -141,6 +141,7 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
 
 def _trial(config: dict[str, Any]) -> None:
     """One Tune trial: the base config with this trial's parameters, trained on the shared cache."""
+    use_v1_parquet_reader()  # the trial's own process reads the cache
     params = {k: v for k, v in config.items() if not k.startswith("_")}
     cfg = apply_params(Config.from_dict(config["_base"]), params)
     trial_dir = storage.join(config["_output"], "trials", ray.tune.get_context().get_trial_id())

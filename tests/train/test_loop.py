@@ -10,14 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medhier import columns as C
 from medhier.classify.api import fit
-from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
+from medhier.classify.labels import MAIN_INDEX
+from medhier.classify.posthoc import predict_splits
 from medhier.classify.report import P_MAIN
 from medhier.classify.task import CLASSIFY
 from medhier.config import load_config
-from medhier.data.cache import load_cache
-from medhier.infer.actor import predict_dataset
 from medhier.synthetic import spine as synthetic
 from medhier.train.checkpoint import load_checkpoint
 
@@ -50,15 +48,9 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     assert result.epochs_run == 12 and result.resumed_at == []
     assert result.test_metrics["hierarchy"]["consistency"] == 1.0
 
-    cfg = _cfg()
-    rows = {k: [] for k in (P_MAIN, MAIN_INDEX)}
-    for split in ("val", "test"):
-        ds, _ = load_cache(os.path.join(out, "cache"), cfg.storage, split, columns=[C.IMAGE, MAIN_INDEX, LEAF_INDEX])
-        pred = predict_dataset(ds, CLASSIFY, os.path.join(out, "best"), cfg)
-        rows[P_MAIN].append(pred[P_MAIN])
-        rows[MAIN_INDEX].append(pred[MAIN_INDEX])
-    truth = np.concatenate(rows[MAIN_INDEX])
-    accuracy = float((np.concatenate(rows[P_MAIN]).argmax(1) == truth).mean())
+    preds = predict_splits(os.path.join(out, "best"), os.path.join(out, "cache"), _cfg(), ["val", "test"])
+    truth = np.concatenate([preds[s][MAIN_INDEX] for s in ("val", "test")])
+    accuracy = float((np.concatenate([preds[s][P_MAIN] for s in ("val", "test")]).argmax(1) == truth).mean())
     majority = max(Counter(truth.tolist()).values()) / len(truth)
     assert len(truth) >= 40 and majority < 0.5
     assert accuracy >= 0.5, f"held-out main accuracy {accuracy:.2f} (chance {majority:.2f})"
@@ -80,33 +72,18 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     assert load_config(os.path.join(out, "config.yaml")).model.arch == "resnet18"
 
 
-class KillWorkerOnce:
-    """A test-only training hook: the worker of ``rank`` dies (its process exits) before ``step``
-    of ``epoch``, once: a marker file makes the restarted worker group go on."""
-
-    def __init__(self, epoch: int, step: int, rank: int, marker: str):
-        self.epoch, self.step, self.rank, self.marker = epoch, step, rank, marker
-
-    def __call__(self, ctx, epoch: int, step: int) -> None:
-        if (epoch, step, ctx.env.rank) == (self.epoch, self.step, self.rank) and not os.path.exists(self.marker):
-            Path(self.marker).write_text("injected")
-            os._exit(1)
-
-
-def test_worker_failure_resumes_from_the_last_checkpoint_without_repeating_epochs(archive, ray_session, tmp_path):
-    out = str(tmp_path / "run")
-    marker = str(tmp_path / "injected-failure")
-    result = fit(_cfg("train.epochs=4", "model.head=flat"), archive, out, hooks=(KillWorkerOnce(2, 1, 1, marker),))
-    assert Path(marker).exists()
-    assert result.epochs_run == 4
-    assert result.resumed_at == [2]  # restarted at epoch 2: epochs 0 and 1 were not run again
-    assert [h["epoch"] for h in json.loads(Path(out, "history.json").read_text())] == [0, 1, 2, 3]
-    assert result.test_metrics["hierarchy"]["consistency"] == 1.0  # the flat baseline, too
+def test_worker_failure_resumes_from_the_last_checkpoint_without_repeating_epochs(resumed_training):
+    """The session's resumed training (tests/train/conftest.py): worker 1 died before step 1 of
+    epoch 2; the worker group restarted from the checkpoint of epoch 1."""
+    run = resumed_training
+    assert Path(run.marker).exists()
+    assert run.first.epochs_run == 4
+    assert run.first.resumed_at == [2]  # restarted at epoch 2: epochs 0 and 1 were not run again
+    assert run.first.test_metrics["hierarchy"]["consistency"] == 1.0  # the flat baseline, too
 
     # A later run with the same output continues where the last one ended.
-    again = fit(_cfg("train.epochs=5", "model.head=flat"), archive, out)
-    assert again.resumed_at == [2, 4] and again.epochs_run == 5
-    assert [h["epoch"] for h in json.loads(Path(out, "history.json").read_text())] == [0, 1, 2, 3, 4]
+    assert run.again.resumed_at == [2, 4] and run.again.epochs_run == 5
+    assert [h["epoch"] for h in json.loads(Path(run.output, "history.json").read_text())] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("epochs, warmup_epochs, steps_per_epoch", [(20, 1.0, 7), (12, 0.5, 30), (3, 0.0, 5), (4, 1.0, 1), (5, 2.0, 3)])

@@ -6,10 +6,8 @@ run with one child run per trial; off by default; a missing MLflow names the ext
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import pytest
@@ -23,20 +21,6 @@ SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
 
 def _cfg(*overrides: str):
     return load_config(SMOKE, ["runtime.progress=false", "preprocess.image_size=32", *overrides])
-
-
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    from medhier.synthetic import spine as synthetic
-
-    root = str(tmp_path_factory.mktemp("tracking-archive"))
-    synthetic.generate_archive(root, 40, seed=4, size=32, difficulty=0.1)
-    return root
-
-
-@pytest.fixture()
-def experiment():
-    return f"test-{uuid.uuid4().hex[:8]}"
 
 
 @pytest.mark.parametrize(
@@ -123,62 +107,58 @@ def test_a_trial_stopped_by_tune_is_ended_by_the_search_with_tunes_outcome(tmp_p
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_training_is_one_run_that_a_rerun_continues(mlflow_server, archive, experiment, ray_session, tmp_path):
+def test_a_training_is_one_run_that_a_rerun_continues(resumed_training):
+    """The session's resumed training (tests/train/conftest.py): 4 epochs during which a worker
+    died and the worker group restarted, then a re-run to 5 epochs into the same output."""
+    pytest.importorskip("mlflow", reason="MLflow is the optional extra medhier[tracking] ('.[dev]' installs it)")
     from mlflow import MlflowClient
 
-    from medhier.classify.api import fit
-
-    out = str(tmp_path / "run")
-    tracked = ["tracking.uri=" + mlflow_server, f"tracking.experiment={experiment}", f"data.cache={tmp_path}/cache"]
-    fit(_cfg(*tracked, "train.epochs=1"), archive, out)
-    fit(_cfg(*tracked, "train.epochs=2"), archive, out)  # resumes the training, and its run
-
-    client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    run_out = resumed_training
+    client = MlflowClient(run_out.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(run_out.experiment).experiment_id])
     assert len(runs) == 1
     run = runs[0]
     run_id, params, tags = run.info.run_id, run.data.params, run.data.tags
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert (params["train.epochs"], params["model.arch"], params["train.num_workers"]) == ("1", "resnet18", "2")
+    assert (params["train.epochs"], params["model.arch"], params["train.num_workers"]) == ("4", "resnet18", "2")
     assert params["dicom.patient_salt"] in ("<redacted>", "")  # secrets never leave the process
-    assert tags["medhier.config_changes"] == "train.epochs: 1 -> 2"
-    assert (tags["medhier.task"], tags["medhier.kind"], tags["medhier.output"]) == ("classify", "train", out)
-    assert tags["model_id"] == json.loads(Path(out, "best", "meta.json").read_text())["model_id"]
-    # two DDP workers, each epoch logged once: by rank 0
+    assert tags["medhier.config_changes"] == "train.epochs: 4 -> 5"
+    assert (tags["medhier.task"], tags["medhier.kind"], tags["medhier.output"]) == ("classify", "train", run_out.output)
+    assert tags["model_id"] == json.loads(Path(run_out.output, "best", "meta.json").read_text())["model_id"]
+    # two DDP workers, each epoch logged once: by rank 0, also across the restarted worker group
     for name in ("leaf_macro_auc", "train_loss", "val_loss", "train_images_per_s", "epoch_seconds"):
-        assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 1], name
+        assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 1, 2, 3, 4], name
     assert 0 <= run.data.metrics["test.leaf.accuracy"] <= 1  # the task's evaluation
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "history.json", "metrics.json", "plots"} <= files
     assert {a.path for a in client.list_artifacts(run_id, "plots")} == {
         f"plots/{name}.png" for name in ("confusion_leaf", "confusion_main", "reliability_leaf", "reliability_main", "risk_coverage",
                                          "roc_leaf", "roc_main")}
-    assert json.loads(Path(out, "tracking.json").read_text())["run_id"] == run_id
+    assert json.loads(Path(run_out.output, "tracking.json").read_text())["run_id"] == run_id
 
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_search_is_a_parent_run_with_one_child_run_per_trial(mlflow_server, archive, experiment, ray_session, tmp_path):
+def test_a_search_is_a_parent_run_with_one_child_run_per_trial(tiny_search):
+    """The session's search (tests/train/conftest.py): 4 trials under ASHA, some stopped early."""
+    pytest.importorskip("mlflow", reason="MLflow is the optional extra medhier[tracking] ('.[dev]' installs it)")
     from mlflow import MlflowClient
 
-    from medhier.classify.api import tune
-
-    cfg = _cfg(f"tracking.uri={mlflow_server}", f"tracking.experiment={experiment}", "train.epochs=1", "train.num_workers=1",
-               "tune.num_samples=2", "tune.max_concurrent_trials=2", "tune.space={train.lr_head: {choice: [0.001, 0.003]}}",
-               "tune.seed=3")
-    summary = tune(cfg, archive, str(tmp_path / "search"))
-
-    client = MlflowClient(mlflow_server)
-    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    summary = tiny_search.summary
+    client = MlflowClient(tiny_search.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name(tiny_search.experiment).experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("medhier.kind") == "search"]
-    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert len(runs) == 3 and len(children) == 2
-    assert sorted(c.info.run_name for c in children) == sorted(t["trial_id"] for t in summary.trials)
-    assert sorted(c.data.params["train.lr_head"] for c in children) == sorted(str(t["param:train.lr_head"]) for t in summary.trials)
-    for child in children:
-        assert [m.step for m in client.get_metric_history(child.info.run_id, summary.metric)] == [0]
-        assert child.info.status == "FINISHED" and child.data.tags["model_id"]
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert len(runs) == 5 and sorted(children) == sorted(t["trial_id"] for t in summary.trials)
+    for trial in summary.trials:
+        child = children[trial["trial_id"]]
+        assert child.data.params["train.warmup_epochs"] == str(trial["param:train.warmup_epochs"])
+        # each epoch the trial ran, once; a trial ASHA stopped is KILLED, one that ran its epochs FINISHED
+        assert [m.step for m in client.get_metric_history(child.info.run_id, summary.metric)] == list(range(trial["epochs"]))
+        assert child.info.status == ("KILLED" if trial["stopped_early"] else "FINISHED"), trial
+        assert child.data.tags["model_id"]
+    assert parent.info.status == "FINISHED"
     assert parent.data.tags["best_trial"] == summary.best_trial
     assert parent.data.metrics[f"best_{summary.metric}"] == pytest.approx(summary.best_metric)
-    assert parent.data.tags["model_id"] == json.loads(Path(tmp_path, "search", "best", "meta.json").read_text())["model_id"]
+    assert parent.data.tags["model_id"] == json.loads(Path(tiny_search.output, "best", "meta.json").read_text())["model_id"]
     assert {"trials.parquet", "search.png", "best_config.yaml"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}

@@ -8,10 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from medhier.classify.api import tune
 from medhier.config import ConfigError, load_config
-from medhier.synthetic import spine as synthetic
 from medhier.train.tune import max_concurrent_trials, search_space
+from tests.train.conftest import training_leftovers
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
 
@@ -63,31 +62,10 @@ def test_max_concurrent_trials_follows_the_cluster_and_the_trials_needs(resource
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_tiny_search_records_every_trial_stops_some_early_and_leaves_nothing(ray_session, tmp_path):
-    import ray
-    from ray.util.state import list_actors
-
-    archive = str(tmp_path / "archive")
-    synthetic.generate_archive(archive, 80, seed=21, size=64, difficulty=0.1)
-    out = str(tmp_path / "search")
-    # One trial at a time, the same draws for the same seed: seed 1 draws a 0.5-epoch warm-up
-    # first and a 1000-epoch one for the three after it, whose learning rate stays under 0.2 % of
-    # the configured one for the whole search: they stay at chance while the first one learns.
-    # ASHA (grace 1, factor 2) stops a trial at a rung when it falls in the lower half of the
-    # trials that reached that rung before it, so the starved trials are stopped at rung 1 or 2.
-    cfg = _cfg(
-        "train.epochs=3", "train.num_workers=1", "data.val_fraction=0.3", "tune.num_samples=4",
-        "tune.max_concurrent_trials=1", "tune.grace_period=1", "tune.reduction_factor=2", "tune.seed=1",
-        "tune.space={train.warmup_epochs: {choice: [0.5, 1000]}}",
-    )
-    def training_leftovers() -> tuple[set[str], set[str]]:
-        pgs = {pid for pid, p in ray.util.placement_group_table().items() if p["state"] != "REMOVED"}
-        alive = list_actors(filters=[("state", "=", "ALIVE")])
-        return pgs, {a.actor_id for a in alive if a.class_name in ("RayTrainWorker", "TrainController")}
-
-    # the session's earlier tests may still be releasing theirs: only what the search adds counts
-    pgs_before, actors_before = training_leftovers()
-    summary = tune(cfg, archive, out)
+def test_tiny_search_records_every_trial_stops_some_early_and_leaves_nothing(tiny_search, tmp_path):
+    """The session's search (tests/train/conftest.py): 4 trials, the first learning, the three
+    after it starved of learning rate, under ASHA."""
+    out, summary = tiny_search.output, tiny_search.summary
     trials = pq.read_table(Path(out, "trials.parquet")).to_pylist()
     assert len(trials) == 4 and all(t["status"] == "TERMINATED" for t in trials)
     assert any(t["stopped_early"] for t in trials), trials
@@ -101,13 +79,13 @@ def test_tiny_search_records_every_trial_stops_some_early_and_leaves_nothing(ray
     # the best checkpoint is ready for scoring
     from medhier.classify.score import score
 
-    scored = score(_cfg(), archive, str(Path(out, "best")), str(tmp_path / "scores"))
+    scored = score(_cfg(), tiny_search.archive, str(Path(out, "best")), str(tmp_path / "scores"))
     assert scored.files == 80 and scored.images_ok == 80
 
     # no placement group or training actor outlives the search (Ray issue 54305)
     deadline = time.time() + 60
     while time.time() < deadline:
-        pgs, actors = (now - before for now, before in zip(training_leftovers(), (pgs_before, actors_before)))
+        pgs, actors = (now - before for now, before in zip(training_leftovers(), tiny_search.leftovers_before))
         if not pgs and not actors:
             break
         time.sleep(2)
