@@ -18,6 +18,9 @@ os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("MEDHIER_PATIENT_SALT", "test-salt")
+# Ray Train's controller polls its workers every 2 s, and each step of a run (workers started,
+# training launched, finished) waits for the next poll; the tests' tiny runs need not.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # The test PACS's bearer token (tests/orthanc.py), a fresh secret per session: Ray's workers
 # inherit it, and tests check that it never reaches an output or a log. Nothing of the
 # developer's own environment is used.

@@ -234,8 +234,23 @@ def _write_stratified(decoded_uri: str, rows_uri: str, cfg: Config, labels: Labe
                                    cfg.data.val_fraction)
     fs, decoded_path = storage.filesystem(decoded_uri, cfg.storage)
     _, rows_path = storage.filesystem(rows_uri, cfg.storage)
-    ds = ray.data.read_parquet(decoded_path, filesystem=fs)  # status and split come back from the hive paths
+    ds = _read_parquet(decoded_path, fs)  # status and split come back from the hive paths
     write_rows(ds.map_batches(_assign_splits, fn_kwargs={"assignment": assignment}, batch_format="pyarrow"), rows_path, fs)
+
+
+def _read_parquet(path: str, fs) -> ray.data.Dataset:
+    """``ray.data.read_parquet`` without the progress bar of its footer sampling: Ray's V1 reader
+    (see ``medhier.runtime.use_v1_parquet_reader``) samples a few files while the dataset is
+    made, which takes a moment and would put a bar between medhier's own lines. The dataset's
+    own stages keep the caller's progress setting."""
+    ctx = ray.data.DataContext.get_current()
+    shown, ctx.enable_progress_bars = ctx.enable_progress_bars, False
+    try:
+        ds = ray.data.read_parquet(path, filesystem=fs)
+    finally:
+        ctx.enable_progress_bars = shown
+    ds.context.enable_progress_bars = shown  # the dataset copied the context while the bar was off
+    return ds
 
 
 def _group_keys(table: pa.Table) -> list[str]:
@@ -366,7 +381,7 @@ def load_cache(
         # a few blocks, so that streaming_split can spread them over the workers
         chunk = max(1, -(-table.num_rows // 8))
         return ray.data.from_arrow([table.slice(i, chunk) for i in range(0, max(table.num_rows, 1), chunk)]), info
-    ds = ray.data.read_parquet(path, filesystem=fs)
+    ds = _read_parquet(path, fs)
     if by_class:
         ds = ds.filter(expr=col(info.class_column) >= 0)  # pushed down to the Parquet reader
     if columns:

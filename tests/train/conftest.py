@@ -1,6 +1,7 @@
-"""One interrupted-and-resumed training, shared by the resume tests (test_loop.py) and the
-tracking tests (test_tracking.py): each Ray Train run costs ~40 s of worker start-up on 2
-cores, so the suite runs this pair once and checks it from both sides."""
+"""One interrupted, resumed and continued training, shared by the learning and resume tests
+(test_loop.py) and the tracking tests (test_tracking.py), and one search, shared by the search
+tests (test_tune.py) and the tracking tests: each Ray Train run costs ~40 s of worker start-up
+on 2 cores, so the suite runs each once and checks it from every side."""
 
 from __future__ import annotations
 
@@ -32,36 +33,40 @@ class KillWorkerOnce:
 class Resumed:
     output: str
     marker: str
-    first: object  # FitResult of `train.epochs=4`, whose worker 1 died before step 1 of epoch 2
-    again: object  # FitResult of the re-run with `train.epochs=5` into the same output
+    first: object  # FitResult of `train.epochs=12`, whose worker 1 died before step 1 of epoch 2
+    again: object  # FitResult of the re-run with `train.epochs=13` into the same output
     tracking_uri: str  # the MLflow server both runs logged to; "" without MLflow installed
     experiment: str
 
 
+EPOCHS = 12  # the first run's; the re-run asks for one more
+KILLED_AT = (2, 1)  # (epoch, step) before which worker 1 dies, once
+
+
 @pytest.fixture(scope="session")
 def resumed_training(tmp_path_factory, ray_session, request) -> Resumed:
-    """``medhier train`` (2 DDP workers, flat head, 32 px) with worker 1 killed at epoch 2 step 1,
-    then run again with one epoch more into the same output; tracked in the session's MLflow
-    server when MLflow is installed (the resume tests need no MLflow)."""
+    """``medhier train`` with 2 DDP workers (configs/smoke.yaml) on 200 phantoms, worker 1 killed
+    before step 1 of epoch 2, to 12 epochs; then run again with one epoch more into the same
+    output. Tracked in the session's MLflow server when MLflow is installed (the training tests
+    need no MLflow). Every Ray Train run costs ~40 s of worker start-up on 2 cores: the learning,
+    resume and tracking tests all read this one pair."""
     from medhier.classify.api import fit
     from medhier.config import load_config
     from medhier.synthetic import spine as synthetic
 
     root = tmp_path_factory.mktemp("resumed")
     archive = str(root / "archive")
-    # 60 patients -> ~42 training images -> 21 per worker -> 3 steps of 8 per epoch: step 1 exists
-    synthetic.generate_archive(archive, 60, seed=4, size=32, difficulty=0.1)
+    synthetic.generate_archive(archive, 200, seed=5, size=96, difficulty=0.1)
     uri = request.getfixturevalue("mlflow_server") if importlib.util.find_spec("mlflow") else ""
     experiment = f"test-{uuid.uuid4().hex[:8]}"
     tracked = [f"tracking.uri={uri}", f"tracking.experiment={experiment}"] if uri else []
 
     def cfg(epochs: int):
-        return load_config(SMOKE, ["runtime.progress=false", "preprocess.image_size=32", "model.head=flat",
-                                   f"train.epochs={epochs}", *tracked])
+        return load_config(SMOKE, ["runtime.progress=false", f"train.epochs={epochs}", *tracked])
 
     out, marker = str(root / "run"), str(root / "injected-failure")
-    first = fit(cfg(4), archive, out, hooks=(KillWorkerOnce(2, 1, 1, marker),))
-    again = fit(cfg(5), archive, out)
+    first = fit(cfg(EPOCHS), archive, out, hooks=(KillWorkerOnce(*KILLED_AT, 1, marker),))
+    again = fit(cfg(EPOCHS + 1), archive, out)
     return Resumed(out, marker, first, again, uri, experiment)
 
 

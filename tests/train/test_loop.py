@@ -10,14 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medhier.classify.api import fit
 from medhier.classify.labels import MAIN_INDEX
 from medhier.classify.posthoc import predict_splits
 from medhier.classify.report import P_MAIN
 from medhier.classify.task import CLASSIFY
 from medhier.config import load_config
-from medhier.synthetic import spine as synthetic
 from medhier.train.checkpoint import load_checkpoint
+from tests.train.conftest import EPOCHS, KILLED_AT
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -28,25 +27,20 @@ def _cfg(*overrides: str):
     return load_config(SMOKE, ["runtime.progress=false", *overrides])
 
 
-@pytest.fixture(scope="module")
-def archive(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("train-archive"))
-    synthetic.generate_archive(root, 200, seed=5, size=96, difficulty=0.1)
-    return root
+def test_two_worker_ddp_learns_and_writes_its_outputs(resumed_training):
+    """The session's training (tests/train/conftest.py): 2 DDP workers, 12 epochs (a worker
+    lost at epoch 2 on the way), then one more epoch by a re-run.
 
-
-def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_path):
-    """Held-out main-class accuracy (validation + test splits, ~55 images never trained on) must
+    Held-out main-class accuracy (validation + test splits, ~55 images never trained on) must
     reach 0.5. Chance is the majority-class share, 0.36 here and asserted below 0.5, so a model
     that answers one class everywhere fails; guessing at random (~0.33) reaches 0.5 with a
     probability of ~0.4 % (binomial, ~55 images). Training is not bit-reproducible (Ray Data
     streams batches to the two workers in arrival order), and runs spread more than the
     evaluation's own binomial noise: 0.69, 0.78, 0.82 and 0.82 in four runs on 2026-11-22, and
     0.57 once in CI the same day, which an earlier threshold of 0.6 failed."""
-    out = str(tmp_path / "run")
-    result = fit(_cfg("train.epochs=12"), archive, out)
-    assert result.epochs_run == 12 and result.resumed_at == []
-    assert result.test_metrics["hierarchy"]["consistency"] == 1.0
+    run, out = resumed_training, resumed_training.output
+    assert run.first.epochs_run == EPOCHS
+    assert run.first.test_metrics["hierarchy"]["consistency"] == 1.0
 
     preds = predict_splits(os.path.join(out, "best"), os.path.join(out, "cache"), _cfg(), ["val", "test"])
     truth = np.concatenate([preds[s][MAIN_INDEX] for s in ("val", "test")])
@@ -56,7 +50,7 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
     assert accuracy >= 0.5, f"held-out main accuracy {accuracy:.2f} (chance {majority:.2f})"
 
     loaded = load_checkpoint(os.path.join(out, "best"), CLASSIFY)
-    assert loaded.epoch == result.best_epoch
+    assert loaded.epoch == run.again.best_epoch
     metrics = json.loads(Path(out, "metrics.json").read_text())
     assert metrics["split"] == "test" and metrics["model_id"] == loaded.model_id
     assert set(metrics["main"]["per_class"]) == {"normal", "fracture", "lesion"}
@@ -67,23 +61,19 @@ def test_two_worker_ddp_learns_and_writes_its_outputs(archive, ray_session, tmp_
                      "roc_leaf.png", "roc_main.png"]
     assert all(Path(out, "plots", p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in plots)
     history = json.loads(Path(out, "history.json").read_text())
-    assert [h["epoch"] for h in history] == list(range(12))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert load_config(os.path.join(out, "config.yaml")).model.arch == "resnet18"
 
 
 def test_worker_failure_resumes_from_the_last_checkpoint_without_repeating_epochs(resumed_training):
-    """The session's resumed training (tests/train/conftest.py): worker 1 died before step 1 of
-    epoch 2; the worker group restarted from the checkpoint of epoch 1."""
+    """The session's training: worker 1 died before step 1 of epoch 2; the worker group
+    restarted from the checkpoint of epoch 1."""
     run = resumed_training
     assert Path(run.marker).exists()
-    assert run.first.epochs_run == 4
-    assert run.first.resumed_at == [2]  # restarted at epoch 2: epochs 0 and 1 were not run again
-    assert run.first.test_metrics["hierarchy"]["consistency"] == 1.0  # the flat baseline, too
-
+    assert run.first.resumed_at == [KILLED_AT[0]]  # restarted at epoch 2: epochs 0 and 1 were not run again
     # A later run with the same output continues where the last one ended.
-    assert run.again.resumed_at == [2, 4] and run.again.epochs_run == 5
-    assert [h["epoch"] for h in json.loads(Path(run.output, "history.json").read_text())] == [0, 1, 2, 3, 4]
+    assert run.again.resumed_at == [KILLED_AT[0], EPOCHS] and run.again.epochs_run == EPOCHS + 1
+    assert [h["epoch"] for h in json.loads(Path(run.output, "history.json").read_text())] == list(range(EPOCHS + 1))
 
 
 @pytest.mark.parametrize("epochs, warmup_epochs, steps_per_epoch", [(20, 1.0, 7), (12, 0.5, 30), (3, 0.0, 5), (4, 1.0, 1), (5, 2.0, 3)])

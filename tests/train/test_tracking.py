@@ -15,6 +15,7 @@ import pytest
 from medhier.config import ConfigError, load_config
 from medhier.train import tracking
 from tests.processes import ROOT
+from tests.train.conftest import EPOCHS
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
 
@@ -108,8 +109,8 @@ def test_a_trial_stopped_by_tune_is_ended_by_the_search_with_tunes_outcome(tmp_p
 @pytest.mark.ray
 @pytest.mark.slow
 def test_a_training_is_one_run_that_a_rerun_continues(resumed_training):
-    """The session's resumed training (tests/train/conftest.py): 4 epochs during which a worker
-    died and the worker group restarted, then a re-run to 5 epochs into the same output."""
+    """The session's training (tests/train/conftest.py): 12 epochs during which a worker died
+    and the worker group restarted, then a re-run to 13 epochs into the same output."""
     pytest.importorskip("mlflow", reason="MLflow is the optional extra medhier[tracking] ('.[dev]' installs it)")
     from mlflow import MlflowClient
 
@@ -120,14 +121,14 @@ def test_a_training_is_one_run_that_a_rerun_continues(resumed_training):
     run = runs[0]
     run_id, params, tags = run.info.run_id, run.data.params, run.data.tags
     assert run.info.status == "FINISHED" and run.info.run_name == "run"
-    assert (params["train.epochs"], params["model.arch"], params["train.num_workers"]) == ("4", "resnet18", "2")
+    assert (params["train.epochs"], params["model.arch"], params["train.num_workers"]) == (str(EPOCHS), "resnet18", "2")
     assert params["dicom.patient_salt"] in ("<redacted>", "")  # secrets never leave the process
-    assert tags["medhier.config_changes"] == "train.epochs: 4 -> 5"
+    assert tags["medhier.config_changes"] == f"train.epochs: {EPOCHS} -> {EPOCHS + 1}"
     assert (tags["medhier.task"], tags["medhier.kind"], tags["medhier.output"]) == ("classify", "train", run_out.output)
     assert tags["model_id"] == json.loads(Path(run_out.output, "best", "meta.json").read_text())["model_id"]
     # two DDP workers, each epoch logged once: by rank 0, also across the restarted worker group
     for name in ("leaf_macro_auc", "train_loss", "val_loss", "train_images_per_s", "epoch_seconds"):
-        assert [m.step for m in client.get_metric_history(run_id, name)] == [0, 1, 2, 3, 4], name
+        assert [m.step for m in client.get_metric_history(run_id, name)] == list(range(EPOCHS + 1)), name
     assert 0 <= run.data.metrics["test.leaf.accuracy"] <= 1  # the task's evaluation
     files = {a.path for a in client.list_artifacts(run_id)}
     assert {"config.yaml", "history.json", "metrics.json", "plots"} <= files
@@ -152,7 +153,7 @@ def test_a_search_is_a_parent_run_with_one_child_run_per_trial(tiny_search):
     assert len(runs) == 5 and sorted(children) == sorted(t["trial_id"] for t in summary.trials)
     for trial in summary.trials:
         child = children[trial["trial_id"]]
-        assert child.data.params["train.warmup_epochs"] == str(trial["param:train.warmup_epochs"])
+        assert float(child.data.params["train.warmup_epochs"]) == trial["param:train.warmup_epochs"]
         # each epoch the trial ran, once; a trial ASHA stopped is KILLED, one that ran its epochs FINISHED
         assert [m.step for m in client.get_metric_history(child.info.run_id, summary.metric)] == list(range(trial["epochs"]))
         assert child.info.status == ("KILLED" if trial["stopped_early"] else "FINISHED"), trial
