@@ -39,6 +39,14 @@ class Resumed:
     experiment: str
 
 
+def _tracking(request) -> tuple[str, str, list[str]]:
+    """(the session's MLflow server or "" without MLflow installed, a fresh experiment name, the
+    config overrides that track into them)."""
+    uri = request.getfixturevalue("mlflow_server") if importlib.util.find_spec("mlflow") else ""
+    experiment = f"test-{uuid.uuid4().hex[:8]}"
+    return uri, experiment, [f"tracking.uri={uri}", f"tracking.experiment={experiment}"] if uri else []
+
+
 EPOCHS = 12  # the first run's; the re-run asks for one more
 KILLED_AT = (2, 1)  # (epoch, step) before which worker 1 dies, once
 
@@ -57,9 +65,7 @@ def resumed_training(tmp_path_factory, ray_session, request) -> Resumed:
     root = tmp_path_factory.mktemp("resumed")
     archive = str(root / "archive")
     synthetic.generate_archive(archive, 200, seed=5, size=96, difficulty=0.1)
-    uri = request.getfixturevalue("mlflow_server") if importlib.util.find_spec("mlflow") else ""
-    experiment = f"test-{uuid.uuid4().hex[:8]}"
-    tracked = [f"tracking.uri={uri}", f"tracking.experiment={experiment}"] if uri else []
+    uri, experiment, tracked = _tracking(request)
 
     def cfg(epochs: int):
         return load_config(SMOKE, ["runtime.progress=false", f"train.epochs={epochs}", *tracked])
@@ -108,9 +114,7 @@ def tiny_search(tmp_path_factory, ray_session, request) -> Search:
     root = tmp_path_factory.mktemp("search")
     archive = str(root / "archive")
     synthetic.generate_archive(archive, 80, seed=21, size=64, difficulty=0.1)
-    uri = request.getfixturevalue("mlflow_server") if importlib.util.find_spec("mlflow") else ""
-    experiment = f"test-{uuid.uuid4().hex[:8]}"
-    tracked = [f"tracking.uri={uri}", f"tracking.experiment={experiment}"] if uri else []
+    uri, experiment, tracked = _tracking(request)
     cfg = load_config(SMOKE, [
         "runtime.progress=false", "train.epochs=3", "train.num_workers=1", "data.val_fraction=0.3", "tune.num_samples=4",
         "tune.max_concurrent_trials=1", "tune.grace_period=1", "tune.reduction_factor=2", "tune.seed=1",
