@@ -7,6 +7,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import socket
 from collections.abc import Callable
 from typing import TypeVar
@@ -17,6 +18,8 @@ from medhier.config import RuntimeConfig
 __all__ = ["cpu_threads", "execute_pipeline", "init_ray", "release_failed_pipeline", "set_verbosity", "shutdown_ray", "verbose"]
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _QUIET_LOGGERS = ("ray", "ray.data", "ray.train", "ray.tune", "pydicom", "botocore", "urllib3", "filelock")
 
@@ -77,6 +80,66 @@ def init_ray(cfg: RuntimeConfig, verbose: bool = False) -> None:
     # (medhier.io.storage.ArchiveUnavailable) from a bug, and say so in one line.
     ctx.raise_original_map_exception = True
     use_v1_parquet_reader()
+    if not verbose:
+        _say_ray_disk_warnings_once()
+
+
+# The raylet's line when its session directory's disk is over Ray's capacity threshold (0.95 by
+# default; RAY_local_fs_capacity_threshold), printed every 10 s for as long as it stays so.
+_DISK_FULL = re.compile(r"file_system_monitor\.cc:\d+: (?P<path>\S+) is over (?P<pct>[\d.]+)% full, "
+                        r"available space: (?P<free>[\d.]+) GB; capacity: (?P<capacity>[\d.]+) GB")
+
+
+class RayDiskWarnings:
+    """Wraps the driver's printer of Ray's forwarded logs: the raylet's "disk over 95 % full"
+    line, which it repeats every 10 s on each node whose disk is that full (between a training's
+    epoch lines, for hours), becomes one medhier warning per node that says what it means and
+    what to do; every other line is printed as Ray prints it."""
+
+    def __init__(self, print_logs: Callable[[dict], None]):
+        self.print_logs = print_logs
+        self.warned: set[str] = set()
+
+    def __call__(self, data: dict) -> None:
+        if data.get("pid") == "raylet":
+            lines = data.get("lines", [])
+            kept = [line for line in lines if not self._disk_full(line, data.get("ip") or "?")]
+            if len(kept) != len(lines):
+                if not kept:
+                    return
+                data = {**data, "lines": kept}
+        self.print_logs(data)
+
+    def _disk_full(self, line: str, node: str) -> bool:
+        match = _DISK_FULL.search(line)
+        if match is None:
+            return False
+        if node not in self.warned:
+            self.warned.add(node)
+            log.warning(
+                "Ray's session directory %s on node %s is on a disk over %s%% full (%.1f GB free of %.0f GB): "
+                "Ray cannot spill objects there, and a run whose objects outgrow memory fails. Free "
+                "space on that disk, or give Ray a temporary directory on a larger one (RAY_TMPDIR "
+                "for a local instance, `ray start --temp-dir` on a cluster). Ray repeats this every "
+                "10 s; medhier says it once per node.",
+                match["path"], node, match["pct"], float(match["free"]), float(match["capacity"]))
+        return True
+
+
+def _say_ray_disk_warnings_once() -> None:
+    """Put :class:`RayDiskWarnings` in front of the driver's printer of forwarded logs (Ray's
+    handler ``ray_print_logs``, which ``ray.init`` registers when ``log_to_driver`` is on)."""
+    try:
+        # Ray's private dispatcher: no public hook filters forwarded lines; if it moves, Ray's
+        # lines are printed unfiltered (as --verbose does)
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    except ImportError:
+        return
+    with dispatcher._lock:
+        dispatcher.handlers = [
+            (name, RayDiskWarnings(handler) if name == "ray_print_logs" and not isinstance(handler, RayDiskWarnings) else handler)
+            for name, handler in dispatcher.handlers
+        ]
 
 
 def use_v1_parquet_reader() -> None:

@@ -68,3 +68,46 @@ def test_a_users_choice_of_parquet_reader_is_kept(monkeypatch):
     monkeypatch.delenv("RAY_DATA_USE_DATASOURCE_V2")
     use_v1_parquet_reader()
     assert ctx.use_datasource_v2 is False
+
+
+def _disk_line(node_time: str) -> str:
+    """The raylet's line, as its log monitor forwards it (Ray 2.60)."""
+    return (f"[2026-12-01 {node_time},804 E 32467 32481] (raylet) file_system_monitor.cc:116: /tmp/ray/session_2026-12-01_22-14-11_307787_32173"
+            " is over 95% full, available space: 6.3003 GB; capacity: 251.972 GB. Object creation will fail if spilling is required.")
+
+
+def test_the_raylets_disk_full_line_becomes_one_warning_per_node_and_other_lines_pass(caplog):
+    from medhier.runtime import RayDiskWarnings
+
+    printed: list[dict] = []
+    printer = RayDiskWarnings(printed.append)
+    other = "[2026-12-01 22:14:30,001 E 32467 32481] (raylet) node_manager.cc:1: worker killed: out of memory"
+    with caplog.at_level("WARNING", logger="medhier.runtime"):
+        printer({"pid": "raylet", "ip": "10.0.0.1", "lines": [_disk_line("22:14:24")]})
+        printer({"pid": "raylet", "ip": "10.0.0.1", "lines": [_disk_line("22:14:34"), other]})
+        printer({"pid": "raylet", "ip": "10.0.0.2", "lines": [_disk_line("22:14:35")]})
+        printer({"pid": 4242, "ip": "10.0.0.1", "lines": ["a worker's own line: file_system_monitor.cc:116: x is over 95% full,"
+                                                           " available space: 1 GB; capacity: 2 GB"]})
+    # Ray's other lines, and any worker's, are printed as they came; the disk line never is
+    assert [d["lines"] for d in printed] == [[other], ["a worker's own line: file_system_monitor.cc:116: x is over 95% full,"
+                                                       " available space: 1 GB; capacity: 2 GB"]]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "medhier.runtime"]
+    assert warnings == [
+        f"Ray's session directory /tmp/ray/session_2026-12-01_22-14-11_307787_32173 on node {node} is on a disk over 95% full "
+        "(6.3 GB free of 252 GB): Ray cannot spill objects there, and a run whose objects outgrow memory fails. Free space on "
+        "that disk, or give Ray a temporary directory on a larger one (RAY_TMPDIR for a local instance, `ray start --temp-dir` "
+        "on a cluster). Ray repeats this every 10 s; medhier says it once per node."
+        for node in ("10.0.0.1", "10.0.0.2")]
+
+
+@pytest.mark.ray
+def test_the_drivers_printer_of_rays_logs_is_wrapped_once(ray_session):
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    from medhier.config import RuntimeConfig
+    from medhier.runtime import RayDiskWarnings, init_ray
+
+    init_ray(RuntimeConfig(local_num_cpus=8, progress=False))  # a second call: joins, wraps nothing twice
+    printers = [handler for name, handler in dispatcher.handlers if name == "ray_print_logs"]
+    assert len(printers) == 1 and isinstance(printers[0], RayDiskWarnings)
+    assert not isinstance(printers[0].print_logs, RayDiskWarnings)
