@@ -180,10 +180,10 @@ def scoring_process(archive: str, checkpoint: str, output: str, overrides: list[
     stamps = table[table[C.RUN_ID] == summary["run_id"]][C.SCORED_AT]
     first = stamps.min().timestamp()
     # Where the start-up went: the run id is stamped (to the second) when score_archive has loaded
-    # the checkpoint, after Python's imports and Ray's start; the actor writes its report when its
-    # model is ready.
+    # the checkpoint, after Python's imports and Ray's start; the summary says when the first
+    # model actor was ready.
     run_started = calendar.timegm(time.strptime(summary["run_id"].split("-")[0], "%Y%m%dT%H%M%SZ"))
-    actor_ready = max((p.stat().st_mtime for p in Path(output, "runs", summary["run_id"], "actors").glob("*.json")), default=float("nan"))
+    actor_ready = summary["compiled_model"].get("ready_at", float("nan"))
     return {"wall_s": wall, "start_s": first - started, "summary": summary, "images": summary["images_ok"],
             "images_per_s": summary["images_ok"] / wall,
             "phases": (run_started - started, actor_ready - run_started, first - actor_ready, summary["compiled_model"].get("start_s", 0.0))}

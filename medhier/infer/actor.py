@@ -108,6 +108,7 @@ class ActorReport:
     build_seconds: float = 0.0  # calibrating (int8), compiling and checking, when built now
     int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32, made when the model was built
     seconds: float = 0.0  # the actor's whole start-up: checkpoint, model, cache or build
+    ready_at: float = 0.0  # when its model was ready (Unix seconds)
 
 
 def model_cache(root: str, storage_cfg: StorageConfig | None, device: torch.device, model: torch.nn.Module) -> ModelCache:
@@ -161,6 +162,7 @@ class ModelActor:
             variant = compiled_variant(self.preset, self.image_size, settings, self.device, int8.calibration_images if int8 else 0)
             self.report = self._int8(task, int8, cache, variant) if variant.precision == "int8" else self._compile(cache, variant)
             self.report.seconds = round(time.perf_counter() - started, 1)
+            self.report.ready_at = int(time.time() * 1000) / 1000  # ms, down: never after its first batch's stamp
             if settings.report:
                 where = f"{socket.gethostname()}-{os.getpid()}"
                 storage.write_text(storage.join(settings.report, f"{where}.json"), json.dumps(asdict(self.report)), storage_cfg)

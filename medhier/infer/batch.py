@@ -173,7 +173,7 @@ class ScoreSummary:
     int8: dict[str, Any] = field(default_factory=dict)  # int8's comparison with fp32 (medhier/infer/int8.py)
     drift: dict[str, Any] = field(default_factory=dict)  # PSI per feature against the training profile (medhier/infer/drift.py)
     # how the compiled actors got their model: {"cache": hit|built|not kept|mixed, "actors", "folder", "built_at",
-    # "start_s": the slowest actor's start-up}
+    # "start_s": the slowest actor's start-up, "build_s", "ready_at": when the first actor's model was ready (Unix s)}
     compiled_model: dict[str, Any] = field(default_factory=dict)
     deliveries: list[dict[str, Any]] = field(default_factory=list)  # DeliveryStats per Delivery (medhier/infer/deliver.py)
 
@@ -521,7 +521,7 @@ def _actor_reports(folder: str, cache: str, scfg: StorageConfig) -> tuple[dict[s
     ways = {r["cache"] for r in reports}
     compiled = {"cache": ways.pop() if len(ways) == 1 else "mixed", "actors": len(reports), "folder": cache,
                 "built_at": max(r["built_at"] for r in reports), "start_s": max(r["seconds"] for r in reports),
-                "build_s": max(r["build_seconds"] for r in reports)}
+                "build_s": max(r["build_seconds"] for r in reports), "ready_at": min(r["ready_at"] for r in reports)}
     checks = [{**r["int8"], "cached": r["cache"] == "hit"} for r in reports if r["int8"]]
     int8 = {**min(checks, key=lambda c: c["leaf_agreement"] if c["images"] else 2.0), "actors": len(checks)} if checks else {}
     return compiled, int8

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -175,6 +176,7 @@ def test_a_second_run_takes_the_int8_model_from_the_cache_and_scores_the_same(so
     _, int8_out, first = int8_run
     out = str(tmp_path / "warm")
     cache = str(Path(int8_out, "compiled"))
+    started = time.time()
     summary = score(_cfg(*INT8, f"score.model_cache={cache}"), root, checkpoint, out)
     assert first.compiled_model["cache"] == "built" and first.compiled_model["build_s"] > 0
     assert summary.compiled_model["cache"] == "hit" and summary.compiled_model["build_s"] == 0
@@ -184,6 +186,8 @@ def test_a_second_run_takes_the_int8_model_from_the_cache_and_scores_the_same(so
     assert summary.int8["cached"] and "loaded from the model cache" in summary.table()
     assert len(list(Path(cache).rglob("model.pt2"))) == 1  # one entry: model x variant x machine
     warm, cold = _by_path(out), _by_path(int8_out)
+    # when the model was ready: after the run began, before its first row was scored
+    assert started < summary.compiled_model["ready_at"] <= min(r[C.SCORED_AT].timestamp() for r in warm.values() if r[C.SCORED_AT])
     assert warm.keys() == cold.keys()
     assert all(warm[p][k] == cold[p][k] for p in warm for k in warm[p] if k.startswith("p_") or k.endswith("_label"))
 
@@ -387,7 +391,7 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
 
 
 def test_a_killed_run_loses_only_the_files_in_flight_and_the_next_one_adopts_the_rest(checkpoint, ray_session, tmp_path):
-    """``medhier score`` over a few hundred files, stopped with SIGTERM once about half of them
+    """``medhier score`` over 120 files, stopped with SIGTERM once about half of them
     are staged: one line, status 143, no Ray process left; the next run of the same model and
     config adopts what was staged and scores only the rest, and the report has each object once."""
     import re
@@ -397,7 +401,7 @@ def test_a_killed_run_loses_only_the_files_in_flight_and_the_next_one_adopts_the
 
     from tests.processes import descendants, gone_after, medhier, stop, wait_until
 
-    total = 200
+    total = 120
     root = str(tmp_path / "archive")
     synthetic.generate_archive(root, total, seed=3, size=32)
     out = tmp_path / "out"
