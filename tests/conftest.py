@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +31,46 @@ os.environ["MEDHIER_DICOMWEB_TOKEN"] = "medhier-test-" + uuid.uuid4().hex
 for _name in ("MEDHIER_DICOMWEB_USER", "MEDHIER_DICOMWEB_PASSWORD", "MEDHIER_DICOMWEB_CA_BUNDLE",
               "MEDHIER_DICOMWEB_CLIENT_CERT", "MEDHIER_DICOMWEB_CLIENT_KEY"):
     os.environ.pop(_name, None)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _scope(module: str) -> str:
+    """Where a test module runs when xdist spreads the suite over processes (pyproject's
+    addopts: ``-n 2``; ``-n 0`` runs it all in this one): "cluster" for the two-node cluster's
+    tests, "session" for every module with a test on the session's Ray (marker ``ray``, or the
+    ``ray_session`` fixture), so that the instance and the trainings shared through session
+    fixtures are made once, in one process; any other module is a scope of its own, run by
+    whichever process is free. ``module``: its path from the repository root."""
+    if module == "tests/test_cluster.py":
+        return "cluster"
+    text = (ROOT / module).read_text()
+    return "session" if "pytest.mark.ray" in text or "ray_session" in text else module
+
+
+def pytest_xdist_make_scheduler(config, log):
+    from xdist.scheduler import LoadScopeScheduling  # only when xdist runs the session
+
+    class ByRay(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _scope(nodeid.split("::", 1)[0])
+
+    return ByRay(config, log)
+
+
+@pytest.fixture(autouse=True)
+def _no_ray_outside_the_session_scope(request):
+    """A test of a module outside the "session" scope (:func:`_scope`) must not start Ray:
+    ``ray.data`` would start a second local instance in its process without a word."""
+    module = request.node.nodeid.split("::", 1)[0]
+    ray = sys.modules.get("ray")
+    before = ray is not None and ray.is_initialized()
+    yield
+    ray = sys.modules.get("ray")
+    if _scope(module) == module and not before and ray is not None and ray.is_initialized():
+        pytest.fail(f"{request.node.nodeid} started Ray: mark it `ray` (pytest.mark.ray) so that it runs beside the session's Ray")
 
 
 def _free_port() -> int:

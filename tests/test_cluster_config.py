@@ -364,3 +364,29 @@ def test_k8s_raycluster_mirrors_cluster_yaml():
             assert _token_from_secret(container), container["name"]
         account = accounts[template["spec"]["serviceAccountName"]]
         assert re.fullmatch(r"arn:aws:iam::\d{12}:role/[\w+=,.@/-]+", account["metadata"]["annotations"]["eks.amazonaws.com/role-arn"])
+
+
+# -- the job entrypoints -------------------------------------------------------------------------
+
+
+def test_every_job_script_is_the_command_its_docstring_submits():
+    """Each ``jobs/NAME.py`` runs the medhier command it is named for (``plaque_train_seg`` is
+    ``medhier plaque train-seg``), and its docstring shows itself submitted with the cluster's
+    runtime env. `python jobs/NAME.py --help` runs as the job's driver would (tests/test_cluster.py
+    submits prepare, train, score and plaque_fit to a real cluster)."""
+    import os
+    import subprocess
+    import sys
+
+    scripts = sorted((ROOT / "jobs").glob("*.py"))
+    assert {p.stem for p in scripts} >= {"prepare", "train", "tune", "score", "plaque_fit", "plaque_segment"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    runs = {p: subprocess.Popen([sys.executable, str(p.relative_to(ROOT)), "--help"], cwd=ROOT, env=env, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for p in scripts}
+    for path, proc in runs.items():
+        out, err = proc.communicate(timeout=120)
+        command = path.stem.replace("plaque_", "plaque ", 1).replace("_", "-")
+        assert proc.returncode == 0 and out.startswith(f"usage: medhier {command} "), (path.name, out[:200], err[-2000:])
+        doc = " ".join(path.read_text().split('"""')[1].replace("\\\\", " ").split())  # one line, continuations gone
+        assert ("RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . --runtime-env jobs/runtime_env.yaml "
+                f"-- python jobs/{path.stem}.py --") in doc, (path.name, doc)
