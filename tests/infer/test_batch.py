@@ -390,59 +390,6 @@ def test_scored_at_is_when_the_model_scored_the_row_not_when_the_report_was_writ
     assert report["status"].to_pylist() == ["ok", "error"] and report["error_reason"].to_pylist() == [None, "truncated"]
 
 
-def test_a_killed_run_loses_only_the_files_in_flight_and_the_next_one_adopts_the_rest(checkpoint, ray_session, tmp_path):
-    """``medhier score`` over 120 files, stopped with SIGTERM once about half of them
-    are staged: one line, status 143, no Ray process left; the next run of the same model and
-    config adopts what was staged and scores only the rest, and the report has each object once."""
-    import re
-    import signal
-
-    import pyarrow.parquet as pq
-
-    from tests.processes import descendants, gone_after, medhier, stop, wait_until
-
-    total = 120
-    root = str(tmp_path / "archive")
-    synthetic.generate_archive(root, total, seed=3, size=32)
-    out = tmp_path / "out"
-    overrides = ["runtime.progress=false", "score.batch_size=8", "data.decode_batch_size=8", "runtime.local_num_cpus=4"]
-    process = medhier("score", "--archive", root, "--checkpoint", checkpoint, "--output", str(out), "--config", SMOKE, *overrides)
-
-    def staged_files() -> int:
-        rows = 0
-        for path in out.glob("runs/*/staging/*.parquet"):
-            try:
-                rows += pq.ParquetFile(path).metadata.num_rows
-            except Exception:  # still being written
-                pass
-        return rows
-
-    def half_staged() -> bool:
-        assert process.poll() is None, process.communicate()
-        return staged_files() >= total // 2
-
-    wait_until(half_staged, timeout=300, every=0.1, what="half of the archive to be staged")
-    ray_processes = descendants(process.pid)
-    code, stdout, stderr = stop(process, signal.SIGTERM)
-    assert code == 143, stderr
-    line = stderr.strip().splitlines()[-1]
-    assert line.startswith("medhier score: stopped by SIGTERM. Committed: nothing of run ")
-    assert "the next run of this model adopts them" in line and f"re-run: medhier score --archive {root}" in line
-    assert "SIGTERM received" not in stderr and "Traceback" not in stderr
-    assert not gone_after(ray_processes), "Ray processes outlived medhier score"
-    staged = staged_files()
-    assert not (out / "report").exists()
-    noted = int(re.search(r"; ([\d,]+) scored rows are staged", line).group(1).replace(",", ""))
-    assert total // 2 <= noted <= staged  # what the line says was there when it stopped
-
-    again = score(load_config(SMOKE, overrides), root, checkpoint, str(out))
-    assert again.adopted == staged and again.adopted + again.files == total  # every staged file adopted, none scored twice
-    assert again.files <= total * 0.5  # about half is left; the stop came once half was staged
-    assert _rows_per_file(str(out)) == Counter({p: 1 for p in _listed(root)})
-    assert set(report_table(str(out), columns=[C.RUN_ID])[C.RUN_ID].to_pylist()) == {again.run_id}
-    assert again.removed_runs == again.adopted_from  # the stopped run's folder goes once its rows are committed
-
-
 def test_rows_of_another_model_or_config_or_cut_short_are_never_adopted(archive, checkpoint, ray_session, tmp_path):
     """Four runs killed before their commit: one staged rows of another model, one ran with
     another config, one left only a file cut short by the kill (no Parquet footer), one staged

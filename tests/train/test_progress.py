@@ -33,8 +33,7 @@ def test_an_epoch_reads_as_one_line_of_rounded_numbers(record, epochs, line):
     assert epoch_line(record, epochs, "leaf_macro_auc", elapsed_s=72.4, mean_epoch_s=30.0) == line
 
 
-@pytest.mark.ray
-@pytest.mark.slow
+@pytest.mark.slow  # not `ray`: medhier starts its own Ray, beside the session's
 def test_medhier_train_prints_a_line_per_epoch_and_none_of_rays_noise_then_stops_on_ctrl_c(tmp_path):
     """`medhier train` as a user runs it, a real process with its own Ray: the cache's summary
     (its reason codes in their column), one line per epoch and nothing else while it trains;
