@@ -137,6 +137,15 @@ def ray_session():
     shutdown_ray()
 
 
+def session_ray_address() -> str:
+    """The session's Ray (GCS address) for Ray's state API (``ray.util.state``), which otherwise
+    looks for every Ray on the machine and refuses when a test's own ``medhier`` process runs
+    one beside it ("Found multiple active Ray instances")."""
+    import ray
+
+    return ray.get_runtime_context().gcs_address
+
+
 @pytest.fixture(scope="session")
 def finished_run(tmp_path_factory, ray_session):
     """One phantom training run finished as ``medhier train`` finishes it: temperatures,

@@ -44,11 +44,14 @@ def test_reading_a_cache_starts_no_footer_reader_processes(ray_session, tmp_path
     import ray.data
     from ray.util.state import list_actors
 
+    from tests.conftest import session_ray_address
+
     for i in range(3):
         pq.write_table(pa.table({"x": list(range(i * 4, i * 4 + 4))}), tmp_path / f"part-{i}.parquet")
 
     def footer_readers() -> set[str]:
-        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "FooterReader")], limit=10000, raise_on_missing_output=False)}
+        return {a.actor_id for a in list_actors(address=session_ray_address(), filters=[("class_name", "=", "FooterReader")], limit=10000,
+                                                raise_on_missing_output=False)}
 
     before = footer_readers()
     assert sorted(r["x"] for r in ray.data.read_parquet(str(tmp_path)).take_all()) == list(range(12))

@@ -91,8 +91,10 @@ def training_leftovers() -> tuple[set[str], set[str]]:
     import ray
     from ray.util.state import list_actors
 
+    from tests.conftest import session_ray_address
+
     pgs = {pid for pid, p in ray.util.placement_group_table().items() if p["state"] != "REMOVED"}
-    alive = list_actors(filters=[("state", "=", "ALIVE")])
+    alive = list_actors(address=session_ray_address(), filters=[("state", "=", "ALIVE")])
     return pgs, {a.actor_id for a in alive if a.class_name in ("RayTrainWorker", "TrainController")}
 
 
