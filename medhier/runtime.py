@@ -133,13 +133,14 @@ def _say_ray_disk_warnings_once() -> None:
         # Ray's private dispatcher: no public hook filters forwarded lines; if it moves, Ray's
         # lines are printed unfiltered (as --verbose does)
         from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-    except ImportError:
+
+        with dispatcher._lock:
+            dispatcher.handlers = [
+                (name, RayDiskWarnings(handler) if name == "ray_print_logs" and not isinstance(handler, RayDiskWarnings) else handler)
+                for name, handler in dispatcher.handlers
+            ]
+    except (ImportError, AttributeError):
         return
-    with dispatcher._lock:
-        dispatcher.handlers = [
-            (name, RayDiskWarnings(handler) if name == "ray_print_logs" and not isinstance(handler, RayDiskWarnings) else handler)
-            for name, handler in dispatcher.handlers
-        ]
 
 
 def use_v1_parquet_reader() -> None:
