@@ -73,6 +73,83 @@ def carotid_archive(workdir: str, patients: int, seed: int) -> str:
     return root
 
 
+class RayHead:
+    """A running Ray cluster's head, as a scheduled job finds it: ``ray start --head`` in a private
+    temporary folder (token auth with a private token file, ports picked free, ``cpus`` logical
+    CPUs), left idle ``settle`` seconds so that its daemons and pre-started workers are up. A
+    process joins it with :attr:`client_env` (what ``ray job submit`` gives a job's driver:
+    ``RAY_ADDRESS``). Stopped by its own processes' ids (they carry a marker in their
+    environment), never by ``ray stop``, which would stop every Ray on the machine."""
+
+    MARKER = "MEDHIER_BENCH_RAY_HEAD"
+
+    def __init__(self, workdir: str, cpus: int, settle: float = 10.0):
+        import secrets
+        import tempfile
+
+        self.tag, self.cpus, self.settle = secrets.token_hex(4), cpus, settle
+        self.temp = tempfile.mkdtemp(prefix="mhb-", dir="/tmp")  # short: Ray's socket paths are limited
+        self.token = os.path.join(workdir, f"ray-token-{self.tag}")
+        with open(self.token, "w") as f:
+            f.write(secrets.token_hex(16))
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.client_env = {"RAY_ADDRESS": self.address, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": self.token}
+
+    def __enter__(self) -> "RayHead":
+        import subprocess
+        import sys
+
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=self.token, RAY_USAGE_STATS_ENABLED="0", **{self.MARKER: self.tag})
+        ray = os.path.join(os.path.dirname(sys.executable), "ray")
+        out = subprocess.run([ray, "start", "--head", "--port", str(self.port), "--num-cpus", str(self.cpus), "--num-gpus", "0",
+                              "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp, "--dashboard-host", "127.0.0.1",
+                              "--dashboard-port", str(_free_port()), "--disable-usage-stats"],
+                             env=env, capture_output=True, text=True, timeout=180, check=False)
+        if out.returncode:
+            self.__exit__()
+            raise RuntimeError(f"ray start --head failed ({out.returncode}):\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+        time.sleep(self.settle)
+        return self
+
+    def processes(self) -> list[int]:
+        mark = f"{self.MARKER}={self.tag}".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if mark in f.read().split(b"\0"):
+                        found.append(int(entry))
+            except (OSError, ValueError):
+                continue
+        return found
+
+    def __exit__(self, *exc) -> None:
+        import shutil
+        import signal
+
+        deadline = time.monotonic() + 30
+        while (pids := self.processes()) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+            time.sleep(0.3)
+        shutil.rmtree(self.temp, ignore_errors=True)
+        if os.path.exists(self.token):
+            os.remove(self.token)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def archive_files(root: str) -> list[str]:
     """Every object of the archive at ``root`` as a full path or URI, labels.csv left out."""
     from medhier.io import storage
