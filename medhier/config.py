@@ -638,6 +638,16 @@ class SegConfig:
     lr: float = 3e-3  # AdamW peak learning rate (warm-up and cosine decay from train.*)
     dice_weight: float = 1.0  # DiceCELoss: lambda_dice
     ce_weight: float = 1.0  # DiceCELoss: lambda_ce
+    # DiceCELoss's per-label weight (CE and Dice) from the training split's voxels per label
+    # (medhier.plaque.seg_step.class_weights), so the plaque components (~0.1 % of the voxels)
+    # are not drowned by background, lumen and wall: "inverse_sqrt_fg" weighs a label by
+    # sqrt(commonest foreground label's voxels / its voxels), the background as that commonest
+    # label; "inverse_sqrt" by sqrt(commonest label's voxels / its voxels), background included
+    # (raises the components most, but the vessel grows into the background: lumen and outer wall
+    # Dice drop on small runs); both capped at max_class_weight. "none": 1 each. See
+    # benchmarks/RESULTS.md (issue 19) for what each did on the phantoms.
+    class_weights: Literal["none", "inverse_sqrt", "inverse_sqrt_fg"] = "none"
+    max_class_weight: float = 50.0  # cap on a label's weight relative to the commonest label's (>= 1)
     metric: Literal["val_dice", "val_loss"] = "val_dice"  # picks best/ and stops early
     rotation_deg: float = 10.0  # augmentation: uniform rotation in [-r, r]
     scale: list[float] = field(default_factory=lambda: [0.9, 1.1])  # isotropic zoom range
@@ -667,6 +677,8 @@ class SegConfig:
             raise ConfigError(f"{name}.dropout: must be in [0, 1), got {self.dropout}")
         if self.dice_weight < 0 or self.ce_weight < 0 or self.dice_weight + self.ce_weight == 0:
             raise ConfigError(f"{name}.dice_weight, ce_weight: >= 0 and not both 0")
+        if not self.max_class_weight >= 1:
+            raise ConfigError(f"{name}.max_class_weight: a cap relative to the commonest label's weight, >= 1, got {self.max_class_weight}")
         if not 0 <= self.rotation_deg <= 45:
             raise ConfigError(f"{name}.rotation_deg: must be in [0, 45], got {self.rotation_deg}")
         if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:

@@ -6,7 +6,9 @@
 Loss: ``DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True)``
 weighted ``seg.dice_weight`` : ``seg.ce_weight``. ``batch=True`` takes each label's Dice over the
 whole batch, not per slice: a plaque component lies in a few slices only, and a per-slice Dice
-of a label a slice does not hold says nothing.
+of a label a slice does not hold says nothing. ``seg.class_weights`` gives the loss a weight per
+label from the training split's voxels per label (:func:`class_weights`): the plaque components
+hold about 0.1 % of the voxels, and unweighted they hardly move the loss.
 
 Validation (rank 0, every validation slice): ``val_loss``; ``val_dice``, the mean over the
 foreground labels of each label's Dice over all validation voxels (MONAI's
@@ -34,7 +36,7 @@ from medhier.plaque.seg_presets import eval_preset, train_preset
 from medhier.plaque.seg_samples import INPUTS, LABEL_MAP
 from medhier.train.loop import Env
 
-__all__ = ["COLUMNS", "SampleCollate", "SegStep", "dice_by_label"]
+__all__ = ["COLUMNS", "SampleCollate", "SegStep", "class_weights", "dice_by_label"]
 
 COLUMNS = (INPUTS, LABEL_MAP)  # what a training batch needs from the cache
 
@@ -63,14 +65,49 @@ def dice_by_label(confusion: torch.Tensor) -> list[float | None]:
     return [None if math.isnan(d) else float(d) for d in dice.tolist()]
 
 
+def class_weights(counts: dict[str, int], mode: str = "inverse_sqrt", max_weight: float = 50.0) -> np.ndarray | None:
+    """The training split's voxels per label name (``class_counts`` of the cache) -> DiceCELoss's
+    weight per label value, float32 (len(labels.NAMES),), or None for ``mode`` "none".
+
+    "inverse_sqrt": sqrt(n_max / n_label), n_max the commonest label's voxels (so that label gets
+    1), capped at ``max_weight``. "inverse_sqrt_fg": the same with the background counted as if
+    it held no more voxels than the commonest foreground label, so background, lumen and wall keep
+    about equal weights and only the plaque components are raised (plain "inverse_sqrt" weighs the
+    background ~1/6 of lumen and wall on the phantoms, and the model grows the vessel). Then the
+    weights are scaled so that the foreground labels' average 1: cross-entropy's weighted mean
+    does not depend on the scale, and the Dice term (foreground labels only,
+    include_background=False) keeps its size, so seg.dice_weight : seg.ce_weight keeps its
+    meaning. The square root, not the plain inverse: a 1000-fold rarer label weighed 1000-fold
+    makes the model paint it everywhere. A label with no training voxels gets 1 before the scaling
+    (as the commonest label): CE never meets it as truth, and its Dice term only teaches the model
+    not to predict it, which needs no extra push. No voxels at all: all 1.
+    """
+    if mode == "none":
+        return None
+    if mode not in ("inverse_sqrt", "inverse_sqrt_fg"):
+        raise ValueError(f"class_weights: mode {mode!r}: expected 'none', 'inverse_sqrt' or 'inverse_sqrt_fg'")
+    if not max_weight >= 1:
+        raise ValueError(f"class_weights: max_weight must be >= 1, got {max_weight}")
+    n = np.array([max(int(counts.get(name, 0) or 0), 0) for name in L.NAMES], dtype=np.float64)
+    if mode == "inverse_sqrt_fg" and n[1:].any():
+        n[L.BACKGROUND] = min(n[L.BACKGROUND], n[1:].max())
+    weights = np.ones(len(L.NAMES))
+    present = n > 0
+    if present.any():
+        weights[present] = np.minimum(np.sqrt(n[present].max() / n[present]), max_weight)
+    return (weights / weights[1:].mean()).astype(np.float32)
+
+
 class SegStep:
     """:class:`medhier.train.loop.Step` of the plaque segmentation model."""
 
     def __init__(self, cfg: Config, env: Env, class_counts: dict[str, int]):
         self.cfg, self.env = cfg, env
         seg = cfg.seg
+        weight = class_weights(class_counts, seg.class_weights, seg.max_class_weight)
         self.loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, batch=True,
-                                  lambda_dice=seg.dice_weight, lambda_ce=seg.ce_weight)
+                                  lambda_dice=seg.dice_weight, lambda_ce=seg.ce_weight,
+                                  weight=None if weight is None else torch.from_numpy(weight)).to(env.device)
         self.augment = train_preset(seg).to(env.device)
         self.plain = eval_preset(seg).to(env.device)
         self.metric, self.minimise = seg.metric, seg.metric == "val_loss"
