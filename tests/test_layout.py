@@ -70,6 +70,19 @@ def test_importing_the_platform_loads_no_task_and_io_loads_no_ray_or_torch():
     assert out.stdout.strip() == "[] []", out.stdout
 
 
+def test_a_scoring_run_loads_no_training_or_plotting_libraries():
+    """Every model actor (and the ``medhier score`` driver) imports what it unpickles: the task
+    object and its modules. Plotting (matplotlib), fitting (scipy.optimize, sklearn) and Ray Train
+    cost ~3 s of a nightly run's start-up there (issue 24) and are only needed after training."""
+    code = (
+        "import sys\n"
+        "import medhier.infer.actor, medhier.classify.task, medhier.classify.score, medhier.infer.batch\n"
+        "print(sorted({'matplotlib', 'sklearn', 'scipy.optimize', 'ray.train', 'medhier.train.loop'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
 RAY_DATASET_MAKERS = ("from_items", "from_arrow", "from_numpy", "from_pandas", "read_parquet", "read_binary_files", "read_images", "range")
 
 

@@ -31,9 +31,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from scipy.optimize import minimize_scalar
 
 from medhier.classify.taxonomy import Taxonomy
 
@@ -103,6 +100,8 @@ def _fit_one(log_p: np.ndarray, y: np.ndarray) -> float:
     """The temperature minimising the NLL of ``y`` under softmax(log_p / T) (bounded search over log T)."""
     if not len(y):
         return 1.0
+    from scipy.optimize import minimize_scalar  # ~0.3 s: fitting only, never in a model actor or the scoring driver
+
     result = minimize_scalar(lambda lt: _nll(log_p, y, lt), bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-4})
     return float(math.exp(result.x))
 
@@ -161,6 +160,9 @@ def reliability_png(path: str | os.PathLike, title: str, curves: dict[str, tuple
     """A reliability diagram: per curve name ({"before": (p (N, K), y (N,)), "after": ...}) the
     accuracy of each confidence bin against its mean confidence, the diagonal being perfect
     calibration; the ECE in the legend. Writes a PNG at ``path`` -> path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # ~0.5 s: plotting only, never in a model actor
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(6.5, 6.0), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

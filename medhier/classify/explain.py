@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from matplotlib import colormaps
 from PIL import Image
 from torch import nn
 
@@ -268,6 +267,8 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, alpha: float = 0.4) -> b
         raise ValueError(f"overlay_png: need a 2-D image and a heat map of the same shape, got {image.shape} and {heatmap.shape}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"overlay_png: alpha must be in [0, 1], got {alpha}")
+    from matplotlib import colormaps  # ~0.4 s: only runs that explain draw overlays; `medhier score` imports this module
+
     grey = np.repeat(image.astype(np.float32)[..., None] / 255.0, 3, axis=-1)
     colour = colormaps["jet"](np.clip(np.nan_to_num(heatmap), 0.0, 1.0))[..., :3]
     rgb = np.rint(((1.0 - alpha) * grey + alpha * colour) * 255.0).astype(np.uint8)

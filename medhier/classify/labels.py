@@ -11,14 +11,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from medhier import columns as C
 from medhier.classify.taxonomy import Taxonomy, TaxonomyError
 
-__all__ = ["LEAF_INDEX", "MAIN", "MAIN_INDEX", "SUB", "SUB_INDEX", "HierarchicalLabels"]
+__all__ = ["LEAF_INDEX", "MAIN", "MAIN_INDEX", "SUB", "SUB_INDEX", "TRAIN_COLUMNS", "HierarchicalLabels"]
 
 MAIN, SUB = "main", "sub"  # class names as the manifest gives them
 MAIN_INDEX = "main_index"  # index of the main class in the taxonomy
 SUB_INDEX = "sub_index"  # index of the subclass within its main class
 LEAF_INDEX = "leaf_index"  # global leaf index (main, sub)
+TRAIN_COLUMNS = (C.IMAGE, MAIN_INDEX, LEAF_INDEX)  # what a training batch needs from the cache
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from medhier.config import Config
 
@@ -98,6 +96,9 @@ def risk_coverage_png(path: str | os.PathLike, curves: dict[str, tuple[np.ndarra
                       target: float | None = None) -> str:
     """Accuracy against coverage per named (confidence, correct) pair, the referral threshold's
     operating point marked on each and the target accuracy as a line. Writes a PNG -> path."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # ~0.5 s: plotting only, never in a model actor
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(7.0, 5.5), layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()

@@ -12,7 +12,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from medhier import columns as C
-from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
+from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX, TRAIN_COLUMNS
 from medhier.classify.metrics import balanced_class_weights, evaluate, subclass_weights
 from medhier.classify.model import HierarchicalLoss
 from medhier.classify.presets import eval_preset, train_preset
@@ -22,7 +22,7 @@ from medhier.train.loop import Env
 
 __all__ = ["COLUMNS", "ClassifyStep", "class_weights"]
 
-COLUMNS = (C.IMAGE, MAIN_INDEX, LEAF_INDEX)  # what a training batch needs from the cache
+COLUMNS = TRAIN_COLUMNS
 
 
 class ImageCollate(NumpyBatchCollateFn):

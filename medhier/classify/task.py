@@ -5,7 +5,7 @@ columns, study roll-up). The platform never imports this package; the classifier
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -13,11 +13,10 @@ from torch import nn
 
 from medhier.classify.calibration import Temperatures
 from medhier.classify.export import export_samples, export_spec
-from medhier.classify.labels import HierarchicalLabels
+from medhier.classify.labels import TRAIN_COLUMNS, HierarchicalLabels
 from medhier.classify.model import build_model, untie_shared_modules
 from medhier.classify.referral import Referral
 from medhier.classify.report import ClassifierPredictor, LeafTally, answer, report_columns, report_values
-from medhier.classify.step import COLUMNS, ClassifyStep
 from medhier.classify.studies import write_studies
 from medhier.classify.taxonomy import Taxonomy
 from medhier.config import Config, StorageConfig
@@ -25,7 +24,10 @@ from medhier.data.cache import CacheInfo, check_preprocess_matches
 from medhier.infer.export import ExportSpec
 from medhier.infer.ledger import Ledger
 from medhier.train.checkpoint import Loaded
-from medhier.train.loop import Env
+
+if TYPE_CHECKING:
+    from medhier.classify.step import ClassifyStep
+    from medhier.train.loop import Env
 
 __all__ = ["CLASSIFY", "Classifier", "taxonomy_of"]
 
@@ -35,7 +37,7 @@ class Classifier:
 
     name = "classify"
     model_sections = ("taxonomy", "dicom", "preprocess", "model")
-    columns = COLUMNS
+    columns = TRAIN_COLUMNS
 
     def codec(self, cfg: Config) -> HierarchicalLabels:
         return HierarchicalLabels(Taxonomy.from_config(cfg.taxonomy))
@@ -54,6 +56,8 @@ class Classifier:
         return cfg.train.metric
 
     def make_step(self, cfg: Config, env: Env, class_counts: dict[str, int]) -> ClassifyStep:
+        from medhier.classify.step import ClassifyStep  # training only (Ray Train, sklearn): model actors and scoring drivers never load it
+
         return ClassifyStep(cfg, env, class_counts)
 
     def predictor(self, loaded: Loaded) -> ClassifierPredictor:
