@@ -49,7 +49,8 @@ def main() -> None:
     if not os.path.exists(os.path.join(archive, "labels.csv")):
         shutil.rmtree(archive, ignore_errors=True)
         synthetic.generate_archive(archive, args.n, seed=77, size=args.size, difficulty=0.3)
-    leaves = taxonomy_of(load_checkpoint(checkpoint, CLASSIFY)).leaf_names
+    loaded = load_checkpoint(checkpoint, CLASSIFY)
+    leaves = taxonomy_of(loaded).leaf_names
 
     cfg = load_config(None, ["runtime.progress=false"])
     init_ray(cfg.runtime)

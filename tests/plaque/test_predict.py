@@ -25,7 +25,7 @@ from medhier.infer.ledger import Ledger
 from medhier.plaque.measure import MEASUREMENTS
 from medhier.plaque.model import load_model
 from medhier.plaque.patients import read_patients
-from medhier.plaque.predict import LEDGER_KEY, REASONS, predict_archive
+from medhier.plaque.predict import LEDGER_KEY, predict_archive
 from medhier.plaque.seg_task import PLAQUE_SEG
 from medhier.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.plaque.phantoms import cfg, copy_archive
