@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from medhier.config import ModelConfig
 from medhier.io import storage
@@ -40,11 +38,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STAGES = ("layer1", "layer2", "layer3", "layer4")
-_ARCHS = {
-    "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
-    "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, 512),
-    "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2, 2048),
-}
+
+
+def _arch(name: str):
+    """-> (torchvision factory, ImageNet weights enum, trunk channels) of a ResNet."""
+    # torchvision imports torch._dynamo (~2-3 s of a fresh process here): only where a model is
+    # built, never in a scoring driver or a model actor that runs a cached compiled model.
+    import torchvision
+
+    return {
+        "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1, 512),
+        "resnet34": (torchvision.models.resnet34, torchvision.models.ResNet34_Weights.IMAGENET1K_V1, 512),
+        "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2, 2048),
+    }[name]
 
 
 class PretrainedWeightsError(ValueError):
@@ -238,7 +244,7 @@ class FlatResNet(_Base):
 def build_model(cfg: ModelConfig, taxonomy: Taxonomy, storage_cfg=None, load_pretrained: bool = True) -> _Base:
     """A model for ``cfg`` and ``taxonomy``; ``load_pretrained=False`` skips the pretrained
     weights (when a checkpoint's weights are about to be loaded anyway)."""
-    factory, weights, channels = _ARCHS[cfg.arch]
+    factory, weights, channels = _arch(cfg.arch)
     resnet = factory(weights=None)
     if load_pretrained and cfg.pretrained != "none":
         resnet.load_state_dict(_pretrained_state(cfg, weights, storage_cfg))
@@ -271,7 +277,7 @@ def _pretrained_state(cfg: ModelConfig, weights, storage_cfg) -> dict[str, torch
     if not isinstance(state, dict):
         raise PretrainedWeightsError(f"model.pretrained: {cfg.pretrained!r} holds a {type(state).__name__}, not a state_dict")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    expected = _ARCHS[cfg.arch][0](weights=None).state_dict()
+    expected = _arch(cfg.arch)[0](weights=None).state_dict()
     missing = [k for k in expected if k not in state and not k.startswith("fc.")]
     wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
     if missing or wrong:
@@ -286,30 +292,10 @@ def _pretrained_state(cfg: ModelConfig, weights, storage_cfg) -> dict[str, torch
 # -- int8: one module per call ----------------------------------------------------------------
 
 
-class _BasicBlock(BasicBlock):
-    """torchvision's block, but with one ReLU module per use: the quantizer matches conv → add →
-    relu patterns per module, and one ReLU module called twice reads as one pattern with two
-    outputs ("Input partition has more than one output node")."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu_a(self.bn1(self.conv1(x)))
-        return self.relu_b(self.bn2(self.conv2(out)) + identity)
-
-
-class _Bottleneck(Bottleneck):
-    """See :class:`_BasicBlock`."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu_a(self.bn1(self.conv1(x)))
-        out = self.relu_b(self.bn2(self.conv2(out)))
-        return self.relu_c(self.bn3(self.conv3(out)) + identity)
-
-
 class _CBAM(CBAM):
     """medhier's CBAM with its shared MLP run once on both poolings (concatenated along the
-    batch), for the same reason as :class:`_BasicBlock`: the same function, one call. Only in the
+    batch), for the same reason as :mod:`medhier.classify.blocks`' ResNet blocks: the same
+    function, one call. Only in the
     int8 copy: training keeps the two calls, so that its runs stay bit-for-bit as before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -322,14 +308,16 @@ class _CBAM(CBAM):
 def untie_shared_modules(model: nn.Module) -> None:
     """Give every module call its own module, in place, so that int8 export quantization
     (:func:`medhier.infer.int8.quantize`, which works on a copy) matches every pattern."""
+    from medhier.classify.blocks import BasicBlock, Bottleneck, OneCallBasicBlock, OneCallBottleneck  # torchvision: see _arch
+
     for module in model.modules():
         if type(module) is CBAM:
             module.__class__ = _CBAM
         elif type(module) is BasicBlock:
-            module.__class__ = _BasicBlock
+            module.__class__ = OneCallBasicBlock
             module.relu_a, module.relu_b = nn.ReLU(), nn.ReLU()
         elif type(module) is Bottleneck:
-            module.__class__ = _Bottleneck
+            module.__class__ = OneCallBottleneck
             module.relu_a, module.relu_b, module.relu_c = nn.ReLU(), nn.ReLU(), nn.ReLU()
 
 

@@ -36,6 +36,7 @@ class Classifier:
     """The hierarchical classifier's task object (stateless; every method takes the config)."""
 
     name = "classify"
+    model_module = "medhier.classify.model"
     model_sections = ("taxonomy", "dicom", "preprocess", "model")
     columns = TRAIN_COLUMNS
 

@@ -8,6 +8,7 @@ scoring, evaluation after training and the online endpoint all run their models 
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import logging
@@ -28,11 +29,11 @@ from medhier import columns as C
 from medhier.config import Config, StorageConfig
 from medhier.infer import compiled as compiled_module
 from medhier.infer import int8 as int8_module
-from medhier.infer.compiled import PACKAGE_FILE, CompiledModel, ModelCache, Variant, as_tuple, build_package, code_hash, fingerprint
+from medhier.infer.compiled import PACKAGE_FILE, CompiledModel, ModelCache, Variant, as_tuple, build_package, code_hash, fingerprint, load_package
 from medhier.infer.int8 import Agreement, agreement, check_agreement, quantize
 from medhier.io import storage
 from medhier.runtime import cpu_threads, execute_pipeline
-from medhier.train.checkpoint import Loaded, ModelTask, load_checkpoint
+from medhier.train.checkpoint import Loaded, ModelTask, built, load_checkpoint
 from medhier.train.precision import autocast_dtype, precision_name
 
 __all__ = ["SCORED_MS", "ActorReport", "ActorSettings", "InferTask", "Int8Settings", "ModelActor", "Predictor", "actor_resources",
@@ -61,6 +62,10 @@ class InferTask(ModelTask, Protocol):
     def predictor(self, loaded: Loaded) -> Predictor:
         """The predictor for a checkpoint: its config and what it fitted after training
         (``Loaded.task_meta``, e.g. the classifier's temperatures)."""
+
+    # The module that defines the task's network: its source is part of a compiled model's cache
+    # key (medhier.infer.compiled.code_hash), without building the network.
+    model_module: str
 
     def prepare_int8(self, model: torch.nn.Module) -> None:
         """Rewrite a copy of the model, in place, into a form int8 quantization matches."""
@@ -111,10 +116,10 @@ class ActorReport:
     ready_at: float = 0.0  # when its model was ready (Unix seconds)
 
 
-def model_cache(root: str, storage_cfg: StorageConfig | None, device: torch.device, model: torch.nn.Module) -> ModelCache:
-    """The compiled models under ``root`` that this machine (``device``'s) can run for ``model``'s
-    code: the fingerprint names the task's model module and the compilation code."""
-    return ModelCache(root, storage_cfg, fingerprint(device, code_hash(type(model), compiled_module, int8_module)))
+def model_cache(root: str, storage_cfg: StorageConfig | None, device: torch.device, task: InferTask) -> ModelCache:
+    """The compiled models under ``root`` that this machine (``device``'s) can run for ``task``'s
+    model code: the fingerprint hashes the task's model module and the compilation code."""
+    return ModelCache(root, storage_cfg, fingerprint(device, code_hash(importlib.import_module(task.model_module), compiled_module, int8_module)))
 
 
 def compiled_variant(preset: torch.nn.Module, image_size: int, settings: ActorSettings, device: torch.device,
@@ -143,22 +148,22 @@ class ModelActor:
             torch.set_num_threads(cpu_threads(settings.threads))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.storage = storage_cfg
-        loaded = load_checkpoint(checkpoint, task, storage_cfg)
-        self.loaded, self.model_id = loaded, loaded.model_id
+        loaded = load_checkpoint(checkpoint, task, storage_cfg, build=False)  # built when needed: see eager
+        self.task, self.loaded, self.model_id = task, loaded, loaded.model_id
         self.predictor = task.predictor(loaded)
         self.image_size = loaded.cfg.preprocess.image_size
         self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
-        self.model = loaded.model.to(self.device, memory_format=self.memory_format).eval()
+        self._eager: torch.nn.Module | None = None
         self.preset = self.predictor.preset.to(self.device)
         self.amp_dtype = None if settings.precision == "int8" else autocast_dtype(settings.precision, self.device)
         self.batch_size = settings.batch_size
         self.compiled = settings.compile or settings.precision == "int8"
         self.annotator = annotator
-        # Gradients (Grad-CAM) and the int8 check need the eager model even when a compiled one scores.
-        self.eager = self.model
         self.report: ActorReport | None = None
-        if self.compiled:
-            cache = model_cache(settings.model_cache, storage_cfg, self.device, self.eager) if settings.model_cache else None
+        if not self.compiled:
+            self.model = self.eager
+        else:
+            cache = model_cache(settings.model_cache, storage_cfg, self.device, task) if settings.model_cache else None
             variant = compiled_variant(self.preset, self.image_size, settings, self.device, int8.calibration_images if int8 else 0)
             self.report = self._int8(task, int8, cache, variant) if variant.precision == "int8" else self._compile(cache, variant)
             self.report.seconds = round(time.perf_counter() - started, 1)
@@ -169,6 +174,29 @@ class ModelActor:
             log.info("compiled model: %s", asdict(self.report))
             if self.report.int8:
                 check_agreement(Agreement(**{f.name: self.report.int8[f.name] for f in fields(Agreement)}), int8.min_agreement)
+
+    @property
+    def eager(self) -> torch.nn.Module:
+        """The checkpoint's eager model on this actor's device, built on first use. Uncompiled
+        scoring, compiling, the int8 check and Grad-CAM need it; an actor that runs a compiled
+        model from the cache never builds it (nor imports what defines it: seconds of start-up)."""
+        if self._eager is None:
+            self._eager = built(self.loaded, self.task).to(self.device, memory_format=self.memory_format).eval()
+        return self._eager
+
+    def _output_type(self, meta: dict[str, Any], example: torch.Tensor) -> type:
+        """The dataclass the eager model returns (a compiled one returns its fields as a tuple):
+        the one a cache entry's meta.json names, else found by running the eager model once."""
+        module, _, name = str(meta.get("output_type", "")).partition(":")
+        if module and name:
+            try:
+                found = getattr(importlib.import_module(module), name)
+                if isinstance(found, type):
+                    return found
+            except (ImportError, AttributeError):  # renamed since the entry was built: ask the model
+                pass
+        with torch.inference_mode():
+            return type(self.eager(example[:1]))
 
     def _example(self) -> torch.Tensor:
         """A preprocessed batch of ``batch_size`` blank images: the shape packages are built for."""
@@ -182,27 +210,25 @@ class ModelActor:
         else built from ``module()`` (tuple outputs), checked by ``info`` (which may raise: then
         nothing is kept) and stored -> (the model, how it was had)."""
         example = self._example()
-        with torch.inference_mode():
-            output_type = type(self.eager(example[:1]))  # the dataclass the compiled model returns too
         if cache is not None:
             hit = cache.load(self.model_id, variant, self.device)
             if hit is not None:
                 runner, meta = hit
-                return CompiledModel(runner, self.batch_size, output_type), ActorReport(
+                return CompiledModel(runner, self.batch_size, self._output_type(meta, example)), ActorReport(
                     variant.name, "hit", cache.folder(self.model_id, variant), meta["built_at"], int8=meta.get("int8", {}))
-        from torch._inductor import aoti_load_package  # inductor loads only when a package is built or loaded
-
+        output_type = self._output_type({}, example)
         started = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             path = build_package(module(), example, os.path.join(tmp, PACKAGE_FILE))
-            model = CompiledModel(aoti_load_package(path), self.batch_size, output_type)
+            model = CompiledModel(load_package(path), self.batch_size, output_type)
             extra = info(model) if info is not None else {}
-            built = round(time.perf_counter() - started, 1)
+            built_s = round(time.perf_counter() - started, 1)
             where = ""
             if cache is not None:
-                cache.store(self.model_id, variant, path, {"build_seconds": built, **extra})
+                cache.store(self.model_id, variant, path, {"build_seconds": built_s, "output_type": f"{output_type.__module__}:{output_type.__qualname__}",
+                                                           **extra})
                 where = cache.folder(self.model_id, variant)
-        return model, ActorReport(variant.name, "built" if cache is not None else "not kept", where, "", built, extra.get("int8", {}))
+        return model, ActorReport(variant.name, "built" if cache is not None else "not kept", where, "", built_s, extra.get("int8", {}))
 
     def _compile(self, cache: ModelCache | None, variant: Variant) -> ActorReport:
         """Replace the model by its compiled version (bf16/fp16 autocast inside the package)."""

@@ -270,7 +270,7 @@ def score_archive(cfg: Config, archive: str, checkpoint: str, output: str, task:
     """
     start = time.perf_counter()
     archive, output = storage.normalize(archive), storage.normalize(output)
-    loaded = load_checkpoint(checkpoint, task, cfg.storage)
+    loaded = load_checkpoint(checkpoint, task, cfg.storage, build=False)  # the driver never runs the model: its actors do
     run = RunInfo(config_for_checkpoint(cfg, loaded), cfg, task, checkpoint, archive, Ledger(output, cfg.storage), new_run_id(),
                loaded.model_id, cfg.score.model_version or f"epoch-{loaded.epoch}")
     summary = ScoreSummary(run.run_id, archive, output, run.model_id, run.version)
@@ -454,7 +454,7 @@ def _warm(run: RunInfo, actor: ActorSettings, device: torch.device, loaded: Load
     fingerprint; an actor on another GPU type compiles its own."""
     calibration = run.user.score.int8_calibration_images
     variant = compiled_variant(run.task.predictor(loaded).preset, run.cfg.preprocess.image_size, actor, device, calibration)
-    cache = model_cache(actor.model_cache, run.cfg.storage, torch.device("cpu"), loaded.model)
+    cache = model_cache(actor.model_cache, run.cfg.storage, torch.device("cpu"), run.task)
     if device.type == "cpu":
         return cache.meta(run.model_id, variant) is not None
     return any(fp.get("device") == "cuda" and fp.get("torch") == torch.__version__ and fp.get("code") == cache.fingerprint["code"]

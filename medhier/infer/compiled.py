@@ -42,12 +42,13 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from medhier.config import StorageConfig
 from medhier.io import storage
 
-__all__ = ["PACKAGE_FILE", "CompiledModel", "ModelCache", "Variant", "as_tuple", "build_package", "code_hash", "cpu_info", "fingerprint"]
+__all__ = ["PACKAGE_FILE", "CompiledModel", "ModelCache", "Variant", "as_tuple", "build_package", "code_hash", "cpu_info", "fingerprint", "load_package"]
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +172,32 @@ class CompiledModel(nn.Module):
         return self.output_type(*self.compiled(x))
 
 
+class _Package:
+    """A loaded AOTInductor package called as torch's ``aoti_load_package`` result is: the
+    inputs flattened by the package's call spec, the outputs unflattened by it."""
+
+    def __init__(self, loader: Any):
+        self.loader = loader
+        self.out_spec = pytree.treespec_loads(loader.get_call_spec()[1])
+
+    def __call__(self, *args: torch.Tensor):
+        flat = [x for x in pytree.tree_flatten((args, {}))[0] if isinstance(x, torch.Tensor)]
+        return pytree.tree_unflatten(self.loader.boxed_run(flat), self.out_spec)
+
+
+def load_package(path: str, device_index: int = -1) -> Callable:
+    """The package file ``path`` loaded to run. Through torch's C++ package loader when this
+    torch has it: ``torch._inductor.aoti_load_package`` is the same loader, but importing
+    inductor (and torch._dynamo with it) costs a fresh model actor ~1.5 s here, and a nightly
+    run's start-up waits for that actor. Other torch versions: inductor's own function."""
+    loader = getattr(getattr(torch._C, "_aoti", None), "AOTIModelPackageLoader", None)
+    if loader is None:
+        from torch._inductor import aoti_load_package  # this torch has no C++ loader in torch._C: inductor's own
+
+        return aoti_load_package(path, device_index=device_index)
+    return _Package(loader(path, "model", False, 1, device_index))
+
+
 def build_package(module: nn.Module, example: torch.Tensor, path: str) -> str:
     """Export ``module`` (tuple outputs) at ``example``'s shape and compile it ahead of time into
     the package file ``path`` (AOTInductor, weights frozen into the kernels) -> ``path``."""
@@ -254,14 +281,12 @@ class ModelCache:
         if _sha256(data) != meta.get("sha256"):
             log.warning("compiled model cache: %s does not hash to its recorded sha256 (corrupted?); ignored", uri)
             return None
-        from torch._inductor import aoti_load_package  # inductor loads only when a package is loaded
-
         with tempfile.TemporaryDirectory() as tmp:  # the loader reads a local file, then holds what it needs in memory
             local = os.path.join(tmp, PACKAGE_FILE)
             with open(local, "wb") as f:
                 f.write(data)
             try:
-                runner = aoti_load_package(local, device_index=device.index if device.index is not None else -1)
+                runner = load_package(local, device.index if device.index is not None else -1)
             except Exception as exc:  # a package that does not load is rebuilt, whatever the reason
                 log.warning("compiled model cache: %s failed to load (%s: %s); ignored", uri, type(exc).__name__, exc)
                 return None

@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointError",
     "Loaded",
     "amend_checkpoint",
+    "built",
     "ModelTask",
     "config_for_checkpoint",
     "load_checkpoint",
@@ -141,9 +142,10 @@ def save_checkpoint(
 
 @dataclass
 class Loaded:
-    """A loaded checkpoint: the model in eval mode and everything needed to feed it."""
+    """A loaded checkpoint: the model in eval mode and everything needed to feed it. Loaded with
+    ``build=False``, ``model`` is None until :func:`built` makes it from ``state``."""
 
-    model: nn.Module
+    model: nn.Module | None
     cfg: Config
     task: str
     task_meta: dict[str, Any]
@@ -155,6 +157,7 @@ class Loaded:
     uri: str
     defaults: dict[str, dict[str, Any]] = field(default_factory=dict)  # section -> key -> value (see amend_checkpoint)
     profile: dict[str, Any] = field(default_factory=dict)  # the training data's reference profile (medhier.infer.drift)
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # the verified weights while ``model`` is unbuilt
 
 
 def read_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> dict[str, Any]:
@@ -203,11 +206,14 @@ def amend_checkpoint(uri: str, storage_cfg: StorageConfig | None = None, *, task
     storage.write_text(storage.join(directory, META_FILE), json.dumps(meta, indent=2), storage_cfg)
 
 
-def load_checkpoint(uri: str, task: ModelTask, storage_cfg: StorageConfig | None = None, map_location: str = "cpu") -> Loaded:
+def load_checkpoint(uri: str, task: ModelTask, storage_cfg: StorageConfig | None = None, map_location: str = "cpu",
+                    build: bool = True) -> Loaded:
     """Load a checkpoint of ``task`` (a directory or its ``model.pt``, local or ``s3://``).
 
     The model is rebuilt by the task from the checkpoint's own config; its weights must hash to
-    the recorded model_id. The patient salt is never stored: scoring uses its own.
+    the recorded model_id. The patient salt is never stored: scoring uses its own. ``build=False``
+    leaves the model unbuilt (:func:`built` makes it when needed): a model actor that runs a
+    cached compiled model never needs the eager one, nor the libraries that define it.
     """
     data = read_checkpoint(uri, storage_cfg, map_location)
     if data["task"] != task.name:
@@ -215,12 +221,21 @@ def load_checkpoint(uri: str, task: ModelTask, storage_cfg: StorageConfig | None
     public = data["config"]
     public["dicom"]["patient_salt"] = ""
     cfg = Config.from_dict(public)
-    model = task.build_model(cfg, pretrained=False)
-    model.load_state_dict(data["model_state"])
-    model.eval()
-    return Loaded(model, cfg, data["task"], data["task_meta"], tuple(data["model_sections"]), data["model_id"],
-                  int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri,
-                  data.get("defaults", {}), data.get("profile", {}))
+    loaded = Loaded(None, cfg, data["task"], data["task_meta"], tuple(data["model_sections"]), data["model_id"],
+                    int(data["epoch"]), data.get("metrics", {}), data.get("training_state", {}), uri,
+                    data.get("defaults", {}), data.get("profile", {}), data["model_state"])
+    if build:
+        built(loaded, task)
+    return loaded
+
+
+def built(loaded: Loaded, task: ModelTask) -> nn.Module:
+    """The checkpoint's model in eval mode, built from its verified weights on the first call."""
+    if loaded.model is None:
+        model = task.build_model(loaded.cfg, pretrained=False)
+        model.load_state_dict(loaded.state)
+        loaded.model, loaded.state = model.eval(), None
+    return loaded.model
 
 
 def config_for_checkpoint(user: Config, loaded: Loaded) -> Config:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -32,6 +34,7 @@ pytestmark = pytest.mark.ray
 
 SMOKE = str(Path(__file__).parents[2] / "configs" / "smoke.yaml")
 N = 24
+REPO = str(Path(__file__).resolve().parents[2])
 
 
 def _cfg(*overrides: str):
@@ -190,6 +193,38 @@ def test_a_second_run_takes_the_int8_model_from_the_cache_and_scores_the_same(so
     assert started < summary.compiled_model["ready_at"] <= min(r[C.SCORED_AT].timestamp() for r in warm.values() if r[C.SCORED_AT])
     assert warm.keys() == cold.keys()
     assert all(warm[p][k] == cold[p][k] for p in warm for k in warm[p] if k.startswith("p_") or k.endswith("_label"))
+
+
+def test_a_warm_actor_builds_no_eager_model_and_imports_nothing_that_defines_one(checkpoint, int8_run):
+    """Issue 24: a nightly run's start-up waits for its model actor's process. With the compiled
+    int8 model in the cache, a fresh actor loads the package and nothing else: no eager model, no
+    torchvision (nor the torch._dynamo it imports), no inductor, no training or plotting
+    libraries. Asked for it (Grad-CAM, the fp32 reference), it builds the eager model then."""
+    _, int8_out, _ = int8_run
+    cfg = _cfg(*INT8)
+    watched = ("torchvision", "torch._dynamo", "torch._inductor", "matplotlib", "sklearn", "ray.train")
+    code = (
+        "import json, sys\n"
+        "import numpy as np\n"
+        "from medhier.classify.task import CLASSIFY\n"
+        "from medhier.infer.actor import ActorSettings, Int8Settings, ModelActor\n"
+        f"settings = ActorSettings(precision='int8', channels_last={cfg.train.channels_last!r}, threads=1, compile=True, "
+        f"batch_size={cfg.score.batch_size}, model_cache={str(Path(int8_out, 'compiled'))!r})\n"
+        f"actor = ModelActor(CLASSIFY, {checkpoint!r}, None, settings, Int8Settings('', 0.0, {cfg.score.int8_calibration_images}))\n"
+        "images = np.random.default_rng(0).integers(0, 255, (3, actor.image_size, actor.image_size), dtype=np.uint8)\n"
+        "warm = actor.predict_images(images)\n"
+        f"state = {{'cache': actor.report.cache, 'eager': actor._eager is not None, 'loaded': sorted(m for m in {watched!r} if m in sys.modules)}}\n"
+        "fp32 = actor.predict_images(images, eager=True)\n"
+        "state.update(after=actor._eager is not None, leaves=[warm['pred_leaf'].tolist(), fp32['pred_leaf'].tolist()], "
+        "torchvision='torchvision' in sys.modules)\n"
+        "print(json.dumps(state))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    state = json.loads(out.stdout.strip().splitlines()[-1])
+    assert state["cache"] == "hit" and not state["eager"] and state["loaded"] == []
+    assert state["after"] and state["torchvision"]  # built on demand
+    assert [len(leaves) for leaves in state["leaves"]] == [3, 3]
 
 
 def test_incremental_runs_score_only_new_objects(archive, checkpoint, ray_session, tmp_path):

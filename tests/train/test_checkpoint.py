@@ -12,7 +12,7 @@ from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.classify.taxonomy import Taxonomy
 from medhier.config import load_config
 from medhier.io import storage
-from medhier.train.checkpoint import CheckpointError, amend_checkpoint, config_for_checkpoint, load_checkpoint, model_id_of, save_checkpoint
+from medhier.train.checkpoint import CheckpointError, amend_checkpoint, built, config_for_checkpoint, load_checkpoint, model_id_of, save_checkpoint
 
 OVERRIDES = ["model.arch=resnet18", "model.pretrained=none", "model.head_channels=16", "model.hidden=8",
              "preprocess.image_size=48", "dicom.windows.CT=bone", "dicom.patient_salt=never-stored",
@@ -48,6 +48,24 @@ def test_round_trip_rebuilds_model_config_and_taxonomy(saved):
     x = torch.randn(2, 3, 48, 48)
     model.eval()
     torch.testing.assert_close(loaded.model(x).log_p_leaf, model(x).log_p_leaf)
+
+
+def test_a_checkpoint_loaded_without_building_builds_the_same_model_once_when_asked(saved):
+    """What a model actor with a cached compiled model does: read and verify, build nothing."""
+    cfg, tax, model, directory, model_id = saved
+    lazy = load_checkpoint(directory, CLASSIFY, build=False)
+    assert lazy.model is None and lazy.model_id == model_id and taxonomy_of(lazy) == tax
+    first = built(lazy, CLASSIFY)
+    assert first is built(lazy, CLASSIFY) is lazy.model and lazy.state is None and not first.training
+    x = torch.randn(2, 3, 48, 48)
+    model.eval()
+    torch.testing.assert_close(first(x).log_p_leaf, model(x).log_p_leaf)
+    # the weights are verified when read, not when built
+    raw = torch.load(os.path.join(directory, "model.pt"), weights_only=True)
+    raw["model_state"][next(iter(raw["model_state"]))].add_(1.0)
+    torch.save(raw, os.path.join(directory, "model.pt"))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(directory, CLASSIFY, build=False)
     meta = json.loads(open(os.path.join(directory, "meta.json")).read())
     assert meta["model_id"] == model_id and meta["task"] == "classify"
     assert meta["task_meta"]["taxonomy"]["classes"]["lesion"] == ["benign", "malignant"]
