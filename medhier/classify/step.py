@@ -12,7 +12,7 @@ import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from medhier import columns as C
-from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX, TRAIN_COLUMNS
+from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
 from medhier.classify.metrics import balanced_class_weights, evaluate, subclass_weights
 from medhier.classify.model import HierarchicalLoss
 from medhier.classify.presets import eval_preset, train_preset
@@ -20,9 +20,7 @@ from medhier.classify.taxonomy import Taxonomy
 from medhier.config import MINIMISED_METRICS, Config
 from medhier.train.loop import Env
 
-__all__ = ["COLUMNS", "ClassifyStep", "class_weights"]
-
-COLUMNS = TRAIN_COLUMNS
+__all__ = ["ClassifyStep", "class_weights"]
 
 
 class ImageCollate(NumpyBatchCollateFn):
