@@ -290,6 +290,11 @@ class TrainConfig:
     # After training: the referral threshold is the lowest leaf probability at which the images
     # kept reach this accuracy on the validation split (the checkpoint's score.refer_below).
     refer_target_accuracy: float = 0.95
+    # After training: "temperature" fits one temperature per level on the validation split;
+    # "temperature_bias" also one bias per class (undoes the class weights' shift of the
+    # probabilities; can change decisions); "auto" the latter from
+    # medhier.classify.calibration.BIAS_MIN_IMAGES (100) validation images on.
+    calibration: Literal["auto", "temperature", "temperature_bias"] = "auto"
     bootstrap_samples: int = 1000  # patient-level bootstrap resamples behind metrics.json's 95 % intervals
 
     def validate(self, name: str) -> None:

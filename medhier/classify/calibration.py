@@ -14,6 +14,21 @@ class, which :func:`temper` applies; fitting gives one) and applied by the predi
 (:class:`medhier.classify.report.ClassifierPredictor`) wherever probabilities leave medhier. The
 flat baseline head has no main logits and is left uncalibrated.
 
+A temperature cannot move probability from one class to another, and the balanced class weights
+medhier trains with by default (``train.class_weights``) do exactly that: a loss weighting class
+c by w_c fits probabilities proportional to w_c P(c | x), so the rare classes are over-predicted
+on every image however confident the model is. Bias-corrected temperature scaling (BCTS:
+Alexandari, Kundaje and Shrikumar, ICML 2020) adds one fitted bias per class to the tempered
+logits of each level: ``main_bias`` (one per main class) and ``sub_bias`` (one per leaf, added
+before the within-main softmax), stored beside the temperatures. On the phantoms of
+``benchmarks/trust.py`` a temperature alone left 0.5-1.0 of the ECE on 2,000 held-out images in
+three of four trainings; with the biases, fitted on >= 250 images, 0.33-0.37 (RESULTS.md). The
+biases are M + L more parameters: on a few dozen validation images they overfit, so
+``train.calibration: auto`` fits them only from :data:`BIAS_MIN_IMAGES` validation images on.
+Unlike a temperature, biases can change the most probable class: decisions then follow the
+calibrated probabilities, i.e. the training split's class frequencies rather than the weighted
+loss's.
+
 ECE (expected calibration error): images binned by confidence into 15 equal-width bins
 ([left, right)); the image-weighted mean of |accuracy - mean confidence| per bin. Top-label ECE
 uses each image's highest probability and whether that class was right; class-wise ECE
@@ -34,23 +49,32 @@ import torch
 
 from medhier.classify.taxonomy import Taxonomy
 
-__all__ = ["BINS", "TEMPERATURES", "Temperatures", "calibration_errors", "fit_temperatures", "reliability_png", "temper"]
+__all__ = ["BIAS_MIN_IMAGES", "BINS", "TEMPERATURES", "Temperatures", "calibration_errors", "fit_temperatures", "reliability_png", "temper"]
 
 TEMPERATURES = "temperatures"  # the checkpoint's task_meta key
 BINS = 15
 _LOG_T_BOUNDS = (math.log(0.05), math.log(20.0))
+BIAS_MIN_IMAGES = 100  # train.calibration=auto fits class biases from this many validation images on
+_BIAS_L2 = 1e-3  # a softmax ignores a constant added to every bias: the penalty picks zero-mean ones
 
 
 @dataclass(frozen=True)
 class Temperatures:
     """Logit temperatures: ``main`` divides the main logits, ``sub`` the leaf logits (one value,
-    or one per main class, applied to its leaves)."""
+    or one per main class, applied to its leaves); optional biases added after dividing:
+    ``main_bias`` one per main class, ``sub_bias`` one per leaf (module docstring)."""
 
     main: float
     sub: float | tuple[float, ...]
+    main_bias: tuple[float, ...] | None = None
+    sub_bias: tuple[float, ...] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"main": self.main, "sub": list(self.sub) if isinstance(self.sub, tuple) else self.sub}
+        out: dict[str, Any] = {"main": self.main, "sub": list(self.sub) if isinstance(self.sub, tuple) else self.sub}
+        for key in ("main_bias", "sub_bias"):
+            if getattr(self, key) is not None:
+                out[key] = list(getattr(self, key))
+        return out
 
     @classmethod
     def from_meta(cls, task_meta: dict[str, Any], where: str = "checkpoint") -> Temperatures | None:
@@ -62,32 +86,48 @@ class Temperatures:
         try:
             main, sub = float(raw["main"]), raw["sub"]
             sub = float(sub) if np.isscalar(sub) else tuple(float(t) for t in sub)
+            biases = {key: None if raw.get(key) is None else tuple(float(b) for b in raw[key]) for key in ("main_bias", "sub_bias")}
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{where}: temperatures must be {{'main': T, 'sub': T or [T per main class]}}, got {raw!r}") from None
+            raise ValueError(f"{where}: temperatures must be {{'main': T, 'sub': T or [T per main class]}} (optionally "
+                             f"'main_bias': [one per main class], 'sub_bias': [one per leaf]), got {raw!r}") from None
         values = (main, *(sub if isinstance(sub, tuple) else (sub,)))
         if not all(math.isfinite(t) and t > 0 for t in values):
             raise ValueError(f"{where}: temperatures must be finite and > 0, got {raw!r}")
-        return cls(main, sub)
+        if not all(math.isfinite(b) for bias in biases.values() if bias for b in bias):
+            raise ValueError(f"{where}: temperature biases must be finite, got {raw!r}")
+        return cls(main, sub, **biases)
 
 
 def temper(log_p_main: torch.Tensor, log_p_sub: torch.Tensor, t: Temperatures | None,
            taxonomy: Taxonomy) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The model's (B, M) log P(main) and (B, L) log P(sub | main) -> calibrated (log P(main),
     log P(sub | main), log P(leaf)), float32. Dividing log-probabilities by T and renormalising
-    equals dividing the logits by T: a softmax ignores the constant its log subtracted."""
+    equals dividing the logits by T: a softmax ignores the constant its log subtracted. Biases,
+    where ``t`` has them, are added after dividing (the same argument: log P + b = logits + b +
+    a constant)."""
     log_p_main, log_p_sub = log_p_main.float(), log_p_sub.float()
     if t is not None:
-        leaf_main = torch.as_tensor(taxonomy.leaf_main, device=log_p_sub.device)
-        mask = torch.as_tensor(taxonomy.leaf_mask, device=log_p_sub.device)  # (M, L)
-        sub_t = torch.as_tensor(t.sub, dtype=torch.float32, device=log_p_sub.device).reshape(-1)
+        device = log_p_sub.device
+        leaf_main = torch.as_tensor(taxonomy.leaf_main, device=device)
+        mask = torch.as_tensor(taxonomy.leaf_mask, device=device)  # (M, L)
+        sub_t = torch.as_tensor(t.sub, dtype=torch.float32, device=device).reshape(-1)
         if len(sub_t) not in (1, taxonomy.num_mains):
             raise ValueError(f"temperatures: 'sub' needs 1 or {taxonomy.num_mains} values (one per main class), got {len(sub_t)}")
-        scaled = log_p_sub / sub_t.expand(taxonomy.num_mains)[leaf_main]
+        main_b, sub_b = _bias(t.main_bias, taxonomy.num_mains, "main_bias", device), _bias(t.sub_bias, taxonomy.num_leaves, "sub_bias", device)
+        scaled = log_p_sub / sub_t.expand(taxonomy.num_mains)[leaf_main] + sub_b
         # -inf outside each main's own leaves: a group's logsumexp sees only its members.
         group = torch.logsumexp(scaled.unsqueeze(1).masked_fill(~mask, float("-inf")), dim=-1)  # (B, M)
-        log_p_main = torch.log_softmax(log_p_main / t.main, dim=-1)
+        log_p_main = torch.log_softmax(log_p_main / t.main + main_b, dim=-1)
         log_p_sub = scaled - group[:, leaf_main]
     return log_p_main, log_p_sub, log_p_main[:, torch.as_tensor(taxonomy.leaf_main, device=log_p_main.device)] + log_p_sub
+
+
+def _bias(bias: tuple[float, ...] | None, n: int, name: str, device: torch.device) -> torch.Tensor | float:
+    if bias is None:
+        return 0.0
+    if len(bias) != n:
+        raise ValueError(f"temperatures: {name!r} needs {n} values, got {len(bias)}")
+    return torch.as_tensor(bias, dtype=torch.float32, device=device)
 
 
 def _nll(log_p: np.ndarray, y: np.ndarray, log_t: float) -> float:
@@ -106,23 +146,53 @@ def _fit_one(log_p: np.ndarray, y: np.ndarray) -> float:
     return float(math.exp(result.x))
 
 
+def _fit_biased(log_p: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """(T, bias (K,)) minimising the NLL of ``y`` under softmax(log_p / T + bias) plus
+    ``_BIAS_L2`` |bias|^2 (L-BFGS-B with analytic gradients, log T bounded as for one temperature).
+    Entries of ``log_p`` at -1e30 stay out of their row's softmax."""
+    if not len(y):
+        return 1.0, np.zeros(log_p.shape[1])
+    from scipy.optimize import minimize  # ~0.3 s: fitting only, never in a model actor or the scoring driver
+
+    n, k = log_p.shape
+    onehot = np.eye(k)[y]
+
+    def loss(x: np.ndarray) -> tuple[float, np.ndarray]:
+        t, bias = math.exp(x[0]), x[1:]
+        z = log_p / t + bias
+        z = z - z.max(1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(1, keepdims=True)
+        nll = -np.log(np.maximum(p[np.arange(n), y], 1e-300)).mean()
+        residual = (p - onehot) / n  # d(mean NLL) / dz
+        scaled = np.where(log_p > -1e29, log_p / t, 0.0)  # dz / d(log T) = -log_p / T
+        grad_t = -(residual * scaled).sum()
+        return float(nll + _BIAS_L2 * bias @ bias), np.concatenate([[grad_t], residual.sum(0) + 2 * _BIAS_L2 * bias])
+
+    result = minimize(loss, np.zeros(k + 1), jac=True, method="L-BFGS-B", bounds=[_LOG_T_BOUNDS] + [(-20.0, 20.0)] * k)
+    return float(math.exp(result.x[0])), result.x[1:]
+
+
 def fit_temperatures(log_p_main: np.ndarray, log_p_sub: np.ndarray, main_true: np.ndarray, leaf_true: np.ndarray,
-                     taxonomy: Taxonomy) -> Temperatures:
+                     taxonomy: Taxonomy, bias: bool = False) -> Temperatures:
     """Fit :class:`Temperatures` on labelled held-out images (see the module docstring).
 
     ``log_p_main`` (N, M) and ``log_p_sub`` (N, L): the model's own log-probabilities (before
-    any temperature); ``main_true``, ``leaf_true``: (N,) class indices. A level with nothing to
-    fit on (no image of a main class with two subclasses) keeps T = 1."""
+    any temperature); ``main_true``, ``leaf_true``: (N,) class indices. ``bias``: also fit one
+    bias per main class and one per leaf (BCTS). A level with nothing to fit on (no image of a
+    main class with two subclasses) keeps T = 1 and zero biases."""
     log_p_main, log_p_sub = np.asarray(log_p_main, np.float64), np.asarray(log_p_sub, np.float64)
     main_true, leaf_true = np.asarray(main_true, np.int64), np.asarray(leaf_true, np.int64)
     if not (len(log_p_main) == len(log_p_sub) == len(main_true) == len(leaf_true)):
         raise ValueError(f"fit_temperatures: arrays of different lengths {len(log_p_main)}, {len(log_p_sub)}, {len(main_true)}, {len(leaf_true)}")
-    t_main = _fit_one(log_p_main, main_true)
     multi = np.array([len(s) > 1 for s in taxonomy.subs])[main_true]
-    # Within the true main: its leaves' log P(sub | main), -inf elsewhere (softmax weight 0).
+    # Within the true main: its leaves' log P(sub | main), -1e30 elsewhere (softmax weight 0).
     within = np.where(taxonomy.leaf_mask[main_true[multi]], log_p_sub[multi], -np.inf)
-    t_sub = _fit_one(np.where(np.isfinite(within), within, -1e30), leaf_true[multi])
-    return Temperatures(round(t_main, 5), round(t_sub, 5))
+    within = np.where(np.isfinite(within), within, -1e30)
+    if not bias:
+        return Temperatures(round(_fit_one(log_p_main, main_true), 5), round(_fit_one(within, leaf_true[multi]), 5))
+    (t_main, b_main), (t_sub, b_sub) = _fit_biased(log_p_main, main_true), _fit_biased(within, leaf_true[multi])
+    return Temperatures(round(t_main, 5), round(t_sub, 5), tuple(round(float(b), 5) for b in b_main), tuple(round(float(b), 5) for b in b_sub))
 
 
 def _binned(confidence: np.ndarray, outcome: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

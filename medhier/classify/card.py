@@ -164,7 +164,9 @@ def _markdown(card: dict[str, Any]) -> str:
                      f"resamples of {b['patients']} patients.")
     lines += ["", "## Calibration", ""]
     if cal.get("temperatures"):
-        lines.append(f"Temperatures fitted on the validation split: main {cal['temperatures']['main']}, sub {cal['temperatures']['sub']}.")
+        t = cal["temperatures"]
+        lines.append(f"Temperatures fitted on the validation split: main {t['main']}, sub {t['sub']}"
+                     + (f"; class biases (bias-corrected temperature scaling): main {t['main_bias']}, leaves {t['sub_bias']}." if t.get("main_bias") else "."))
     else:
         lines.append("No temperatures: the probabilities are the model's own.")
     for level, errors in cal.get("ece", {}).items():

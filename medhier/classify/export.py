@@ -76,12 +76,18 @@ class ExportedClassifier(nn.Module):
             leaf_t = sub.expand(taxonomy.num_mains)[torch.as_tensor(taxonomy.leaf_main)]
             self.register_buffer("main_t", torch.tensor(float(temperatures.main)), persistent=False)
             self.register_buffer("leaf_t", leaf_t.clone(), persistent=False)
+            # the biases added after dividing (zeros without them): calibration.temper's arithmetic
+            for name, key, n in (("main_b", "main_bias", taxonomy.num_mains), ("leaf_b", "sub_bias", taxonomy.num_leaves)):
+                bias = getattr(temperatures, key)
+                if bias is not None and len(bias) != n:
+                    raise ExportError(f"temperatures: {key!r} needs {n} values, got {len(bias)}")
+                self.register_buffer(name, torch.tensor(bias if bias is not None else [0.0] * n, dtype=torch.float32), persistent=False)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x = self.preset(images)
         if self.calibrated:
             main_logits, leaf_logits = self.model.logits(self.model.trunk(x))
-            out = self.model.outputs(main_logits / self.main_t, leaf_logits / self.leaf_t)
+            out = self.model.outputs(main_logits / self.main_t + self.main_b, leaf_logits / self.leaf_t + self.leaf_b)
         else:
             out = self.model(x)
         main, leaf = predict(out, self.taxonomy)
@@ -110,7 +116,7 @@ def export_spec(loaded: Loaded) -> ExportSpec:
             "taxonomy": taxonomy.to_dict(),
             "leaves": list(taxonomy.leaf_names),
             "calibrated": "true" if temperatures is not None else "false",
-            "temperatures": {"main": temperatures.main, "sub": temperatures.sub} if temperatures is not None else None,
+            "temperatures": temperatures.to_dict() if temperatures is not None else None,
             "preprocessing": {
                 "dicom": {k: v for k, v in public["dicom"].items() if k != "patient_salt"},
                 "image_size": size,

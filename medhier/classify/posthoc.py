@@ -24,7 +24,7 @@ import pyarrow as pa
 import torch
 
 from medhier import columns as C
-from medhier.classify.calibration import TEMPERATURES, Temperatures, fit_temperatures, temper
+from medhier.classify.calibration import BIAS_MIN_IMAGES, TEMPERATURES, Temperatures, fit_temperatures, temper
 from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
 from medhier.classify.metrics import hierarchical_predictions
 from medhier.classify.referral import REFER_BELOW, threshold_for_accuracy
@@ -108,7 +108,12 @@ def fit_posthoc(checkpoint: str, cache: str, cfg: Config, val: dict[str, np.ndar
     main_true, leaf_true = pred[MAIN_INDEX].astype(np.int64), pred[LEAF_INDEX].astype(np.int64)
     notes = []
     if loaded.cfg.model.head == "hierarchical":
-        temperatures = fit_temperatures(pred[RAW_LOG_P_MAIN], pred[RAW_LOG_P_SUB], main_true, leaf_true, tax)
+        mode = cfg.train.calibration
+        bias = mode == "temperature_bias" or (mode == "auto" and len(main_true) >= BIAS_MIN_IMAGES)
+        if mode == "auto" and not bias:
+            notes.append(f"calibration: {len(main_true)} validation images, fewer than the {BIAS_MIN_IMAGES} that class biases "
+                         "need: one temperature per level only (train.calibration=temperature_bias fits them anyway)")
+        temperatures = fit_temperatures(pred[RAW_LOG_P_MAIN], pred[RAW_LOG_P_SUB], main_true, leaf_true, tax, bias=bias)
     else:
         temperatures = None
         notes.append("the flat head has no main logits: probabilities are the model's own (not calibrated)")

@@ -20,7 +20,9 @@ key                 shape       meaning
 ``raw_log_p_sub``   (N, L)      log P(sub | main) before temperatures
 ==================  ==========  ========================================================
 
-Temperatures never change ``pred_main`` or ``pred_leaf``. ``refer`` (:mod:`medhier.classify.referral`)
+Temperatures never change ``pred_main`` or ``pred_leaf``; class biases (``train.calibration``,
+:mod:`medhier.classify.calibration`) can, and the predictions follow the calibrated
+probabilities. ``refer`` (:mod:`medhier.classify.referral`)
 is decided in :func:`prediction_fields` from the calibrated probabilities and the run's thresholds.
 """
 

@@ -40,9 +40,13 @@ def _with(loaded, temperatures):
     return dataclasses.replace(loaded, task_meta={**loaded.task_meta, "temperatures": temperatures})
 
 
-@pytest.mark.parametrize("main_t,sub_t", [(2.0, 0.5), (0.7, [1.0, 3.0, 0.25])])
-def test_temperatures_divide_each_levels_logits(loaded, main_t, sub_t):
-    spec = export_spec(_with(loaded, {"main": main_t, "sub": sub_t}))
+@pytest.mark.parametrize("main_t,sub_t,biases", [
+    (2.0, 0.5, {}),
+    (0.7, [1.0, 3.0, 0.25], {}),
+    (0.7, [1.0, 3.0, 0.25], {"main_bias": [0.5, -1.0, 0.5], "sub_bias": [0.0, 0.3, -0.3, -1.0, 1.0]}),
+])
+def test_temperatures_divide_each_levels_logits(loaded, main_t, sub_t, biases):
+    spec = export_spec(_with(loaded, {"main": main_t, "sub": sub_t, **biases}))
     tax = taxonomy_of(loaded)
     images = np.random.default_rng(0).integers(0, 256, (6, 32, 32), dtype=np.uint8)
     model = loaded.model
@@ -51,10 +55,11 @@ def test_temperatures_divide_each_levels_logits(loaded, main_t, sub_t):
         main_logits, leaf_logits = model.logits(model.trunk(eval_preset(loaded.cfg.preprocess)(torch.from_numpy(images))))
         plain = model(eval_preset(loaded.cfg.preprocess)(torch.from_numpy(images)))
     sub = np.broadcast_to(np.asarray(sub_t, np.float32), (tax.num_mains,))[tax.leaf_main]
-    torch.testing.assert_close(p_main, torch.softmax(main_logits / main_t, -1))
-    for m in range(tax.num_mains):  # within each main class, the leaves' own softmax at their temperature
+    main_b, leaf_b = (torch.tensor(biases.get(key, [0.0] * n)) for key, n in (("main_bias", tax.num_mains), ("sub_bias", tax.num_leaves)))
+    torch.testing.assert_close(p_main, torch.softmax(main_logits / main_t + main_b, -1))
+    for m in range(tax.num_mains):  # within each main class, the leaves' own softmax at their temperature, plus their biases
         group = np.flatnonzero(tax.leaf_main == m)
-        want = torch.softmax(leaf_logits[:, group] / torch.from_numpy(sub[group]), -1) * p_main[:, m : m + 1]
+        want = torch.softmax(leaf_logits[:, group] / torch.from_numpy(sub[group]) + leaf_b[group], -1) * p_main[:, m : m + 1]
         torch.testing.assert_close(p_leaf[:, group], want)
     assert not torch.allclose(p_main, plain.log_p_main.exp(), atol=1e-4)  # calibration changed the probabilities
     torch.testing.assert_close(p_leaf.sum(-1), torch.ones(6))
@@ -79,6 +84,7 @@ def test_the_calibrated_file_agrees_with_pytorch_and_says_it_is_calibrated(loade
     ({"main": 1.0}, "must be {'main': T"),
     ({"main": "warm", "sub": 1.0}, "must be {'main': T"),
     ({"main": 1.0, "sub": [1.0, 2.0]}, "'sub' needs 1 or 3 values"),
+    ({"main": 1.0, "sub": 1.0, "sub_bias": [0.0, 1.0]}, "'sub_bias' needs 5 values"),
 ])
 def test_temperatures_that_cannot_be_are_refused(loaded, temperatures, message):
     with pytest.raises(ExportError, match=message):

@@ -5,9 +5,11 @@ split and stored in best/, and the evaluation that shows what they do on the tes
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,9 @@ import pytest
 
 from medhier import columns as C
 from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX
-from medhier.classify.metrics import evaluate
-from medhier.classify.posthoc import predict_splits
+from medhier.classify.calibration import BIAS_MIN_IMAGES, Temperatures
+from medhier.classify.metrics import evaluate, hierarchical_predictions
+from medhier.classify.posthoc import calibrated, fit_posthoc, predict_splits
 from medhier.classify.report import P_LEAF, PRED_LEAF
 from medhier.classify.task import CLASSIFY, taxonomy_of
 from medhier.data.cache import CacheInfo
@@ -107,3 +110,34 @@ def test_every_split_holds_every_leaf_and_the_plots_are_written(finished_run):
     for name in ("reliability_main.png", "reliability_leaf.png", "risk_coverage.png", "confusion_leaf.png"):
         assert Path(finished_run.output, "plots", name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert os.path.exists(os.path.join(finished_run.output, "metrics.json"))
+
+
+def test_auto_calibration_fits_no_class_biases_on_a_small_validation_split(finished_run):
+    t = load_checkpoint(finished_run.best, CLASSIFY).task_meta["temperatures"]
+    assert set(t) == {"main", "sub"}  # 72 validation images: fewer than BIAS_MIN_IMAGES
+    assert any(f"fewer than the {BIAS_MIN_IMAGES}" in note for note in finished_run.posthoc["notes"])
+
+
+def test_class_biases_reach_the_checkpoint_and_the_predictor(finished_run, held_out, tmp_path):
+    """train.calibration=temperature_bias: the biases fitted on the validation split are stored in
+    best/ and the predictor (the model actor) answers with them: its probabilities are the raw
+    ones tempered and shifted, its predictions their hierarchical argmax."""
+    best = str(tmp_path / "best")
+    shutil.copytree(finished_run.best, best)
+    cfg = copy.deepcopy(finished_run.cfg)
+    cfg.train.calibration = "temperature_bias"
+    posthoc = fit_posthoc(best, finished_run.cache, cfg, val=held_out["val"])
+    loaded = load_checkpoint(best, CLASSIFY)
+    t = Temperatures.from_meta(loaded.task_meta)
+    tax = taxonomy_of(loaded)
+    assert posthoc.temperatures == t.to_dict() and len(t.main_bias) == tax.num_mains and len(t.sub_bias) == tax.num_leaves
+    assert max(map(abs, t.main_bias)) > 0.01 and loaded.model_id == finished_run.model_id
+    val = predict_splits(best, finished_run.cache, cfg, ["val"])["val"]
+    p_main, p_leaf = calibrated(val, t, tax)
+    np.testing.assert_allclose(val["p_leaf"], p_leaf, atol=1e-5)
+    pred_main, pred_leaf = hierarchical_predictions(tax, p_main, p_leaf)
+    assert np.array_equal(val[PRED_LEAF], pred_leaf) and np.array_equal(val["pred_main"], pred_main)
+    # fitted on these images by maximum likelihood: a better NLL than one temperature per level
+    plain = calibrated(val, Temperatures.from_meta(load_checkpoint(finished_run.best, CLASSIFY).task_meta), tax)[1]
+    nll = [-np.log(p[np.arange(len(p)), val[LEAF_INDEX]]).mean() for p in (p_leaf, plain)]
+    assert nll[0] < nll[1]
