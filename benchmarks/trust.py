@@ -1,11 +1,12 @@
 """Clinical trust on phantoms (issue 21): calibration, referral, intervals, drift, shortcut audit.
 
-    python benchmarks/trust.py [--n 400] [--epochs 12] [--difficulty 0.3] [--held-out N] [--no-audit]
+    python benchmarks/trust.py [--n 400] [--epochs 12] [--difficulty 0.3] [--val-fraction 0.15] [--held-out N] [--no-audit]
 
 One ``medhier train`` (configs/smoke.yaml: ResNet18 from scratch, 64 px, 2 CPU workers) on a
 phantom archive, then what its after-training step fitted and measured: the temperatures, ECE
 before and after on the test split (the issue's check: after <= half of before, or <= 0.03) and,
-with --held-out N, on N new phantoms of another seed scored by ``medhier evaluate``,
+with --held-out N, on N new phantoms of another seed scored by ``medhier evaluate``, where
+the same validation predictions also fit each ``train.calibration`` mode side by side,
 the risk-coverage curve, the referral threshold and its effect, the bootstrap intervals. Then
 two scoring runs against the checkpoint's training profile: the archive it came from and one of
 finer pixels (96 px phantoms), and their largest PSI. Last, the shortcut audit at the same
@@ -29,6 +30,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from medhier.classify.api import evaluate_archive, fit  # noqa: E402
+from medhier.classify.calibration import calibration_errors, fit_temperatures  # noqa: E402
+from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX  # noqa: E402
+from medhier.classify.metrics import hierarchical_predictions  # noqa: E402
+from medhier.classify.posthoc import calibrated, predict_splits  # noqa: E402
+from medhier.classify.task import CLASSIFY, taxonomy_of  # noqa: E402
+from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint  # noqa: E402
 from medhier.classify.score import score  # noqa: E402
 from medhier.classify.taxonomy import Taxonomy  # noqa: E402
 from medhier.config import load_config  # noqa: E402
@@ -64,6 +71,30 @@ def ece_table(cal: dict) -> None:
               f"{e['classwise_after']:.3f} | {'met' if ok else 'not met'} |")
 
 
+def modes_table(best: str, cache: str, held_cache: str, cfg) -> None:
+    """Each train.calibration mode fitted on the same validation predictions of ``best``, ECE on
+    the held-out cache's images, as Markdown."""
+    loaded = load_checkpoint(best, CLASSIFY, cfg.storage)
+    tax, run_cfg = taxonomy_of(loaded), config_for_checkpoint(cfg, loaded)
+    val = predict_splits(best, cache, run_cfg, ["val"])["val"]
+    held = predict_splits(best, held_cache, run_cfg, [None])[None]
+    fits = {"none (the model's own)": None}
+    for name, bias in (("temperature", False), ("temperature_bias", True)):
+        fits[name] = fit_temperatures(val["raw_log_p_main"], val["raw_log_p_sub"], val[MAIN_INDEX], val[LEAF_INDEX], tax, bias=bias)
+    print(f"\neach train.calibration mode fitted on the same {len(val[MAIN_INDEX])} validation images, ECE on the {len(held[MAIN_INDEX])} "
+          "held-out images:\n")
+    print("| calibration | main ECE | after / before | main class-wise | leaf ECE | after / before | leaf class-wise | leaf accuracy |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    before = None
+    for name, t in fits.items():
+        p_main, p_leaf = calibrated(held, t, tax)
+        e = calibration_errors(p_main, held[MAIN_INDEX]), calibration_errors(p_leaf, held[LEAF_INDEX])
+        before = before or e
+        accuracy = (hierarchical_predictions(tax, p_main, p_leaf)[1] == held[LEAF_INDEX]).mean()
+        print(f"| {name} | {e[0]['ece']:.3f} | {e[0]['ece'] / before[0]['ece']:.2f} | {e[0]['classwise_ece']:.3f} | {e[1]['ece']:.3f} | "
+              f"{e[1]['ece'] / before[1]['ece']:.2f} | {e[1]['classwise_ece']:.3f} | {accuracy:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=400)
@@ -73,6 +104,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=int, default=0, help="also measure ECE before and after on this many new phantoms "
                         "(another seed) with medhier evaluate: the test split alone is small")
     parser.add_argument("--no-audit", action="store_true", help="skip the shortcut audit (a second training as long as the first)")
+    parser.add_argument("--val-fraction", type=float, default=0.15, help="patients in the validation split (the test split keeps 0.15)")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
     archive, erased, finer = (os.path.join(args.workdir, name) for name in ("archive", "erased", "finer"))
@@ -80,7 +112,8 @@ def main() -> None:
     synthetic.generate_archive(finer, 200, seed=32, size=96, difficulty=args.difficulty)
     if not args.no_audit:
         erased_archive(erased, args.n, seed=31, size=64, difficulty=args.difficulty)
-    cfg = load_config(SMOKE, ["runtime.progress=false", f"train.epochs={args.epochs}"])
+    cfg = load_config(SMOKE, ["runtime.progress=false", f"train.epochs={args.epochs}", f"data.val_fraction={args.val_fraction}",
+                              f"data.train_fraction={0.85 - args.val_fraction:.4f}"])
     init_ray(cfg.runtime)
 
     t = time.perf_counter()
@@ -91,8 +124,10 @@ def main() -> None:
     cal, ref = m["calibration"], m["referral"]
     print(f"\n{machine()} | {args.n} phantoms, difficulty {args.difficulty}, ResNet18 64 px, {args.epochs} epochs "
           f"({train_min:.1f} min with the after-training step) | {time.strftime('%Y-%m-%d')}\n")
-    print(f"temperatures fitted on {post['images']} validation images: main {post['temperatures']['main']:.3g}, "
-          f"sub {post['temperatures']['sub']:.3g}; test split: {m['n']} images of {m['bootstrap']['patients']} patients\n")
+    t = post["temperatures"]
+    biases = f"; class biases main {t['main_bias']}, leaves {t['sub_bias']}" if t.get("main_bias") else ""
+    print(f"calibration fitted on {post['images']} validation images (train.calibration={cfg.train.calibration}): temperatures main "
+          f"{t['main']:.3g}, sub {t['sub']:.3g}{biases}; test split: {m['n']} images of {m['bootstrap']['patients']} patients\n")
     ece_table(cal)
     if args.held_out:
         # the test split is a few dozen images: ECE over 15 bins is then mostly sampling noise.
@@ -104,6 +139,7 @@ def main() -> None:
         print(f"\nthe same model on {h['n']} held-out phantoms of another seed (medhier evaluate; main accuracy {h['main']['accuracy']:.3f}, "
               f"leaf {h['leaf']['accuracy']:.3f}):\n")
         ece_table(h["calibration"])
+        modes_table(result.best_checkpoint, os.path.join(run, "cache"), os.path.join(args.workdir, "eval-held-out", "cache"), cfg)
     curve = ref["curve"]
     print("\n| coverage (most confident first) | leaf accuracy |")
     print("| ---: | ---: |")
