@@ -1,5 +1,6 @@
-"""Calibrated probabilities: one temperature per level, fitted after training on the validation
-split, and how well probabilities match outcomes (ECE, reliability diagrams).
+"""Calibrated probabilities: one temperature per level (and optionally one bias per class),
+fitted after training on the validation split, and how well probabilities match outcomes (ECE,
+reliability diagrams).
 
 Temperature scaling (Guo et al., ICML 2017) divides logits by T before the softmax: T > 1
 softens an over-confident model, T < 1 sharpens an under-confident one, and the argmax never

@@ -1,8 +1,8 @@
 """What is fitted after training, on the validation split, and stored in the best checkpoint
 (:func:`medhier.train.checkpoint.amend_checkpoint`; the weights and ``model_id`` stay):
 
-* ``task_meta["temperatures"]``: one temperature per level (:mod:`medhier.classify.calibration`),
-  hierarchical head only;
+* ``task_meta["temperatures"]``: one temperature per level, and with ``train.calibration``'s
+  class biases one bias per class (:mod:`medhier.classify.calibration`), hierarchical head only;
 * ``task_meta["referral"]`` and ``defaults["score"]["refer_below"]``: the lowest calibrated
   leaf probability at which the validation images kept reach ``train.refer_target_accuracy``
   (:mod:`medhier.classify.referral`), the threshold every run uses unless ``score.refer_below``
