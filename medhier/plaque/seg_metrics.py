@@ -25,7 +25,12 @@ structure), the voxel confusion matrix (scikit-learn, rows truth, columns predic
 order) and every measurement from both label maps.
 
 Summary (:func:`summarise`): per structure the mean, median and count of the per-visit Dice and
-HD95; the confusion matrix summed over visits; per measurement (the numeric columns of
+HD95, and the pooled Dice (``dice_pooled``: 2 TP / (2 TP + FP + FN) over the voxels of every
+visit together; null where neither truth nor model has the structure anywhere). A plaque
+component spans a few dozen voxels per visit, so one visit's Dice swings with a handful of
+voxels and the mean weights a 10-voxel core like a 100-voxel one; the pooled Dice weights every
+voxel alike, and unlike the per-visit Dice it also counts false positives in visits whose truth
+lacks the structure. The confusion matrix summed over visits; per measurement (the numeric columns of
 :data:`medhier.plaque.measure.MEASUREMENTS`) over the visits where both values are defined:
 ``n``, ``mean_abs_error`` (model − truth, in the measurement's unit), ``mean_rel_error``
 (|model − truth| / |truth| over visits with a non-zero truth), and the Bland–Altman ``bias``
@@ -79,6 +84,7 @@ class VisitScores:
     confusion: np.ndarray
     truth: dict[str, float | int]
     predicted: dict[str, float | int]
+    overlap: dict[str, tuple[int, int, int]]  # structure -> voxels (both, truth only, model only)
 
 
 def _channels(labels: np.ndarray) -> torch.Tensor:
@@ -113,6 +119,8 @@ def score_visit(study_uid: str, truth: np.ndarray, predicted: np.ndarray, spacin
         confusion=confusion_matrix(truth.ravel(), predicted.ravel(), labels=list(range(len(L.NAMES)))),
         truth=measure(truth, spacing).to_dict(),
         predicted=measure(predicted, spacing).to_dict(),
+        overlap={n: (int((y[0, c] & p[0, c]).sum()), int((y[0, c] & ~p[0, c]).sum()), int((~y[0, c] & p[0, c]).sum()))
+                 for c, n in enumerate(names)},
     )
 
 
@@ -142,6 +150,11 @@ def measurement_errors(visits: Sequence[VisitScores]) -> dict[str, dict[str, Any
     return out
 
 
+def _pooled_dice(overlaps: list[tuple[int, int, int]]) -> float | None:
+    both, truth_only, model_only = (sum(o[i] for o in overlaps) for i in range(3))
+    return None if both + truth_only + model_only == 0 else 2 * both / (2 * both + truth_only + model_only)
+
+
 def summarise(visits: Sequence[VisitScores]) -> dict[str, Any]:
     """Per-visit scores -> the evaluation's summary (module docstring), JSON-able."""
     confusion = sum((v.confusion for v in visits), np.zeros((len(L.NAMES), len(L.NAMES)), np.int64))
@@ -149,6 +162,7 @@ def summarise(visits: Sequence[VisitScores]) -> dict[str, Any]:
         "visits": len(visits),
         "dice": {s: _stats([v.dice[s] for v in visits if v.dice[s] is not None]) for s in STRUCTURES},
         "hd95_mm": {s: _stats([v.hd95_mm[s] for v in visits if v.hd95_mm[s] is not None]) for s in STRUCTURES},
+        "dice_pooled": {s: _pooled_dice([v.overlap[s] for v in visits]) for s in STRUCTURES},
         "confusion": {"labels": list(L.NAMES), "rows": "truth", "columns": "prediction", "voxels": confusion.tolist()},
         "measurements": measurement_errors(visits),
         "per_visit": [{"study_instance_uid": v.study_instance_uid, "dice": v.dice, "hd95_mm": v.hd95_mm} for v in visits],

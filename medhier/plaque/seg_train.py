@@ -59,12 +59,13 @@ class SegFitResult(TrainResult):
 
 
 def summary_table(metrics: dict[str, Any]) -> str:
-    """The evaluation's headline figures as text: Dice and HD95 per structure, measurement errors."""
+    """The evaluation's headline figures as text: Dice (mean over visits, and pooled over their
+    voxels) and HD95 per structure, measurement errors."""
     lines = [f"evaluation       {metrics['visits']} visits of the {metrics['split']} split (model {metrics['model_id']})",
-             f"  {'structure':<16}{'Dice':>8}{'HD95 mm':>10}{'visits':>8}"]
+             f"  {'structure':<16}{'Dice':>8}{'pooled':>8}{'HD95 mm':>10}{'visits':>8}"]
     for s in STRUCTURES:
         d, h = metrics["dice"][s], metrics["hd95_mm"][s]
-        lines.append(f"  {s:<16}{_fmt(d['mean']):>8}{_fmt(h['mean']):>10}{d['n']:>8}")
+        lines.append(f"  {s:<16}{_fmt(d['mean']):>8}{_fmt(metrics.get('dice_pooled', {}).get(s)):>8}{_fmt(h['mean']):>10}{d['n']:>8}")
     lines.append(f"  {'measurement':<28}{'MAE':>9}{'rel':>8}{'bias':>9}  limits of agreement")
     for name, e in metrics["measurements"].items():
         limits = "" if e["limits_of_agreement"] is None else f"[{e['limits_of_agreement'][0]:.3g}, {e['limits_of_agreement'][1]:.3g}]"

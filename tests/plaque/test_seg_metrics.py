@@ -64,6 +64,24 @@ def test_a_model_that_misses_a_component_is_counted_in_the_confusion_and_the_vol
     assert errors["mean_rel_error"] == pytest.approx(1.0)
 
 
+def test_pooled_dice_counts_every_voxel_once_and_false_positives_where_the_truth_has_none():
+    """Two visits: one whose 6-voxel-per-slice lipid core the model finds exactly, one with no
+    lipid core where the model paints 2 voxels per slice of it. The per-visit Dice ignores the
+    second visit (undefined there); the pooled Dice counts its false positives."""
+    with_core, without = vessel(), vessel(lipid=False)
+    found = score_visit("1.2.1", with_core, with_core.copy(), SPACING)
+    invented = without.copy()
+    invented[:, 16, 23:25] = L.LIPID
+    phantom = score_visit("1.2.2", without, invented, SPACING)
+    core = int((with_core == L.LIPID).sum())
+    assert found.overlap["lipid_core"] == (core, 0, 0) and phantom.overlap["lipid_core"] == (0, 0, 8)
+    summary = summarise([found, phantom])
+    assert summary["dice"]["lipid_core"] == {"mean": 1.0, "median": 1.0, "n": 1}
+    assert summary["dice_pooled"]["lipid_core"] == pytest.approx(2 * core / (2 * core + 8))
+    assert summary["dice_pooled"]["haemorrhage"] is None  # nobody has any: undefined
+    assert summary["dice_pooled"]["lumen"] == pytest.approx(1.0)
+
+
 def test_bland_altman_limits_are_the_bias_plus_minus_196_sd():
     truth = vessel(lipid=False)
     visits = []
