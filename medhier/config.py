@@ -649,8 +649,8 @@ class SegConfig:
     # sqrt(commonest foreground label's voxels / its voxels), the background as that commonest
     # label; "inverse_sqrt" by sqrt(commonest label's voxels / its voxels), background included
     # (raises the components most, but the vessel grows into the background: lumen and outer wall
-    # Dice drop on small runs); both capped at max_class_weight. "none": 1 each. See
-    # benchmarks/RESULTS.md (issue 19) for what each did on the phantoms.
+    # Dice drop on small runs); both capped at max_class_weight. "none": 1 each, and better on
+    # every structure from 64 phantom patients on. See benchmarks/RESULTS.md (issue 19).
     class_weights: Literal["none", "inverse_sqrt", "inverse_sqrt_fg"] = "none"
     max_class_weight: float = 50.0  # cap on a label's weight relative to the commonest label's (>= 1)
     metric: Literal["val_dice", "val_loss"] = "val_dice"  # picks best/ and stops early
