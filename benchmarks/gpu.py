@@ -1,4 +1,4 @@
-"""medhier's GPU figures in one command, on a fresh GPU machine, in under six minutes:
+"""medhier's GPU figures in one command, on a fresh GPU machine, in under ten minutes:
 
   (a) training images/s per GPU: ResNet50 at 224 px, AMP (bf16, fp16 where bf16 is missing),
       channels_last, through medhier's Ray Train harness (the cache, the TorchTrainer, DDP over
@@ -9,7 +9,12 @@
       end from DICOM (`medhier score`: list, decode on the CPUs, model actors on the GPUs,
       report), against
   (d) the model alone: the scoring model actor on preprocessed images in GPU memory;
-  (e) GPU utilisation during each phase (nvidia-smi, sampled every 0.5 s).
+  (e) GPU utilisation during each phase (nvidia-smi, sampled every 0.5 s);
+  and the same for the plaque segmentation model (2.5-D MONAI U-Net on phantom carotid MR):
+  (f) training slices/s per GPU through the harness (``plaque train-seg``) against (g) its step
+      in plain PyTorch on one GPU, slices resident there; (h) ``plaque segment`` end to end from
+      DICOM (listing, series to volumes, registration, model actors on the GPUs, SEG, measures)
+      against (i) the segmentation model alone (``Segmenter``) on slices in memory.
 
     python3 benchmarks/gpu.py                 # on a GPU machine; installs medhier into .venv-gpu first if needed
     python3 benchmarks/gpu.py --dry-run       # the same code path on CPU with tiny sizes (checks it runs)
@@ -107,9 +112,10 @@ class Phases:
 def settings(args: argparse.Namespace, gpus: int) -> dict:
     if args.dry_run:  # the same path, small enough for a CPU in a minute or two
         return {"arch": "resnet18", "image_size": 64, "dicom_size": 64, "images": 48, "batch": 8, "epochs": 2, "workers": 2,
-                "score_batch": 16, "plain_steps": 6, "model_seconds": 3.0}
+                "score_batch": 16, "plain_steps": 6, "model_seconds": 3.0, "seg_patients": 3, "seg_epochs": 2, "seg_batch": 8}
     return {"arch": "resnet50", "image_size": 224, "dicom_size": 256, "images": args.images, "batch": args.batch, "epochs": 3,
-            "workers": max(gpus, 1), "score_batch": 256, "plain_steps": 60, "model_seconds": 15.0}
+            "workers": max(gpus, 1), "score_batch": 256, "plain_steps": 60, "model_seconds": 15.0, "seg_patients": 16,
+            "seg_epochs": 5, "seg_batch": 64}
 
 
 def main() -> None:
@@ -141,6 +147,7 @@ def main() -> None:
     with GpuSampler() as sampler:
         phases = Phases(sampler)
         run_phases(args, s, gpus, phases, np, torch)
+        plaque_phases(args, s, gpus, phases, np, torch)
     minutes = (time.time() - started) / 60
 
     device = f"{gpus} x {torch.cuda.get_device_name()}" if gpus else "CPU (dry run, tiny sizes: not GPU figures)"
@@ -151,12 +158,14 @@ def main() -> None:
         "| measurement | images/s | GPU utilisation | note |",
         "| --- | ---: | ---: | --- |",
     ]
-    for name, rate, util, note in phases.rows:
+    for name, rate, util, note in sorted(phases.rows, key=lambda row: row[0][:3]):  # (a)..(i), measured in another order
         lines.append(f"| {name} | {rate:,.1f} | {'n/a' if util is None else f'{util:.0f} %'} | {note} |")
     train, plain = phases.value("(a) Ray Train, per GPU"), phases.value("(b) plain PyTorch, one GPU")
     e2e, alone = phases.value("(c) scoring end to end from DICOM"), phases.value("(d) the model alone")
     lines += ["", f"Ray Train per GPU / plain PyTorch = {train / plain:.2f}; scoring end to end / the model alone = {e2e / alone:.2f}; "
-                  f"from the cache / the model alone = {phases.value('(c) scoring from the cache') / alone:.2f}"]
+                  f"from the cache / the model alone = {phases.value('(c) scoring from the cache') / alone:.2f}; plaque U-Net: "
+                  f"Ray Train per GPU / plain PyTorch = {phases.value(SEG_TRAIN) / phases.value(SEG_PLAIN):.2f}, "
+                  f"segment end to end / the model alone = {phases.value(SEG_JOB) / phases.value(SEG_ALONE):.3f}"]
     text = "\n".join(lines)
     print(text)
     results = args.results or (None if args.dry_run else os.path.join(REPO, "benchmarks", "RESULTS.md"))
@@ -236,6 +245,105 @@ def run_phases(args, s: dict, gpus: int, phases: Phases, np, torch) -> None:
     phases.add("(d) the model alone", done / (time.time() - t0), t0, time.time(), f"batch {s['score_batch']}, eager, autocast")
 
 
+SEG_TRAIN, SEG_PLAIN = "(f) plaque U-Net training, Ray Train, per GPU (slices/s)", "(g) plaque U-Net training, plain PyTorch, one GPU (slices/s)"
+SEG_JOB, SEG_ALONE = "(h) plaque segment end to end from DICOM (slices/s)", "(i) the plaque U-Net alone (slices/s)"
+
+
+def plaque_phases(args, s: dict, gpus: int, phases: Phases, np, torch) -> None:
+    """(f)-(i): the plaque segmentation model's training through the harness and alone, its
+    segment job end to end and the model alone, on a phantom carotid archive."""
+    from common import carotid_archive
+    from medhier.config import load_config
+    from medhier.plaque.seg_train import train_segmentation
+    from medhier.plaque.segment import segment_archive
+    from medhier.plaque.segmenter import Segmenter
+    from medhier.runtime import init_ray, shutdown_ray
+
+    use_gpu = "true" if gpus else "false"
+    cfg = load_config(None, [
+        "runtime.progress=false", "plaque.register=true", "seg.context=1", f"train.epochs={s['seg_epochs']}",
+        f"train.num_workers={s['workers']}", f"train.batch_size={s['seg_batch']}", "train.early_stopping_patience=0",
+        f"train.use_gpu={use_gpu}", "train.cpus_per_worker=1", "train.precision=auto", f"score.use_gpu={use_gpu}",
+        "data.train_fraction=0.6", "data.val_fraction=0.2",
+    ])
+    root = carotid_archive(args.workdir, s["seg_patients"], seed=3)
+    run, out = os.path.join(args.workdir, "plaque-train"), os.path.join(args.workdir, "plaque-segment")
+    init_ray(cfg.runtime)
+    try:
+        t0 = time.time()
+        fit = train_segmentation(cfg, root, run)
+        t1 = time.time()
+        rates = [h["train_images_per_s"] for h in json.load(open(os.path.join(run, "history.json")))]
+        phases.add(SEG_TRAIN, max(rates[1:] or rates) / s["workers"], t0, t1,
+                   f"{s['workers']} worker(s), {s['seg_patients']} patients, 2.5-D, batch {s['seg_batch']}; epochs: "
+                   f"{', '.join(f'{r:,.0f}' for r in rates)} slices/s in all")
+        t0 = time.time()
+        summary = segment_archive(cfg, root, fit.best_checkpoint, out)
+        t1 = time.time()
+        slices = summary.visits_ok * 10  # the phantom's 10 slices per visit
+        phases.add(SEG_JOB, slices / (t1 - t0), t0, t1, f"{summary.visits_ok} visits, whole run; "
+                   f"{slices / max(summary.measure_seconds, 1e-9):,.0f} slices/s over its pipeline")
+    finally:
+        shutdown_ray()
+    t0 = time.time()
+    plain = plain_seg_training(cfg, s, torch)
+    phases.add(SEG_PLAIN, plain, t0, time.time(), "the harness's step: device augmentation, DiceCELoss, AMP, channels_last")
+    segmenter = Segmenter(fit.best_checkpoint)
+    x = np.random.default_rng(0).random((max(segmenter.batch_size, 64), segmenter.channels, segmenter.size, segmenter.size), dtype=np.float32)
+    segmenter.segment(x)
+    t0, done = time.time(), 0
+    while time.time() - t0 < s["model_seconds"]:
+        segmenter.segment(x)
+        done += len(x)
+    phases.add(SEG_ALONE, done / (time.time() - t0), t0, time.time(), f"Segmenter, batch {segmenter.batch_size}, autocast")
+
+
+def plain_seg_training(cfg, s: dict, torch) -> float:
+    """Slices/s of the plaque task's own training step in a plain loop on one device, on random
+    slices already there (as :func:`plain_training` for the classifier)."""
+    from medhier.plaque.seg_inputs import input_channels
+    from medhier.plaque.seg_samples import INPUTS, LABEL_MAP
+    from medhier.plaque.seg_task import PLAQUE_SEG
+    from medhier.train.loop import Env
+    from medhier.train.precision import autocast_dtype
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    env = Env(device, autocast_dtype(cfg.train.precision, device), torch.channels_last, 0, 1)
+    step = PLAQUE_SEG.make_step(cfg, env, {})
+    model = PLAQUE_SEG.build_model(cfg).to(device, memory_format=torch.channels_last).train()
+    n, size = s["seg_batch"], cfg.seg.image_size
+    batch = {INPUTS: torch.rand(n, input_channels(cfg.seg), size, size, device=device).half(),
+             LABEL_MAP: torch.randint(0, 7, (n, size, size), dtype=torch.uint8, device=device)}
+    return timed_steps(step, model, batch, s["plain_steps"], device, torch)
+
+
+def timed_steps(step, model, batch: dict, steps: int, device, torch) -> float:
+    """Samples/s of ``steps`` training steps (``step.loss``, backward, AdamW, the fp16 scaler where
+    AMP is fp16) on one batch resident on ``device``, after a few warm-up steps."""
+    optimizer = torch.optim.AdamW(step.param_groups(model))
+    scaler = torch.amp.GradScaler(enabled=step.env.amp_dtype == torch.float16)
+    generator = torch.Generator(device=device).manual_seed(0)
+
+    def one() -> int:
+        loss, n = step.loss(model, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        return n
+
+    for _ in range(max(3, steps // 6)):
+        one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t, done = time.perf_counter(), 0
+    for _ in range(steps):
+        done += one()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return done / (time.perf_counter() - t)
+
+
 def plain_training(cfg, s: dict, torch) -> float:
     """Images/s of medhier's own training step (augmentation, loss, AMP) in a plain loop on one
     device, on random uint8 images already there: no Ray, no data pipeline, no DDP."""
@@ -250,32 +358,12 @@ def plain_training(cfg, s: dict, torch) -> float:
     env = Env(device, autocast_dtype(cfg.train.precision, device), torch.channels_last, 0, 1)
     step = ClassifyStep(cfg, env, {})
     model = CLASSIFY.build_model(cfg).to(device, memory_format=torch.channels_last).train()
-    optimizer = torch.optim.AdamW(step.param_groups(model))
-    scaler = torch.amp.GradScaler(enabled=env.amp_dtype == torch.float16)
-    generator = torch.Generator(device=device).manual_seed(0)
     n, size = s["batch"], s["image_size"]
     batch = {C.IMAGE: torch.randint(0, 256, (n, size, size), dtype=torch.uint8, device=device),
              MAIN_INDEX: torch.randint(0, 3, (n,), device=device), LEAF_INDEX: torch.zeros(n, dtype=torch.long, device=device)}
     leaf_main = torch.as_tensor(step.taxonomy.leaf_main, device=device)
     batch[LEAF_INDEX] = torch.stack([torch.nonzero(leaf_main == m)[0, 0] for m in batch[MAIN_INDEX]])
-
-    def one() -> None:
-        loss, _ = step.loss(model, batch, generator)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    for _ in range(max(3, s["plain_steps"] // 6)):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(s["plain_steps"]):
-        one()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return s["plain_steps"] * n / (time.perf_counter() - t)
+    return timed_steps(step, model, batch, s["plain_steps"], device, torch)
 
 
 if __name__ == "__main__":
