@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from medhier.classify.card import CARD_JSON, CARD_MD
+from medhier.classify.card import CARD_JSON, CARD_MD, _markdown
 from medhier.classify.task import CLASSIFY
 from medhier.data.cache import CacheInfo
 from medhier.train.checkpoint import load_checkpoint
@@ -58,3 +59,11 @@ def test_metrics_calibration_and_referral_are_the_run_s(finished_run, card):
     assert facts["config"]["train"]["refer_target_accuracy"] == 0.8
     assert f"Refer below leaf probability {facts['referral']['threshold']:.3f}" in text
     assert f"ECE {metrics['calibration']['ece']['leaf']['before']:.3f} before" in text
+
+
+def test_the_card_names_the_class_biases_where_calibration_fitted_them(card):
+    facts = copy.deepcopy(card[0])
+    facts["calibration"]["temperatures"].update(main_bias=[0.5, -1.0, 0.5], sub_bias=[0.0, 0.3, -0.3, -1.0, 1.0])
+    text = _markdown(facts)
+    assert "class biases (bias-corrected temperature scaling): main [0.5, -1.0, 0.5], leaves [0.0, 0.3, -0.3, -1.0, 1.0]." in text
+    assert "class biases" not in _markdown(card[0])  # this run's 72 validation images: temperatures only
