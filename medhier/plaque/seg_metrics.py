@@ -30,11 +30,12 @@ visit together; null where neither truth nor model has the structure anywhere). 
 component spans a few dozen voxels per visit, so one visit's Dice swings with a handful of
 voxels and the mean weights a 10-voxel core like a 100-voxel one; the pooled Dice weights every
 voxel alike, and unlike the per-visit Dice it also counts false positives in visits whose truth
-lacks the structure. The confusion matrix summed over visits; per measurement (the numeric columns of
-:data:`medhier.plaque.measure.MEASUREMENTS`) over the visits where both values are defined:
-``n``, ``mean_abs_error`` (model − truth, in the measurement's unit), ``mean_rel_error``
-(|model − truth| / |truth| over visits with a non-zero truth), and the Bland–Altman ``bias``
-(mean difference) with its 95 % limits of agreement (bias ± 1.96 SD of the differences).
+lacks the structure. Then the confusion matrix summed over visits, and per measurement (the
+numeric columns of :data:`medhier.plaque.measure.MEASUREMENTS`) over the visits where both
+values are defined: ``n``, ``mean_abs_error`` (model − truth, in the measurement's unit),
+``mean_rel_error`` (|model − truth| / |truth| over visits with a non-zero truth), and the
+Bland–Altman ``bias`` (mean difference) with its 95 % limits of agreement (bias ± 1.96 SD of
+the differences).
 """
 
 from __future__ import annotations
