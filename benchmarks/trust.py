@@ -34,6 +34,7 @@ from medhier.classify.calibration import calibration_errors, fit_temperatures  #
 from medhier.classify.labels import LEAF_INDEX, MAIN_INDEX  # noqa: E402
 from medhier.classify.metrics import hierarchical_predictions  # noqa: E402
 from medhier.classify.posthoc import calibrated, predict_splits  # noqa: E402
+from medhier.classify.report import RAW_LOG_P_MAIN, RAW_LOG_P_SUB  # noqa: E402
 from medhier.classify.task import CLASSIFY, taxonomy_of  # noqa: E402
 from medhier.train.checkpoint import config_for_checkpoint, load_checkpoint  # noqa: E402
 from medhier.classify.score import score  # noqa: E402
@@ -80,7 +81,7 @@ def modes_table(best: str, cache: str, held_cache: str, cfg) -> None:
     held = predict_splits(best, held_cache, run_cfg, [None])[None]
     fits = {"none (the model's own)": None}
     for name, bias in (("temperature", False), ("temperature_bias", True)):
-        fits[name] = fit_temperatures(val["raw_log_p_main"], val["raw_log_p_sub"], val[MAIN_INDEX], val[LEAF_INDEX], tax, bias=bias)
+        fits[name] = fit_temperatures(val[RAW_LOG_P_MAIN], val[RAW_LOG_P_SUB], val[MAIN_INDEX], val[LEAF_INDEX], tax, bias=bias)
     print(f"\neach train.calibration mode fitted on the same {len(val[MAIN_INDEX])} validation images, ECE on the {len(held[MAIN_INDEX])} "
           "held-out images:\n")
     print("| calibration | main ECE | after / before | main class-wise | leaf ECE | after / before | leaf class-wise | leaf accuracy |")

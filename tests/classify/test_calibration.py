@@ -57,24 +57,6 @@ def test_no_temperatures_leave_the_model_s_probabilities(model):
     torch.testing.assert_close(log_p_leaf, own.log_p_leaf)
 
 
-@pytest.mark.parametrize("t_main, t_sub", [(2.0, 0.5), (0.6, 1.8)])
-def test_fitting_recovers_the_temperature_that_made_the_labels(t_main, t_sub):
-    """Labels drawn from softmax(z / T0): the NLL-optimal temperature on z is T0."""
-    rng = np.random.default_rng(1)
-    n = 6000
-    z_main, z_leaf = rng.normal(0, 2.0, (n, 3)), rng.normal(0, 2.0, (n, 5))
-    log_p_main = torch.log_softmax(torch.from_numpy(z_main), 1).numpy()
-    log_p_sub = temper(torch.from_numpy(log_p_main), torch.from_numpy(z_leaf), Temperatures(1.0, 1.0), TAX)[1].double().numpy()
-    true_main, true_sub = (temper(torch.from_numpy(log_p_main), torch.from_numpy(log_p_sub), Temperatures(t_main, t_sub), TAX)[i].exp().numpy()
-                           for i in (0, 1))
-    main = np.array([rng.choice(3, p=p / p.sum()) for p in true_main])
-    leaf = np.array([rng.choice(np.flatnonzero(TAX.leaf_mask[m]), p=true_sub[i, TAX.leaf_mask[m]] / true_sub[i, TAX.leaf_mask[m]].sum())
-                     for i, m in enumerate(main)])
-    fitted = fit_temperatures(log_p_main, log_p_sub, main, leaf, TAX)
-    assert fitted.main == pytest.approx(t_main, rel=0.1)
-    assert fitted.sub == pytest.approx(t_sub, rel=0.1)
-
-
 def _draw(rng, n, truth):
     """Model outputs z (N, 3) and (N, 5) and labels drawn from the probabilities ``truth`` makes of them."""
     z_main, z_leaf = rng.normal(0, 2.0, (n, 3)), rng.normal(0, 2.0, (n, 5))
@@ -85,6 +67,14 @@ def _draw(rng, n, truth):
     leaf = np.array([rng.choice(np.flatnonzero(TAX.leaf_mask[m]), p=p_sub[i, TAX.leaf_mask[m]] / p_sub[i, TAX.leaf_mask[m]].sum())
                      for i, m in enumerate(main)])
     return log_p_main, log_p_sub, main, leaf
+
+
+@pytest.mark.parametrize("t_main, t_sub", [(2.0, 0.5), (0.6, 1.8)])
+def test_fitting_recovers_the_temperature_that_made_the_labels(t_main, t_sub):
+    """Labels drawn from softmax(z / T0): the NLL-optimal temperature on z is T0."""
+    fitted = fit_temperatures(*_draw(np.random.default_rng(1), 6000, Temperatures(t_main, t_sub)), TAX)
+    assert fitted.main == pytest.approx(t_main, rel=0.1)
+    assert fitted.sub == pytest.approx(t_sub, rel=0.1)
 
 
 def test_class_biases_undo_a_shift_no_temperature_can():
